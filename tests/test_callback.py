@@ -147,7 +147,8 @@ EPOCHS, TRAIN_BATCHES, INTERVAL, TOP_K, CAP = 2, 8, 2, 3, 10
 @pytest.fixture(scope="module")
 def tb_run(data, tmp_path_factory):
     """Two epochs of 8 steps with a TensorBoardLogger, checking every 2nd batch, 3 pictures a check, at most
-    10 per epoch, tracking 2 samples. Validation runs under inference mode (Lightning's default)."""
+    10 per epoch, tracking 2 samples. (Within fit, Lightning validates under no_grad; the stand-alone
+    validate() and test(), under inference mode, are in test_callback_stages.)"""
     root = tmp_path_factory.mktemp("tb")
     callback = ConfusedLogitCallback(
         top_k=TOP_K, logging_batch_interval=INTERVAL, max_pictures_per_epoch=CAP, track=2, **ALWAYS
@@ -187,7 +188,7 @@ def test_tensorboard_event_files(tb_run, data):
     fractions = acc.Scalars("peering/confused_fraction")
     assert [(s.step, s.value) for s in fractions] == [(s, 1.0) for s in steps]
 
-    # validation (inference mode): once per epoch at the epoch's last step, never in the sanity check
+    # validation (no_grad within fit): once per epoch at the epoch's last step, never in the sanity check
     val = acc.Tensors("peering/val/confused")
     assert [(e.step, len(e.tensor_proto.string_val) - 2) for e in val] == [(8, 3), (16, 3)]
     assert [s.step for s in acc.Scalars("peering/val/confused_fraction")] == [8, 16]
@@ -198,8 +199,8 @@ def test_tensorboard_event_files(tb_run, data):
         ] == [(8, 1), (16, 1)]
 
     state = callback.state_dict()
-    assert state["pictures"] == {"train": 20, "validation": 6}
-    assert state["checks"] == {"train": 8, "validation": 2}  # 2 validation batches: batch 0 checked
+    assert state["pictures"] == {"train": 20, "validation": 6, "test": 0}
+    assert state["checks"] == {"train": 8, "validation": 2, "test": 0}  # 2 val batches: batch 0 checked
     assert state["tracked"]["inputs"].shape == (2, *data[0].shape[1:])
 
 
@@ -588,8 +589,8 @@ def test_state_dict_round_trip_and_resume(data, tmp_path):
     )
     run.fit(tiny(data), train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     after = resumed.state_dict()
-    assert after["checks"] == {"train": 4, "validation": 2}
-    assert after["pictures"] == {"train": 8, "validation": 4}
+    assert after["checks"] == {"train": 4, "validation": 2, "test": 0}
+    assert after["pictures"] == {"train": 8, "validation": 4, "test": 0}
     assert after["tracked_pictures"] == 4  # 2 tracked x 2 validation runs, the same samples as before
     assert torch.equal(after["tracked"]["inputs"], state["tracked"]["inputs"])
     assert [s for s, _ in read_images(logger.log_dir, "peering/tracked/1")] == [8]
@@ -675,10 +676,10 @@ def test_unpack_in_a_real_run(data, tmp_path, kind):
     said = peering_warnings(caught)
     if kind == "unknown":
         assert len(said) == 2 and all("unpack=" in s for s in said)  # once for train, once for validation
-        assert callback.state_dict()["pictures"] == {"train": 0, "validation": 0}
+        assert callback.state_dict()["pictures"] == {"train": 0, "validation": 0, "test": 0}
         return
     assert said == []
-    assert callback.state_dict()["pictures"] == {"train": 4, "validation": 1}
+    assert callback.state_dict()["pictures"] == {"train": 4, "validation": 1, "test": 0}
     assert {r["label"] for r in read_index(tmp_path)} <= set(range(10))
 
 
@@ -772,7 +773,7 @@ def test_bolts_positional_arguments():
         {"output": "softmax"},
         {"method": "lime"},
         {"method": "smoothgrad", "method_options": {"bogus": 1}},
-        {"on": ("test",)},
+        {"on": ("predict",)},
         {"on": ()},
         {"max_pictures_per_epoch": 0},
         {"track": -1},

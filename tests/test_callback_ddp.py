@@ -81,7 +81,12 @@ class RecordingCallback(ConfusedLogitCallback):
         super().teardown(trainer, pl_module, stage)
         path = Path(self.out) / f"collectives_{trainer.global_rank}.json"
         path.write_text(
-            json.dumps({"collectives": self._collectives, "state": self.state_dict()["pictures"]})
+            json.dumps(
+                {
+                    "collectives": self._collectives,
+                    "state": {k: v for k, v in self.state_dict().items() if k != "tracked"},
+                }
+            )
         )
 
 
@@ -107,11 +112,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     )
     trainer.fit(TieNet())
 
-    # every rank took part in the same collectives at the same steps, and counted the same pictures
+    # every rank took part in the same collectives at the same steps, and chose the same samples; only rank
+    # zero wrote (and counted) pictures
     ranks = [json.loads((tmp_path / f"collectives_{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]
+    assert ranks[0]["collectives"] == ranks[1]["collectives"]
     assert ranks[0]["collectives"] == [["train", 2], ["train", 4], ["validation", 4], ["tracked", 4]]
-    assert ranks[0]["state"] == {"train": 2 * TOP_K, "validation": TOP_K}
+    for key in ("chosen", "checks", "samples_checked", "confused_seen", "candidates_seen"):
+        assert ranks[0]["state"][key] == ranks[1]["state"][key]
+    assert ranks[0]["state"]["chosen"] == {"train": 2 * TOP_K, "validation": TOP_K, "test": 0}
+    assert ranks[0]["state"]["pictures"] == ranks[0]["state"]["chosen"]
+    assert ranks[1]["state"]["pictures"] == {"train": 0, "validation": 0, "test": 0}
+    assert ranks[0]["state"]["confused_seen"]["train"] == 2 * BATCH  # rank 1's two checked batches
+    assert (ranks[0]["state"]["tracked_pictures"], ranks[1]["state"]["tracked_pictures"]) == (2, 0)
 
     # rank zero wrote once per trigger, and everything it wrote came from rank 1's samples
     (logdir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}

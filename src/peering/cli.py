@@ -539,13 +539,17 @@ def report(
 
     Example: peering report runs/demo
     """
-    from peering.report import build_report
+    from peering.lightning.sinks import no_pictures_reason
+    from peering.report import build_report, find_log_dir
 
     with _bad_input():
         try:
             path = build_report(run_dir, out, max_per_epoch=max_per_epoch)
         except OSError as err:
             _fail(f"cannot write the report of {run_dir}: {err.strerror or err}")
+    log_dir = find_log_dir(run_dir)
+    if log_dir is not None and (why := no_pictures_reason(log_dir)):
+        typer.echo(why)
     typer.echo(f"wrote {path}")
 
 

@@ -140,6 +140,7 @@ class _RunData:
     val: list[_Picture] = field(default_factory=list)
     tracked: dict[int, list[_Picture]] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    no_pictures: str | None = None  # why the run has no pictures (None: it has some)
 
 
 def _read_summary(root: Path) -> dict[str, Any]:
@@ -176,9 +177,15 @@ def _latest_mtime(path: Path) -> float:
 
 
 def _collect(log_dir: Path) -> _RunData:
-    from peering.lightning.sinks import image_tags, read_images, read_index, read_scalars
+    from peering.lightning.sinks import (
+        image_tags,
+        no_pictures_reason,
+        read_images,
+        read_index,
+        read_scalars,
+    )
 
-    data = _RunData()
+    data = _RunData(no_pictures=no_pictures_reason(log_dir))
     for tag in ("val_acc", "val_loss", "epoch", _TAG_TRAIN_FRACTION, _TAG_VAL_FRACTION):
         data.scalars[tag] = read_scalars(log_dir, tag)
     records = read_index(log_dir)
@@ -442,7 +449,8 @@ def _confused_section(data: _RunData, max_per_epoch: int) -> str:
     for p in data.val:
         by_epoch[p.epoch]["val"].append(p)
     if not by_epoch:
-        out.append('<p class="empty">No confused samples were logged.</p></section>')
+        why = data.no_pictures or "No confused samples were logged."
+        out.append(f'<p class="empty">{_e(why)}</p></section>')
         return "".join(out)
     for epoch in sorted(by_epoch, key=lambda e: (e is None, e if e is not None else 0)):
         groups = by_epoch[epoch]

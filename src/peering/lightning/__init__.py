@@ -6,13 +6,22 @@
 """
 
 from peering.lightning.callback import ConfusedLogitCallback, default_unpack
-from peering.lightning.sinks import image_tags, read_images, read_index, read_scalars
+from peering.lightning.sinks import (
+    image_tags,
+    no_pictures_reason,
+    read_images,
+    read_index,
+    read_scalars,
+    read_summary,
+)
 
 __all__ = [
     "ConfusedLogitCallback",
     "default_unpack",
     "image_tags",
+    "no_pictures_reason",
     "read_images",
     "read_index",
     "read_scalars",
+    "read_summary",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -37,15 +37,13 @@ from peering.methods import AttributionMethod, make_method
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
 
-Stage = Literal["train", "validation"]
-_STAGES = ("train", "validation")
+Stage = Literal["train", "validation", "test"]
+_STAGES = ("train", "validation", "test")
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x")
 _LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
-TAG_TRAIN = "peering/confused"
-TAG_TRAIN_FRACTION = "peering/confused_fraction"
-TAG_VAL = "peering/val/confused"
-TAG_VAL_FRACTION = "peering/val/confused_fraction"
+TAG = {"train": "peering/confused", "validation": "peering/val/confused", "test": "peering/test/confused"}
+TAG_FRACTION = {stage: f"{tag}_fraction" for stage, tag in TAG.items()}
 TAG_TRACKED = "peering/tracked"
 
 
@@ -151,7 +149,7 @@ class ConfusedLogitCallback(Callback):
         method: str | AttributionMethod = "gradient",
         output: Literal["logit", "probability", "log_probability"] = "logit",
         method_options: Mapping[str, Any] | None = None,
-        on: str | Sequence[str] = ("train", "validation"),
+        on: str | Sequence[str] = ("train", "validation", "test"),
         max_pictures_per_epoch: int | None = 64,
         unpack: Callable[[Any], tuple[Tensor, Tensor | None]] | None = None,
         track: int = 0,
@@ -218,21 +216,26 @@ class ConfusedLogitCallback(Callback):
         self.zoom = zoom
         self.background = background
 
-        # counters (state_dict); identical on every rank, since they only depend on gathered results
+        # counters (state_dict); identical on every rank, since they only depend on gathered results ...
         self._checks = {s: 0 for s in _STAGES}
-        self._pictures = {s: 0 for s in _STAGES}
-        self._triggers = {s: 0 for s in _STAGES}  # checks (validation runs) that produced pictures
-        self._epoch_pictures = {s: 0 for s in _STAGES}
+        self._chosen = {s: 0 for s in _STAGES}  # samples chosen for pictures
+        self._triggers = {s: 0 for s in _STAGES}  # checks (validation/test runs) that chose samples
+        self._epoch_chosen = {s: 0 for s in _STAGES}  # for max_pictures_per_epoch
         self._count_epoch = {s: -1 for s in _STAGES}
         self._seen = {s: Stats() for s in _STAGES}
         self._tracked: Candidates | None = None
         self._tracking_chosen = False
+        # ... except the pictures actually written, which only global rank zero counts (on its writer thread)
+        self._pictures = {s: 0 for s in _STAGES}
         self._tracked_pictures = 0
         # per-run (not state)
         self._disabled: set[str] = set()
-        self._val_pool: Candidates | None = None
-        self._val_stats = Stats()
-        self._val_shape: Shape | None = None
+        self._problems: dict[str, str] = {}  # stage or "pictures" -> why it stopped, for the run summary
+        self._told: set[str] = set()  # stages whose "no confused sample" was said
+        self._epoch_seen = {s: Stats() for s in _STAGES}
+        self._pool: Candidates | None = None  # validation/test: the most confused so far this run
+        self._pool_stats = Stats()
+        self._pool_shape: Shape | None = None
         self._track_pool: Candidates | None = None
         self._run_dir: str | None = None
         self._output: PictureOutput | None = None  # global rank zero only
@@ -249,6 +252,10 @@ class ConfusedLogitCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """The counters and tracked samples. ``pictures`` and ``tracked_pictures`` count the pictures
+        written (by global rank zero, so 0 on other ranks); everything else is identical on all ranks."""
+        if self._output is not None:
+            self._output.flush()  # so that the written pictures are counted
         tracked = None
         if self._tracked is not None:
             tracked = {
@@ -258,11 +265,13 @@ class ConfusedLogitCallback(Callback):
         return {
             "checks": dict(self._checks),
             "pictures": dict(self._pictures),
+            "chosen": dict(self._chosen),
             "triggers": dict(self._triggers),
-            "epoch_pictures": dict(self._epoch_pictures),
+            "epoch_chosen": dict(self._epoch_chosen),
             "count_epoch": dict(self._count_epoch),
             "samples_checked": {s: self._seen[s].samples for s in _STAGES},
             "confused_seen": {s: self._seen[s].confused for s in _STAGES},
+            "candidates_seen": {s: self._seen[s].candidates for s in _STAGES},
             "tracked": tracked,
             "tracking_chosen": self._tracking_chosen,
             "tracked_pictures": self._tracked_pictures,
@@ -270,15 +279,18 @@ class ConfusedLogitCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        def get(key: str, stage: str, default: int = 0) -> int:
+            return int(state_dict.get(key, {}).get(stage, default))
+
         for s in _STAGES:
-            self._checks[s] = int(state_dict.get("checks", {}).get(s, 0))
-            self._pictures[s] = int(state_dict.get("pictures", {}).get(s, 0))
-            self._triggers[s] = int(state_dict.get("triggers", {}).get(s, 0))
-            self._epoch_pictures[s] = int(state_dict.get("epoch_pictures", {}).get(s, 0))
-            self._count_epoch[s] = int(state_dict.get("count_epoch", {}).get(s, -1))
+            self._checks[s] = get("checks", s)
+            self._pictures[s] = get("pictures", s)
+            self._chosen[s] = get("chosen", s, get("pictures", s))
+            self._triggers[s] = get("triggers", s)
+            self._epoch_chosen[s] = get("epoch_chosen", s, get("epoch_pictures", s))
+            self._count_epoch[s] = get("count_epoch", s, -1)
             self._seen[s] = Stats(
-                int(state_dict.get("samples_checked", {}).get(s, 0)),
-                int(state_dict.get("confused_seen", {}).get(s, 0)),
+                get("samples_checked", s), get("confused_seen", s), get("candidates_seen", s)
             )
         tracked = state_dict.get("tracked")
         self._tracked = None if tracked is None else Candidates(**tracked)
@@ -287,7 +299,7 @@ class ConfusedLogitCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._disabled = set()
+        self._disabled, self._problems, self._told = set(), {}, set()
         self._collectives = []
         try:
             run_dir = trainer.log_dir  # a broadcast: every rank must ask
@@ -303,17 +315,22 @@ class ConfusedLogitCallback(Callback):
             projection_factor=self.projection_factor,
             zoom=self.zoom,
             background=self.background,
+            written=self._written,
         )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_writer()
+        if self._output is not None:
+            self._output.write_summary(self._summary())
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._close_writer()
+
+    # ----------------------------------------------------------------------------------------- training
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -330,7 +347,7 @@ class ConfusedLogitCallback(Callback):
             return
         self._new_epoch("train", trainer.current_epoch)
         quota = self._quota("train")
-        local, shape, stats = None, None, (0, 0)
+        local, shape, stats = None, None, Stats()
         found = None if "train" in self._disabled else self._unpack_checked("train", batch)
         if found is not None:
             inputs, labels = found
@@ -338,22 +355,27 @@ class ConfusedLogitCallback(Callback):
             logits = self._safe_scores("train", pl_module, inputs)
             if logits is not None:
                 local, stats = self._select(inputs, labels, logits, quota, self._thresholds())
-        chosen, (samples, confused) = self._gather(trainer, local, quota, "train", stats, shape)
+        chosen, stats = self._gather(trainer, local, quota, "train", stats, shape)
         self._checks["train"] += 1
-        self._seen["train"].add(samples, confused)
+        self._seen["train"].add(stats)
+        self._epoch_seen["train"].add(stats)
         self._count("train", len(chosen))
         if trainer.is_global_zero:
             step = trainer.global_step
-            if samples:
-                self._log_scalar(trainer, TAG_TRAIN_FRACTION, confused / samples, step)
+            if stats.samples:
+                self._log_scalar(trainer, TAG_FRACTION["train"], stats.fraction, step)
             if len(chosen):
-                self._emit(pl_module, chosen, TAG_TRAIN, step, "train", trainer.current_epoch)
+                self._emit(pl_module, chosen, TAG["train"], step, "train", trainer.current_epoch)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tell_if_none_confused("train", trainer.current_epoch)
+
+    # ------------------------------------------------------------------------------- validation and test
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_pool, self._val_stats, self._track_pool, self._val_shape = None, Stats(), None, None
-        if not trainer.sanity_checking:
-            self._new_epoch("validation", self._count_epoch["validation"] + 1)
+        self._eval_epoch_start(trainer, "validation")
 
     @override
     def on_validation_batch_end(
@@ -365,63 +387,103 @@ class ConfusedLogitCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._eval_batch_end(trainer, pl_module, batch, batch_idx, "validation")
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_epoch_end(trainer, pl_module, "validation")
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_epoch_start(trainer, "test")
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_batch_end(trainer, pl_module, batch, batch_idx, "test")
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_epoch_end(trainer, pl_module, "test")
+
+    def _eval_epoch_start(self, trainer: pl.Trainer, stage: str) -> None:
+        self._pool, self._pool_stats, self._track_pool, self._pool_shape = None, Stats(), None, None
+        if not trainer.sanity_checking:
+            self._new_epoch(stage, self._count_epoch[stage] + 1)
+
+    def _eval_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, stage: str
+    ) -> None:
+        """Validation and test batches: look at every ``logging_batch_interval``-th one, keep the most
+        confused so far (they run under ``torch.inference_mode``: everything kept is copied out of it)."""
         self._report_failures()
         if trainer.sanity_checking:
             return
-        check = "validation" in self.on and batch_idx % self.logging_batch_interval == 0
-        choose_tracked = self._choosing_tracked(trainer)
-        if not (check or choose_tracked) or "validation" in self._disabled:
+        check = stage in self.on and batch_idx % self.logging_batch_interval == 0
+        choose_tracked = stage == "validation" and self._choosing_tracked(trainer)
+        if not (check or choose_tracked) or stage in self._disabled:
             return
-        found = self._unpack_checked("validation", batch)
+        found = self._unpack_checked(stage, batch)
         if found is None:
             return
         inputs, labels = found
-        self._val_shape = (inputs.shape[1:], inputs.dtype)
-        logits = self._safe_scores("validation", pl_module, inputs)
+        self._pool_shape = (inputs.shape[1:], inputs.dtype)
+        logits = self._safe_scores(stage, pl_module, inputs)
         if logits is None:
             return
         if check:
-            self._checks["validation"] += 1
-            quota = self._quota("validation")
+            self._checks[stage] += 1
+            quota = self._quota(stage)
             local, stats = self._select(inputs, labels, logits, quota, self._thresholds())
-            self._val_stats.add(*stats)
-            self._val_pool = local if self._val_pool is None else self._val_pool.merge(local, quota)
+            self._pool_stats.add(stats)
+            self._pool = local if self._pool is None else self._pool.merge(local, quota)
         if choose_tracked:
-            local, _ = self._select(inputs, labels, logits, self.track, self._thresholds().by_margin_alone())
+            by_margin = self._thresholds().by_margin_alone()
+            local, _ = self._select(inputs, labels, logits, self.track, by_margin)
             self._track_pool = (
                 local if self._track_pool is None else self._track_pool.merge(local, self.track)
             )
 
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _eval_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._report_failures()
         if trainer.sanity_checking:
             return
+        with torch.inference_mode(False):  # a stand-alone validate()/test() runs its hooks in inference mode
+            self._eval_epoch_end_unsafe(trainer, pl_module, stage)
+
+    def _eval_epoch_end_unsafe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
-        if "validation" in self.on:
-            quota = self._quota("validation")
-            stats = (self._val_stats.samples, self._val_stats.confused)
-            chosen, (samples, confused) = self._gather(
-                trainer, self._val_pool, quota, "validation", stats, self._val_shape
+        if stage in self.on:
+            quota = self._quota(stage)
+            chosen, stats = self._gather(
+                trainer, self._pool, quota, stage, self._pool_stats, self._pool_shape
             )
-            self._seen["validation"].add(samples, confused)
-            self._count("validation", len(chosen))
+            self._seen[stage].add(stats)
+            self._epoch_seen[stage] = stats
+            self._count(stage, len(chosen))
             if trainer.is_global_zero:
-                if samples:
-                    self._log_scalar(trainer, TAG_VAL_FRACTION, confused / samples, step)
+                if stats.samples:
+                    self._log_scalar(trainer, TAG_FRACTION[stage], stats.fraction, step)
                 if len(chosen):
-                    self._emit(pl_module, chosen, TAG_VAL, step, "validation", epoch)
-        if self._choosing_tracked(trainer):
+                    self._emit(pl_module, chosen, TAG[stage], step, stage, epoch)
+            self._tell_if_none_confused(stage, self._count_epoch[stage])
+        if stage == "validation" and self._choosing_tracked(trainer):
             chosen, _ = self._gather(
-                trainer, self._track_pool, self.track, "tracked", (0, 0), self._val_shape
+                trainer, self._track_pool, self.track, "tracked", Stats(), self._pool_shape
             )
             self._tracked = chosen.to("cpu") if len(chosen) else None
             self._tracking_chosen = True
-        if self.track and self._tracked is not None and trainer.state.fn == "fit":
-            self._tracked_pictures += len(self._tracked)
+        if stage == "validation" and self.track and self._tracked is not None and trainer.state.fn == "fit":
             if trainer.is_global_zero:
                 self._emit_tracked(pl_module, step, epoch)
-        self._val_pool, self._track_pool = None, None
+        self._pool, self._track_pool = None, None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -433,20 +495,89 @@ class ConfusedLogitCallback(Callback):
     def _new_epoch(self, stage: str, epoch: int) -> None:
         if self._count_epoch[stage] != epoch:
             self._count_epoch[stage] = epoch
-            self._epoch_pictures[stage] = 0
+            self._epoch_chosen[stage] = 0
+            self._epoch_seen[stage] = Stats()
 
     def _quota(self, stage: str) -> int:
         if self.max_pictures_per_epoch is None:
             return self.top_k
-        return max(0, min(self.top_k, self.max_pictures_per_epoch - self._epoch_pictures[stage]))
+        return max(0, min(self.top_k, self.max_pictures_per_epoch - self._epoch_chosen[stage]))
 
     def _count(self, stage: str, n: int) -> None:
-        self._pictures[stage] += n
-        self._epoch_pictures[stage] += n
+        self._chosen[stage] += n
+        self._epoch_chosen[stage] += n
         self._triggers[stage] += n > 0
 
     def _choosing_tracked(self, trainer: pl.Trainer) -> bool:
         return bool(self.track) and not self._tracking_chosen and trainer.state.fn == "fit"
+
+    def _written(self, stage: str, n: int) -> None:
+        """Called on the writer thread when ``n`` pictures of ``stage`` reached at least one sink."""
+        if stage == "tracked":
+            self._tracked_pictures += n
+        elif stage in self._pictures:
+            self._pictures[stage] += n
+
+    def _tell_if_none_confused(self, stage: str, epoch: int) -> None:
+        """Once per run and stage: an epoch whose checks found no confused sample says which threshold
+        filtered them out (rank zero, info level)."""
+        seen = self._epoch_seen[stage]
+        if stage not in self.on or stage in self._told or seen.samples == 0 or seen.confused:
+            return
+        self._told.add(stage)
+        rank_zero_info(
+            f"peering: ConfusedLogitCallback found no confused sample in {stage} epoch {epoch}: "
+            f"{self._thresholds().why_none_confused(seen)}. (Said once per run.)"
+        )
+
+    def _summary(self) -> dict[str, Any]:
+        """The settings and counters written to ``<run>/peering/callback.json`` (see `read_summary`)."""
+        stages = {}
+        for s in _STAGES:
+            stages[s] = {
+                "watched": s in self.on,
+                "checks": self._checks[s],
+                **self._seen[s].as_dict(),
+                "chosen": self._chosen[s],
+                "pictures": self._pictures[s],
+                "why_no_pictures": None if self._pictures[s] else self._why_no_pictures(s),
+            }
+        return {
+            "settings": {
+                "top_k": self.top_k,
+                "projection_factor": self.projection_factor,
+                "min_logit_value": self.min_logit_value,
+                "logging_batch_interval": self.logging_batch_interval,
+                "max_logit_difference": (
+                    self.max_logit_difference if math.isfinite(self.max_logit_difference) else "inf"
+                ),
+                "margin": self.margin,
+                "method": self.method if isinstance(self.method, str) else type(self.method).__name__,
+                "output": self.output,
+                "on": list(self.on),
+                "max_pictures_per_epoch": self.max_pictures_per_epoch,
+                "track": self.track,
+            },
+            "stages": stages,
+            "tracked_pictures": self._tracked_pictures,
+        }
+
+    def _why_no_pictures(self, stage: str) -> str:
+        if stage not in self.on:
+            return f"not watched (on={list(self.on)})"
+        if stage in self._problems:
+            return self._problems[stage]
+        if self._checks[stage] == 0:
+            if stage == "train":
+                n = self.logging_batch_interval
+                return f"no batch was checked (training checks one batch in {n}: logging_batch_interval={n})"
+            return "no batch was checked"
+        seen = self._seen[stage]
+        if seen.confused == 0:
+            return self._thresholds().why_none_confused(seen)
+        if "pictures" in self._problems:
+            return self._problems["pictures"]
+        return f"{self._chosen[stage]} samples were chosen but no picture could be written (see the warnings)"
 
     def _unpack_checked(self, stage: str, batch: Any) -> tuple[Tensor, Tensor | None] | None:
         """(inputs, labels) of a batch, or None (with one warning) when they cannot be found."""
@@ -461,6 +592,7 @@ class ConfusedLogitCallback(Callback):
                 raise TypeError(f"the inputs must be a floating-point tensor [B, ...], got {what}")
         except Exception as err:
             self._disabled.add(stage)
+            self._problems[stage] = f"the callback could not take inputs from the batches ({err})"
             rank_zero_warn(
                 f"peering: ConfusedLogitCallback cannot take inputs from the {stage} batches ({err}); it "
                 "skips them. Pass unpack=lambda batch: (inputs, labels) to the callback."
@@ -494,6 +626,7 @@ class ConfusedLogitCallback(Callback):
             return self._scores(pl_module, inputs)
         except Exception as err:
             self._disabled.add(stage)
+            self._problems[stage] = f"the callback could not run the model ({type(err).__name__}: {err})"
             rank_zero_warn(
                 f"peering: ConfusedLogitCallback could not run the model on the {stage} batches "
                 f"({type(err).__name__}: {err}); it skips them for this run. Training goes on."
@@ -505,7 +638,7 @@ class ConfusedLogitCallback(Callback):
 
     def _select(
         self, inputs: Tensor, labels: Tensor | None, logits: Tensor, capacity: int, thresholds: Thresholds
-    ) -> tuple[Candidates, tuple[int, int]]:
+    ) -> tuple[Candidates, Stats]:
         chosen, stats, skipped = choose(inputs, labels, logits, capacity, thresholds)
         if skipped and "nonfinite" not in self._disabled:
             self._disabled.add("nonfinite")  # warn once per run
@@ -521,9 +654,9 @@ class ConfusedLogitCallback(Callback):
         local: Candidates | None,
         capacity: int,
         what: str,
-        stats: tuple[int, int],
+        stats: Stats,
         shape: Shape | None,
-    ) -> tuple[Candidates, tuple[int, int]]:
+    ) -> tuple[Candidates, Stats]:
         """`peering.lightning.selection.gather`, recording the collectives it calls (for the DDP tests)."""
         if trainer.world_size > 1:
             self._collectives.append((what, trainer.global_step))
@@ -563,6 +696,7 @@ class ConfusedLogitCallback(Callback):
 
     def _explain_failed(self, err: Exception) -> None:
         self._disabled.add("pictures")
+        self._problems["pictures"] = f"the samples could not be explained ({type(err).__name__}: {err})"
         rank_zero_warn(
             f"peering: ConfusedLogitCallback could not explain the confused samples ({type(err).__name__}: "
             f"{err}); it draws no more pictures in this run. Training goes on."

@@ -26,19 +26,30 @@ from peering.lightning.sinks import (
     Sink,
     encode_png,
     image_sinks,
+    write_summary,
 )
 
 __all__: list[str] = []
+
+_FAILED = object()
 
 
 class PictureOutput:
     """One run's sinks, index and writer (global rank zero only), and the failures of each sink."""
 
     def __init__(
-        self, loggers: list[Any], run_dir: str, *, projection_factor: float, zoom: int, background: bool
+        self,
+        loggers: list[Any],
+        run_dir: str,
+        *,
+        projection_factor: float,
+        zoom: int,
+        background: bool,
+        written: Callable[[str, int], None] = lambda stage, n: None,
     ) -> None:
         self.run_dir = run_dir
         self.projection_factor, self.zoom, self.background = projection_factor, zoom, background
+        self.written = written  # (stage, n): n pictures of that stage reached at least one sink
         self.failed: dict[int, str] = {}
         self._failures: list[tuple[int, str, BaseException]] = []
         self._lock = threading.Lock()
@@ -85,16 +96,16 @@ class PictureOutput:
             self.writer = BackgroundWriter(threaded=self.background)
         self.writer.submit(job)
 
-    def guarded(self, sink: Sink, call: Callable[[], Any]) -> Any:
-        """``call()``, or None when ``sink`` failed before or fails now (recorded, warned about later)."""
+    def guarded(self, sink: Sink, call: Callable[[], Any], failed: Any = None) -> Any:
+        """``call()``, or ``failed`` when ``sink`` failed before or fails now (recorded, warned later)."""
         key = id(sink.logger) if sink.logger is not None else id(sink)
         if key in self.failed:
-            return None
+            return failed
         try:
             return call()
         except Exception as err:
             self.record_failure(key, sink.name, err)
-            return None
+            return failed
 
     def record_failure(self, key: int, name: str, err: BaseException) -> None:
         with self._lock:
@@ -125,6 +136,18 @@ class PictureOutput:
                 f"peering: ConfusedLogitCallback could not log to {name} ({type(err).__name__}: {err}); it "
                 f"stops using it for this run{where}. Training goes on."
             )
+
+    def flush(self) -> None:
+        """Wait until every picture submitted so far is written (or failed)."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """``<run>/peering/callback.json``: the callback's settings and counters (see `read_summary`)."""
+        try:
+            write_summary(self.run_dir, summary)
+        except OSError as err:
+            rank_zero_warn(f"peering: ConfusedLogitCallback could not write its run summary ({err})")
 
     def close(self) -> None:
         """Wait for the pending pictures, then report what failed."""
@@ -177,8 +200,10 @@ class PictureJob:
             else [(tag, [i]) for i, tag in enumerate(self.tags)]
         )
         records = []
+        written = 0
         for tag, rows in groups:
-            files = self._write(tag, [panels[i] for i in rows], [pngs[i] for i in rows])
+            ok, files = self._write(tag, [panels[i] for i in rows], [pngs[i] for i in rows])
+            written += len(rows) if ok else 0
             for j, i in enumerate(rows):
                 records.append(
                     {
@@ -198,19 +223,33 @@ class PictureJob:
                         "png": files[j] if files else None,
                     }
                 )
+        if written:
+            out.written(self.stage, written)
         if out.index is not None:
             index = out.index
             out.guarded(IndexSink(index), lambda: index.append(records))
 
-    def _write(self, tag: str, images: list[np.ndarray], pngs: list[bytes]) -> list[str] | None:
-        """Hand the pictures of one tag to every live sink; the files written by the PNG folder, if any."""
+    def _write(self, tag: str, images: list[np.ndarray], pngs: list[bytes]) -> tuple[bool, list[str] | None]:
+        """Hand the pictures of one tag to every live sink: whether at least one took them, and the files
+        written by the PNG folder, if any."""
         out, step = self.output, self.step
+        ok = False
         for sink in list(out.sinks):
-            out.guarded(sink, functools.partial(sink.log_images, tag, images, pngs, step))
+            ok |= out.guarded(sink, functools.partial(_took, sink, tag, images, pngs, step), failed=False)
         fallback = out.fallback
         if fallback is None:
-            return None
-        return out.guarded(fallback, functools.partial(fallback.log_images, tag, images, pngs, step))
+            return ok, None
+        files = out.guarded(
+            fallback, functools.partial(fallback.log_images, tag, images, pngs, step), _FAILED
+        )
+        if files is _FAILED:
+            return ok, None
+        return True, files
+
+
+def _took(sink: Sink, tag: str, images: list[np.ndarray], pngs: list[bytes], step: int) -> bool:
+    sink.log_images(tag, images, pngs, step)
+    return True
 
 
 class IndexSink(Sink):

@@ -39,23 +39,28 @@ class Candidates:
 
     def merge(self, other: Candidates | None, capacity: int) -> Candidates:
         """The ``capacity`` smallest margins of both, ties broken by order (self first)."""
-        if other is None or len(other) == 0:
-            joined = self
-        elif len(self) == 0:
-            joined = other
-        else:
-            dev = self.inputs.device
-            joined = Candidates(
-                torch.cat([self.inputs, other.inputs.to(dev, self.inputs.dtype)]),
-                torch.cat([self.labels, other.labels.to(dev)]),
-                torch.cat([self.classes, other.classes.to(dev)]),
-                torch.cat([self.margins, other.margins.to(dev)]),
-            )
-        order = torch.sort(joined.margins, stable=True).indices[:capacity]
-        return joined.select(order)
+        with torch.inference_mode(False):  # in a stand-alone validate()/test(): still ordinary tensors
+            if other is None or len(other) == 0:
+                joined = self
+            elif len(self) == 0:
+                joined = other
+            else:
+                dev = self.inputs.device
+                joined = Candidates(
+                    torch.cat([self.inputs, other.inputs.to(dev, self.inputs.dtype)]),
+                    torch.cat([self.labels, other.labels.to(dev)]),
+                    torch.cat([self.classes, other.classes.to(dev)]),
+                    torch.cat([self.margins, other.margins.to(dev)]),
+                )
+            order = torch.sort(joined.margins, stable=True).indices[:capacity]
+            return joined.select(order)
 
     def select(self, index: Tensor) -> Candidates:
-        return Candidates(self.inputs[index], self.labels[index], self.classes[index], self.margins[index])
+        """The rows ``index``, as ordinary tensors even inside ``torch.inference_mode``."""
+        with torch.inference_mode(False):
+            return Candidates(
+                self.inputs[index], self.labels[index], self.classes[index], self.margins[index]
+            )
 
     def to(self, device: str | torch.device) -> Candidates:
         """On ``device``, as ordinary tensors (never inference tensors, which could not be kept as state)."""
@@ -80,18 +85,36 @@ def empty_candidates(shape: Shape | None) -> Candidates:
 
 @dataclass
 class Stats:
-    """Samples checked and, of those, confused."""
+    """What checks saw: samples checked, of those the candidates (top logit >= ``min_logit_value``) and the
+    confused (candidates whose top two are within ``max_logit_difference``); the highest top logit of any
+    finite sample and the smallest top-two gap of any candidate (to say which threshold to loosen)."""
 
     samples: int = 0
     confused: int = 0
+    candidates: int = 0
+    top: float = -math.inf
+    gap: float = math.inf
 
-    def add(self, samples: int, confused: int) -> None:
-        self.samples += samples
-        self.confused += confused
+    def add(self, other: Stats) -> None:
+        self.samples += other.samples
+        self.confused += other.confused
+        self.candidates += other.candidates
+        self.top = max(self.top, other.top)
+        self.gap = min(self.gap, other.gap)
 
     @property
     def fraction(self) -> float:
         return self.confused / self.samples if self.samples else 0.0
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        """JSON-ready (infinities as None)."""
+        return {
+            "samples": self.samples,
+            "candidates": self.candidates,
+            "confused": self.confused,
+            "max_top_logit": self.top if math.isfinite(self.top) else None,
+            "min_gap": self.gap if math.isfinite(self.gap) else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,28 @@ class Thresholds:
         """The same margin measure without thresholds (the tracked samples are chosen so)."""
         return Thresholds(math.inf, self.margin, None)
 
+    def why_none_confused(self, stats: Stats) -> str:
+        """Which threshold left no confused sample among ``stats``, and what to loosen."""
+        if stats.samples == 0:
+            return "no sample was checked"
+        if stats.candidates == 0:
+            highest = f"the highest was {stats.top:.3g}" if math.isfinite(stats.top) else "none was finite"
+            return (
+                f"none of the {stats.samples} samples checked had a top logit >= min_logit_value="
+                f"{self.min_top_value:g} ({highest}); lower min_logit_value or set it to None"
+            )
+        what = "logits" if self.margin == "logit" else "softmax probabilities"
+        passed = (
+            f"{stats.candidates} of the {stats.samples} samples checked had a top logit >= "
+            f"min_logit_value={self.min_top_value:g}, but none"
+            if self.min_top_value is not None
+            else f"none of the {stats.samples} samples checked"
+        )
+        return (
+            f"{passed} had its top two {what} within max_logit_difference={self.max_difference:g} (the "
+            f"closest were {stats.gap:.3g} apart); raise max_logit_difference"
+        )
+
 
 def choose(
     inputs: Tensor,
@@ -113,8 +158,8 @@ def choose(
     logits: Tensor,
     capacity: int,
     thresholds: Thresholds,
-) -> tuple[Candidates, tuple[int, int], int]:
-    """The ``capacity`` most confused samples of one batch under ``thresholds``, (samples, confused), and
+) -> tuple[Candidates, Stats, int]:
+    """The ``capacity`` most confused samples of one batch under ``thresholds``, what the check saw, and
     how many samples were skipped for NaN/Inf inputs or logits."""
     logits = logits.float()
     bad = ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1) | ~torch.isfinite(logits).all(dim=1)
@@ -141,41 +186,66 @@ def choose(
             sel.classes.clone().to(inputs.device),
             sel.margins.clone().to(inputs.device),
         )
-    return chosen, (inputs.shape[0], sel.num_confused), skipped
+    return chosen, _stats(logits, sel.num_confused, sel.num_candidates, thresholds), skipped
+
+
+def _stats(logits: Tensor, confused: int, candidates: int, thresholds: Thresholds) -> Stats:
+    """`Stats` of one batch: counts from the selection, plus the highest top logit and the smallest gap."""
+    stats = Stats(logits.shape[0], confused, candidates)
+    finite = torch.isfinite(logits).all(dim=1)
+    if logits.shape[0] == 0 or logits.shape[1] < 2 or not bool(finite.any()):
+        return stats
+    top = logits[finite].topk(2, dim=1)
+    scores = top.values if thresholds.margin == "logit" else logits[finite].softmax(1).gather(1, top.indices)
+    gaps = scores[:, 0] - scores[:, 1]
+    if thresholds.min_top_value is not None:
+        gaps = gaps[top.values[:, 0] >= thresholds.min_top_value]
+    stats.top = float(top.values[:, 0].max())
+    stats.gap = float(gaps.min()) if gaps.numel() else math.inf
+    return stats
 
 
 def gather(
     trainer: pl.Trainer,
     local: Candidates | None,
     capacity: int,
-    stats: tuple[int, int],
+    stats: Stats,
     shape: Shape | None,
-) -> tuple[Candidates, tuple[int, int]]:
-    """The ``capacity`` most confused candidates of all ranks, and the summed (samples, confused).
+) -> tuple[Candidates, Stats]:
+    """The ``capacity`` most confused candidates of all ranks, and the `Stats` of all ranks together.
 
     Under DDP this is two ``all_gather`` calls (a header, then the candidates padded to ``capacity``),
     made by every rank at the same hooks and steps: ``capacity`` and the decision to gather depend only
     on counters that are identical on all ranks. The result is identical on all ranks too.
     """
-    samples, confused = stats
     if trainer.world_size <= 1:
         chosen = empty_candidates(shape) if local is None else local.merge(None, capacity)
-        return chosen, (samples, confused)
+        return chosen, stats
 
     device = trainer.strategy.root_device
-    # 1) what each rank has: its flattened sample size (0 = no inputs seen), float64 or not, its counts
+    # 1) what each rank has: its flattened sample size (0 = no inputs seen), float64 or not, its stats
     width = int(np.prod(shape[0])) if shape is not None else 0
     wide = shape is not None and shape[1] == torch.float64
-    header = torch.tensor([width, int(wide), samples, confused], dtype=torch.float64, device=device)
-    headers = trainer.strategy.all_gather(header).reshape(-1, 4)
+    header = torch.tensor(
+        [width, int(wide), stats.samples, stats.confused, stats.candidates, stats.top, stats.gap],
+        dtype=torch.float64,
+        device=device,
+    )
+    headers = trainer.strategy.all_gather(header).reshape(-1, 7)
     widths = headers[:, 0].long()
-    samples, confused = int(headers[:, 2].sum()), int(headers[:, 3].sum())
+    total = Stats(
+        int(headers[:, 2].sum()),
+        int(headers[:, 3].sum()),
+        int(headers[:, 4].sum()),
+        float(headers[:, 5].max()),
+        float(headers[:, 6].min()),
+    )
     width = int(widths.max())
     if width == 0 or capacity == 0:
-        return empty_candidates(shape), (samples, confused)
+        return empty_candidates(shape), total
     if bool(((widths != width) & (widths != 0)).any()):
         rank_zero_warn("peering: the ranks' inputs differ in size, so they cannot be compared; no pictures")
-        return empty_candidates(shape), (samples, confused)
+        return empty_candidates(shape), total
     dtype = torch.float64 if bool(headers[:, 1].any()) else torch.float32
     # 2) the candidates, one row each: inputs, margin, class a, class b, label, valid
     buf = torch.zeros(capacity, width + 5, dtype=dtype, device=device)
@@ -195,4 +265,4 @@ def gather(
         rows[:, width + 1 : width + 3].round().long(),
         rows[:, width].float(),
     )
-    return merged.merge(None, capacity), (samples, confused)
+    return merged.merge(None, capacity), total

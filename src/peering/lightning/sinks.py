@@ -13,6 +13,7 @@ Tags
 - ``peering/val/confused``: validation pictures: the ``top_k`` most confused samples of the checked
   validation batches, written once per validation run.
 - ``peering/val/confused_fraction``: validation scalar, likewise over the checked validation batches.
+- ``peering/test/confused`` and ``peering/test/confused_fraction``: the same for ``trainer.test()``.
 - ``peering/tracked/<i>``: with ``track=N``, sample ``i`` (0 = the most confused of the first validation
   run) re-explained at the end of every validation run: one picture per step.
 
@@ -45,14 +46,24 @@ Index (always, whatever the sinks)
 ``class_a``, ``class_b`` (the model's top two), ``prob_a``, ``prob_b``, ``margin``, ``width``, ``height``
 and ``png`` (the PNG file relative to ``<run>``, or null when the picture went only to a logger).
 
+Run summary (always, whatever the sinks)
+----------------------------------------
+``<run>/peering/callback.json``, written by global rank zero when a ``fit``/``validate``/``test`` ends:
+``settings`` (the callback's thresholds and options) and, per stage (``train``, ``validation``,
+``test``), ``watched``, ``checks``, ``samples`` checked, ``candidates`` (top logit >= ``min_logit_value``),
+``confused``, ``max_top_logit``, ``min_gap`` (the closest top two of any candidate), ``chosen``,
+``pictures`` (written) and ``why_no_pictures`` (a sentence, or null when there are pictures).
+
 Reading back
 ------------
-`read_images` (PNG bytes per step), `read_scalars`, `read_index` and `image_tags` read a run directory,
-from TensorBoard event files when they hold the tag and from the PNG folder otherwise.
+`read_images` (PNG bytes per step), `read_scalars`, `read_index`, `read_summary` and `image_tags` read a
+run directory, from TensorBoard event files when they hold the tag and from the PNG folder otherwise. A
+run without pictures gives empty results; `no_pictures_reason` says why it has none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -63,7 +74,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -83,13 +94,17 @@ __all__ = [
     "encode_png",
     "image_sinks",
     "image_tags",
+    "no_pictures_reason",
     "read_images",
     "read_index",
     "read_scalars",
+    "read_summary",
+    "write_summary",
 ]
 
 INDEX_FILE = "peering/index.jsonl"
 SCALARS_FILE = "peering/scalars.csv"
+SUMMARY_FILE = "peering/callback.json"
 _PNG_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
 
 
@@ -512,7 +527,8 @@ def image_tags(logdir: str | os.PathLike[str]) -> list[str]:
     tags: set[str] = set()
     if _event_files(root):
         acc = _accumulator(root)
-        tags.update(acc.PluginTagToContent("images"))
+        with contextlib.suppress(KeyError):  # a run without pictures has no image plugin at all
+            tags.update(acc.PluginTagToContent("images"))
     peering = root / "peering"
     if peering.is_dir():
         for png in peering.rglob("step_*_*.png"):
@@ -595,3 +611,63 @@ def read_index(logdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(logdir: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    """Write the callback's run summary to ``<logdir>/peering/callback.json`` (atomically); its path.
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> write_summary(root, {"settings": {"top_k": 4}}).name
+    'callback.json'
+    """
+    data = json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    return atomic_write(Path(logdir) / SUMMARY_FILE, write)
+
+
+def read_summary(logdir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The callback's run summary of ``<logdir>/peering/callback.json`` (see the module docstring), or
+    ``{}`` when there is none (or it cannot be read).
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> read_summary(root)
+    {}
+    >>> _ = write_summary(root, {"settings": {"top_k": 4}})
+    >>> read_summary(root)["settings"]
+    {'top_k': 4}
+    """
+    path = Path(logdir) / SUMMARY_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def no_pictures_reason(logdir: str | os.PathLike[str]) -> str | None:
+    """None when the run in ``logdir`` has pictures of `ConfusedLogitCallback`; otherwise one sentence
+    saying that it has none and why (from the callback's run summary, when it wrote one).
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> no_pictures_reason(root)
+    'No pictures: there is no peering/callback.json either (was ConfusedLogitCallback in the run?).'
+    >>> stage = {"watched": True, "pictures": 0, "why_no_pictures": "no batch was checked"}
+    >>> _ = write_summary(root, {"stages": {"train": stage}})
+    >>> no_pictures_reason(root)
+    'No pictures: train: no batch was checked.'
+    """
+    if image_tags(logdir):
+        return None
+    stages = read_summary(logdir).get("stages")
+    if not isinstance(stages, dict):
+        return f"No pictures: there is no {SUMMARY_FILE} either (was ConfusedLogitCallback in the run?)."
+    watched = {s: i for s, i in stages.items() if isinstance(i, dict) and i.get("watched")}
+    ran = {s: i for s, i in watched.items() if i.get("checks")} or watched  # stages of other runs: noise
+    reasons = [f"{stage}: {info.get('why_no_pictures') or 'none written'}" for stage, info in ran.items()]
+    return "No pictures: " + ("; ".join(reasons) or "no stage was watched") + "."
