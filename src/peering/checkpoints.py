@@ -17,6 +17,7 @@ imported, a model that does not return class scores) raises `CheckpointError` wi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -26,7 +27,6 @@ import re
 import sys
 import zipfile
 from collections.abc import Callable, Mapping
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "LoadedModel", "class_scores_of", "import_factory", "load_model", "output_picker"]
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "class_scores_of",
+    "import_factory",
+    "load_model",
+    "output_picker",
+]
 
 
 class CheckpointError(ValueError):
@@ -140,13 +147,14 @@ def output_picker(name: str) -> Callable[[Any], Any]:
     >>> output_picker("scores")({"logits": 1})
     Traceback (most recent call last):
     ...
-    peering.checkpoints.CheckpointError: --output-fn scores: the model's output (a dict) has no part 'scores'; it has: logits
+    peering.checkpoints.CheckpointError: --output-fn scores: the model's output (a dict) has no part ...
     """
 
     def pick(out: Any) -> Any:
         if isinstance(out, Mapping) and name in out:
             return out[name]
-        if isinstance(out, (tuple, list)) and name.lstrip("-").isdigit() and -len(out) <= int(name) < len(out):
+        indexable = isinstance(out, (tuple, list)) and name.lstrip("-").isdigit()
+        if indexable and -len(out) <= int(name) < len(out):
             return out[int(name)]
         if not isinstance(out, (Mapping, tuple, list)) and hasattr(out, name):
             return getattr(out, name)
@@ -186,7 +194,8 @@ def class_scores_of(loaded: LoadedModel, images: Tensor) -> Tensor:
         out = loaded.output_fn(out)
     elif not isinstance(out, Tensor):
         parts = _parts(out)
-        best = next((p for p in ("logits", "scores", "output", "0") if p in parts), parts[0] if parts else None)
+        known = ("logits", "scores", "output", "0")
+        best = next((p for p in known if p in parts), parts[0] if parts else None)
         hint = f"; pass --output-fn {best} (the part holding the class scores)" if best else ""
         raise CheckpointError(
             f"{loaded.source} does not return class scores: its output is a {type(out).__name__}, "
