@@ -348,7 +348,7 @@ class PNGFolderSink(Sink):
         written = []
         for i, png in enumerate(pngs):
             relative = Path(*tag.split("/")) / f"step_{int(step)}_{i}.png"
-            atomic_write(self.root / relative, lambda f, png=png: f.write(png))
+            atomic_write(self.root / relative, functools.partial(_write_bytes, data=png))
             written.append(relative.as_posix())
         return written
 
@@ -361,6 +361,10 @@ class PNGFolderSink(Sink):
             if new:
                 out.writerow(["step", "tag", "value"])
             out.writerow([int(step), tag, repr(float(value))])
+
+
+def _write_bytes(f: IO[bytes], data: bytes) -> None:
+    f.write(data)
 
 
 class PictureIndex:
@@ -622,11 +626,7 @@ def write_summary(logdir: str | os.PathLike[str], summary: dict[str, Any]) -> Pa
     'callback.json'
     """
     data = json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")
-
-    def write(f: IO[bytes]) -> None:
-        f.write(data)
-
-    return atomic_write(Path(logdir) / SUMMARY_FILE, write)
+    return atomic_write(Path(logdir) / SUMMARY_FILE, functools.partial(_write_bytes, data=data))
 
 
 def read_summary(logdir: str | os.PathLike[str]) -> dict[str, Any]:
