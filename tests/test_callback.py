@@ -740,7 +740,12 @@ def test_the_most_confused_are_chosen_and_counted(tmp_path):
     low = torch.tensor([[1.0, 0.98]])  # tied, but its top logit is under min_logit_value
     batch_x, batch_y = torch.cat([x, low]), torch.cat([ids, torch.tensor([8])])
     callback = ConfusedLogitCallback(
-        top_k=3, logging_batch_interval=1, max_logit_difference=0.25, on="train", background=False
+        top_k=3,
+        logging_batch_interval=1,
+        max_logit_difference=0.25,
+        min_logit_value=5.0,
+        on="train",
+        background=False,
     )
     loader = DataLoader(TensorDataset(batch_x, batch_y), batch_size=9)
     trainer(tmp_path, [callback], False).fit(Scores(), loader)

@@ -190,3 +190,62 @@ def test_a_run_without_pictures_reads_empty_and_reports_why(held_out, tmp_path, 
     assert "No pictures" in done.stdout and "lower min_logit_value" in done.stdout
     page = (tmp_path / "report.html").read_text()
     assert "No pictures" in page and "lower min_logit_value" in page
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+
+
+def rank_zero_infos(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "peering" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_defaults_show_the_confused_samples_of_a_trained_model(trained_cnn, mnist_split, tmp_path, caplog):
+    """The README's `ConfusedLogitCallback(top_k=8)` on the trained MNIST CNN: pictures, whereas Bolts'
+    thresholds (min_logit_value=5.0, max_logit_difference=0.1) show none, and then say which to loosen."""
+    _, _, x, y = mnist_split
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)  # 8 batches: batch 0 checked (interval 20)
+    callback = ConfusedLogitCallback(top_k=8)
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path / "ours", callbacks=[callback], **QUIET)
+    with caplog.at_level("INFO"):
+        trainer.validate(module_with(trained_cnn), loader)
+    state = callback.state_dict()
+    assert state["samples_checked"]["validation"] == 256
+    assert state["pictures"]["validation"] >= 1  # the held-out digits the model hesitates on
+    assert (
+        len(read_images(tmp_path / "ours", "peering/val/confused")[0][1]) == state["pictures"]["validation"]
+    )
+    assert not [m for m in rank_zero_infos(caplog) if "found no confused sample" in m]
+
+    caplog.clear()
+    bolts = ConfusedLogitCallback(8, 3.0, 5.0, 20, 0.1)
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path / "bolts", callbacks=[bolts], **QUIET)
+    with caplog.at_level("INFO"):
+        trainer.validate(module_with(trained_cnn), loader)
+    assert bolts.state_dict()["pictures"]["validation"] == 0
+    said = [m for m in rank_zero_infos(caplog) if "found no confused sample" in m]
+    assert len(said) == 1
+    assert "max_logit_difference=0.1" in said[0] and "raise max_logit_difference" in said[0]
+    assert no_pictures_reason(tmp_path / "ours") is None
+    assert "raise max_logit_difference" in no_pictures_reason(tmp_path / "bolts")
+
+
+@pytest.mark.slow
+def test_an_epoch_without_confused_samples_is_told_once(held_out, tmp_path, caplog):
+    """Two epochs in which no sample passes min_logit_value: one info line per stage for the whole run (not
+    one per epoch), naming the threshold and what to do."""
+    x, y = held_out
+    train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32)
+    val = DataLoader(TensorDataset(x[128:], y[128:]), batch_size=64)
+    callback = ConfusedLogitCallback(min_logit_value=1e6, logging_batch_interval=1)
+    trainer = pl.Trainer(max_epochs=2, logger=False, default_root_dir=tmp_path, callbacks=[callback], **QUIET)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = DigitClassifier()
+    with caplog.at_level("INFO"):
+        trainer.fit(module, train, val)
+    said = [m for m in rank_zero_infos(caplog) if "found no confused sample" in m]
+    assert len(said) == 2
+    assert {m.split(" epoch ")[0].rsplit(" ", 1)[-1] for m in said} == {"train", "validation"}
+    for m in said:
+        assert "min_logit_value=1e+06" in m and "lower min_logit_value or set it to None" in m
