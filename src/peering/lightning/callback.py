@@ -626,6 +626,8 @@ class ConfusedLogitCallback(Callback):
         return inputs, labels
 
     def _scores(self, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        """The class scores, from the model run in eval mode and eagerly (compiled code too, see
+        `peering._guard.eager`), without gradients."""
         rng_devices = (inputs.device,) if inputs.device.type == "cuda" else ()
         with eval_mode(pl_module, rng_devices), torch.no_grad():
             return class_scores(
