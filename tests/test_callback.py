@@ -571,8 +571,9 @@ def test_state_dict_round_trip_and_resume(data, tmp_path):
     assert {k: v for k, v in again.items() if k != "tracked"} == {
         k: v for k, v in state.items() if k != "tracked"
     }
-    for k in state["tracked"]:
+    for k in ("inputs", "labels", "classes", "margins"):
         assert torch.equal(again["tracked"][k], state["tracked"][k])
+    assert again["tracked"]["kwargs"] == state["tracked"]["kwargs"] == {}
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
     assert saved["pictures"] == state["pictures"]
 
@@ -609,10 +610,22 @@ def test_default_unpack_variants():
         {"input": x, "target": y},
         {"x": x, "y": y},
     ]:
-        got_x, got_y = default_unpack(batch)
-        assert got_x is x and got_y is y
-    assert default_unpack(x) == (x, None)
+        got_x, got_y, kwargs = default_unpack(batch)
+        assert got_x is x and got_y is y and kwargs == {}
+    assert default_unpack(x) == (x, None, {})
     assert default_unpack({"inputs": x})[1] is None
+    # Hugging Face batches: input_ids (or pixel_values) in, labels out, every other tensor to the model
+    ids, mask, types = (
+        torch.ones(4, 6, dtype=torch.long),
+        torch.ones(4, 6),
+        torch.zeros(4, 6, dtype=torch.long),
+    )
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": y, "text": "a"}
+    got_ids, got_y, kwargs = default_unpack(batch)
+    assert got_ids is ids and got_y is y
+    assert kwargs.keys() == {"attention_mask", "token_type_ids"} and kwargs["attention_mask"] is mask
+    got_x, got_y, _ = default_unpack({"pixel_values": x, "label": y})
+    assert got_x is x and got_y is y
     with pytest.raises(TypeError, match="input keys"):
         default_unpack({"pixels": x})
     with pytest.raises(TypeError, match="cannot take inputs"):

@@ -4,7 +4,9 @@ The data are built so that only rank 1 ever sees confused samples: rank 0 gets i
 far ahead (label 3), rank 1 inputs whose top two logits tie (label 7). So
 pictures at all prove that rank 1's candidates reach rank zero; the fraction 0.5 proves that both ranks'
 counts are summed; the event counts prove that rank zero writes exactly once per trigger; and the recorded
-collectives prove that both ranks call the same ones at the same steps.
+collectives prove that both ranks call the same ones at the same steps. Every sample also carries a
+per-sample forward argument (``weight``, through a custom ``unpack``) that must reach rank zero's
+explanations with its own sample.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ N, BATCH, INTERVAL, TOP_K = 64, 8, 2, 3  # 32 samples per rank: 4 training batch
 
 def rank_data(rank: int) -> DataLoader:
     """Rank 0: bottom half lit, label 3 (class 0 far ahead of class 1). Rank 1: top half lit, label 7 (0 and 1
-    tie). A little noise on the unlit pixels keeps the samples apart without touching the logits' order."""
+    tie). A little noise on the unlit pixels keeps the samples apart without touching the logits' order.
+    Batches are (x, y, weight), weight 1 + i / 100 for sample i (it scales all logits alike)."""
     generator = torch.Generator().manual_seed(rank)
     x = 0.001 * torch.rand(N // 2, 1, 8, 8, generator=generator)  # margins of the ties: < 0.02
     if rank == 0:
@@ -36,7 +39,11 @@ def rank_data(rank: int) -> DataLoader:
     else:
         x[:, :, :4] = 1.0
     y = torch.full((N // 2,), 3 if rank == 0 else 7)
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    return DataLoader(TensorDataset(x, y, sample_weights()), batch_size=BATCH)
+
+
+def sample_weights() -> torch.Tensor:
+    return 1 + torch.arange(N // 2, dtype=torch.float32) / 100
 
 
 class TieNet(pl.LightningModule):
@@ -50,12 +57,13 @@ class TieNet(pl.LightningModule):
             self.linear.weight[0] = 0.5
             self.linear.weight[1].view(8, 8)[:4] = 0.5
 
-    def forward(self, x):
-        return self.linear(x.flatten(1))
+    def forward(self, x, weight=None):
+        logits = self.linear(x.flatten(1))
+        return logits if weight is None else logits * weight[:, None]
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+        x, y, weight = batch
+        return nn.functional.cross_entropy(self(x, weight=weight), y)
 
     def validation_step(self, batch, batch_idx):
         pass
@@ -70,12 +78,23 @@ class TieNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+def with_weights(batch):
+    """(inputs, labels, forward_kwargs) of a batch (a module-level function: ddp_spawn pickles it)."""
+    x, y, weight = batch
+    return x, y, {"weight": weight}
+
+
 class RecordingCallback(ConfusedLogitCallback):
     """Writes each rank's list of collectives to ``<out>/collectives_<rank>.json`` at teardown."""
 
     def __init__(self, out: str, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(unpack=with_weights, **kwargs)
         self.out = out
+        self.explained: list = []  # (inputs, weights) that rank zero explained
+
+    def _explain(self, pl_module, chosen):
+        self.explained.append((chosen.inputs.tolist(), chosen.kwargs["weight"].tolist()))
+        return super()._explain(pl_module, chosen)
 
     def teardown(self, trainer, pl_module, stage):
         super().teardown(trainer, pl_module, stage)
@@ -85,6 +104,7 @@ class RecordingCallback(ConfusedLogitCallback):
                 {
                     "collectives": self._collectives,
                     "state": {k: v for k, v in self.state_dict().items() if k != "tracked"},
+                    "explained": self.explained,
                 }
             )
         )
@@ -124,6 +144,16 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert ranks[1]["state"]["pictures"] == {"train": 0, "validation": 0, "test": 0}
     assert ranks[0]["state"]["confused_seen"]["train"] == 2 * BATCH  # rank 1's two checked batches
     assert (ranks[0]["state"]["tracked_pictures"], ranks[1]["state"]["tracked_pictures"]) == (2, 0)
+
+    # rank zero explained rank 1's samples, each with its own weight (the per-sample forward argument
+    # travelled with its sample through the gather)
+    assert ranks[1]["explained"] == [] and len(ranks[0]["explained"]) == 4  # 2 train checks, val, tracked
+    data = rank_data(1).dataset.tensors
+    for inputs, weights in ranks[0]["explained"]:
+        inputs = torch.tensor(inputs)
+        rows = (inputs.flatten(1)[:, None] == data[0].flatten(1)[None]).all(dim=2).float().argmax(dim=1)
+        assert torch.equal(data[0][rows], inputs)
+        assert torch.equal(torch.tensor(weights), data[2][rows])
 
     # rank zero wrote once per trigger, and everything it wrote came from rank 1's samples
     (logdir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}

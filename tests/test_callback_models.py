@@ -1,13 +1,15 @@
 """`ConfusedLogitCallback` on models people bring: a `torch.compile`d network (compiled whole, as a
-submodule, and the LightningModule itself).
+submodule, and the LightningModule itself) and a Hugging Face BERT fed dict batches with padded attention
+masks, explained at its word embeddings (``layer=``).
 
-Each test records what the callback explained (a subclass of the callback keeps the samples and the
-attributions) and checks it against `peering.explain` on an eager model with the same weights, so the
-pictures rest on the eager model's numbers.
+Each test records what the callback explained (a subclass of the callback keeps the samples, their
+forward arguments and the attributions) and checks it against `peering.explain` on an eager model with the
+same weights, so the pictures rest on the eager model's numbers with each sample's own mask.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import lightning.pytorch as pl
@@ -15,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from peering import explain
 from peering.data import load_digits
@@ -45,6 +47,7 @@ class Recording(ConfusedLogitCallback):
             {
                 "inputs": chosen.inputs.clone(),
                 "classes": chosen.classes.clone(),
+                "kwargs": {k: v.clone() for k, v in chosen.kwargs.items()},
                 "attributions": attributions.detach().clone(),
                 "probs": probs.detach().clone(),
                 "state": state,
@@ -136,3 +139,187 @@ def test_compiled_models_get_pictures_of_the_eager_numbers(digit_loaders, tmp_pa
         assert ref.attributions.abs().amax() > 0
         assert_close(call["attributions"], ref.attributions)
         assert_close(call["probs"], ref.probabilities.gather(1, call["classes"]))
+
+
+# ---------------------------------------------------------------------------------------- Hugging Face BERT
+
+L = 12  # tokens per sample, padded
+
+
+class Tokens(Dataset):
+    """A synthetic token task: label 1 when token 7 occurs among a sample's real tokens. Samples have
+    3-12 real tokens (1 = [CLS] first) and are padded with 0 to 12, with their attention mask."""
+
+    def __init__(self, n: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(3, L + 1, (n,), generator=gen)
+        self.mask = (torch.arange(L)[None] < lengths[:, None]).long()
+        ids = torch.randint(2, 12, (n, L), generator=gen)
+        ids[:, 0] = 1
+        self.ids = ids * self.mask
+        self.labels = ((self.ids == 7).any(dim=1)).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+class TextClassifier(pl.LightningModule):
+    """A tiny BERT (random weights, nothing downloaded) trained on dict batches."""
+
+    def __init__(self):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.model = transformers.BertForSequenceClassification(config)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    @staticmethod
+    def _named(batch):
+        if isinstance(batch, (tuple, list)):  # the custom collate's (input_ids, attention_mask, labels)
+            return dict(zip(("input_ids", "attention_mask", "labels"), batch, strict=True))
+        return batch
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**self._named(batch)).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**self._named(batch)).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _as_tuples(items):
+    """Collate into (input_ids, attention_mask, labels) tuples, for a custom unpack."""
+    return tuple(torch.stack([item[k] for item in items]) for k in ("input_ids", "attention_mask", "labels"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batches", ["hf_dicts", "custom_unpack"])
+def test_bert_with_padded_masks_logs_pictures_at_the_embeddings(tmp_path, batches):
+    pytest.importorskip("transformers")
+    train_set, val_set = Tokens(96, seed=0), Tokens(48, seed=1)
+    collate, unpack = (None, None)
+    if batches == "custom_unpack":
+        collate, unpack = _as_tuples, (lambda b: (b[0], b[2], {"attention_mask": b[1]}))
+    train = DataLoader(train_set, batch_size=16, collate_fn=collate)
+    val = DataLoader(val_set, batch_size=48, collate_fn=collate)
+    module = TextClassifier()
+    callback = Recording(
+        top_k=4,
+        logging_batch_interval=2,
+        layer=module.model.bert.embeddings.word_embeddings,
+        output_fn=lambda out: out.logits,
+        unpack=unpack,
+        background=False,
+        **ALWAYS,
+    )
+    trainer = pl.Trainer(max_epochs=1, logger=False, default_root_dir=tmp_path, callbacks=[callback], **QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train, val)
+    assert peering_warnings(caught) == []
+    assert callback.state_dict()["pictures"] == {"train": 12, "validation": 4, "test": 0}
+    assert [len(pngs) for _, pngs in read_images(tmp_path, "peering/confused")] == [4, 4, 4]
+    assert [len(pngs) for _, pngs in read_images(tmp_path, "peering/val/confused")] == [4]
+
+    # every explained sample came with its own mask row, and the explanation is the one explain() gives
+    # with those masks at the word embeddings
+    all_ids = torch.cat([train_set.ids, val_set.ids])
+    all_masks = torch.cat([train_set.mask, val_set.mask])
+    eager = TextClassifier()
+    layer = eager.model.bert.embeddings.word_embeddings
+    for call in callback.calls:
+        ids, mask = call["inputs"], call["kwargs"]["attention_mask"]
+        rows = (ids[:, None, :] == all_ids[None]).all(dim=2).float().argmax(dim=1)
+        assert torch.equal(all_ids[rows], ids)
+        assert torch.equal(mask, all_masks[rows])
+        assert mask.sum(dim=1).min() < L  # padded samples among them
+        eager.load_state_dict(call["state"])
+        ref = explain(
+            eager,
+            ids,
+            call["classes"],
+            forward_kwargs={"attention_mask": mask},
+            layer=layer,
+            output="logit",
+            output_fn=lambda out: out.logits,
+        )
+        assert call["attributions"].shape == (len(ids), 2, L, 32)
+        assert_close(call["attributions"], ref.attributions)
+        unmasked = explain(
+            eager, ids, call["classes"], layer=layer, output="logit", output_fn=lambda out: out.logits
+        )
+        assert not torch.allclose(unmasked.attributions, ref.attributions)  # the masks mattered
+
+
+@pytest.mark.slow
+def test_token_ids_without_layer_are_refused_with_a_hint(tmp_path):
+    """Integer token ids without ``layer=``: one warning naming layer=, training goes on."""
+    pytest.importorskip("transformers")
+    train = DataLoader(Tokens(32, seed=0), batch_size=16)
+    callback = ConfusedLogitCallback(logging_batch_interval=1, output_fn=lambda out: out.logits, **ALWAYS)
+    trainer = pl.Trainer(max_epochs=1, logger=False, default_root_dir=tmp_path, callbacks=[callback], **QUIET)
+    before = copy.deepcopy(TextClassifier().state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = TextClassifier()
+        trainer.fit(module, train)
+    said = peering_warnings(caught)
+    assert len(said) == 1 and "layer=" in said[0]
+    assert trainer.state.finished and any(
+        not torch.equal(before[k], v) for k, v in module.state_dict().items()
+    )
+
+
+def _padded_to_longest(items):
+    """Pad each batch only to its own longest sample, as a tokenizer's dynamic padding does."""
+    longest = max(int(item["attention_mask"].sum()) for item in items)
+    return {
+        "input_ids": torch.stack([item["input_ids"][:longest] for item in items]),
+        "attention_mask": torch.stack([item["attention_mask"][:longest] for item in items]),
+        "labels": torch.stack([item["labels"] for item in items]),
+    }
+
+
+@pytest.mark.slow
+def test_validation_batches_of_other_lengths_are_skipped_with_one_warning(tmp_path):
+    """Dynamic padding: validation batches of different lengths cannot share one pool of candidates. The
+    callback keeps the batches shaped like the first, says so once, and still draws their samples."""
+    pytest.importorskip("transformers")
+    data = Tokens(48, seed=3)
+    val = DataLoader(data, batch_size=8, collate_fn=_padded_to_longest)
+    lengths = [batch["input_ids"].shape[1] for batch in val]
+    assert len(set(lengths)) > 1
+    module = TextClassifier()
+    callback = ConfusedLogitCallback(
+        top_k=2,
+        logging_batch_interval=1,
+        layer="model.bert.embeddings.word_embeddings",
+        output_fn=lambda out: out.logits,
+        **ALWAYS,
+    )
+    trainer = pl.Trainer(logger=False, default_root_dir=tmp_path, callbacks=[callback], **QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(module, val)
+    said = peering_warnings(caught)
+    assert len(said) == 1 and "shaped unlike the first" in said[0] and "padding='max_length'" in said[0]
+    state = callback.state_dict()
+    assert state["checks"]["validation"] == sum(n == lengths[0] for n in lengths)
+    assert state["pictures"]["validation"] == 2

@@ -26,13 +26,22 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from peering._guard import OUTPUTS, class_scores, eval_mode
 from peering.explain import explain
 from peering.lightning.pictures import PictureOutput
-from peering.lightning.selection import Candidates, Shape, Stats, Thresholds, choose, gather
+from peering.lightning.selection import (
+    Candidates,
+    Layout,
+    Stats,
+    Thresholds,
+    choose,
+    gather,
+    layout_of,
+    split_kwargs,
+)
 from peering.methods import AttributionMethod, make_method
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
@@ -40,6 +49,7 @@ __all__ = ["ConfusedLogitCallback", "default_unpack"]
 Stage = Literal["train", "validation", "test"]
 _STAGES = ("train", "validation", "test")
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x")
+_HF_INPUT_KEYS = ("input_ids", "pixel_values")
 _LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 TAG = {"train": "peering/confused", "validation": "peering/val/confused", "test": "peering/test/confused"}
@@ -47,10 +57,16 @@ TAG_FRACTION = {stage: f"{tag}_fraction" for stage, tag in TAG.items()}
 TAG_TRACKED = "peering/tracked"
 
 
-def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """Inputs and labels of a batch: a tensor (inputs only), a tuple/list (its first two items), or a dict
-    (inputs under ``image``/``images``/``input``/``inputs``/``x``, labels under
-    ``label``/``labels``/``target``/``targets``/``y``).
+def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """Inputs, labels and extra forward arguments of a batch.
+
+    - a tensor: inputs only;
+    - a tuple/list: its first two items;
+    - a Hugging Face dict (``input_ids`` or ``pixel_values``): those as inputs, ``labels`` (or another
+      label key below) as labels, and every other tensor (``attention_mask``, ``token_type_ids``, ...) as
+      forward arguments, so the model is called as ``model(input_ids, **others)``;
+    - another dict: inputs under ``image``/``images``/``input``/``inputs``/``x``, labels under
+      ``label``/``labels``/``target``/``targets``/``y``.
 
     Raises:
         TypeError: the batch has none of these shapes; pass ``unpack=`` to the callback.
@@ -61,20 +77,33 @@ def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
     ([3, 5], [3, 5])
     >>> default_unpack([x])[1] is None
     True
+    >>> ids, mask = torch.tensor([[101, 7, 102, 0]]), torch.tensor([[1, 1, 1, 0]])
+    >>> inputs, labels, kwargs = default_unpack({"input_ids": ids, "attention_mask": mask, "labels": y[:1]})
+    >>> inputs is ids, labels.tolist(), list(kwargs)
+    (True, [3], ['attention_mask'])
     """
     if isinstance(batch, Tensor):
-        return batch, None
+        return batch, None, {}
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise TypeError("the batch is an empty sequence")
-        return batch[0], batch[1] if len(batch) > 1 else None
+        return batch[0], batch[1] if len(batch) > 1 else None, {}
     if isinstance(batch, Mapping):
+        label_key = next((k for k in _LABEL_KEYS if k in batch), None)
+        labels = batch[label_key] if label_key is not None else None
+        hf_key = next((k for k in _HF_INPUT_KEYS if k in batch), None)
+        if hf_key is not None:
+            others = {
+                k: v for k, v in batch.items() if k not in (hf_key, label_key) and isinstance(v, Tensor)
+            }
+            return batch[hf_key], labels, others
         inputs = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
         if inputs is None:
             raise TypeError(
-                f"the batch dict has none of the input keys {_INPUT_KEYS} (keys: {list(batch)[:10]})"
+                f"the batch dict has none of the input keys {_HF_INPUT_KEYS + _INPUT_KEYS} (keys: "
+                f"{list(batch)[:10]})"
             )
-        return inputs, next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+        return inputs, labels, {}
     raise TypeError(f"cannot take inputs and labels from a batch of type {type(batch).__name__}")
 
 
@@ -115,13 +144,22 @@ class ConfusedLogitCallback(Callback):
         on: stages to look at: "train", "validation" (also a stand-alone ``trainer.validate()``) and/or
             "test" (``trainer.test()``), each with its own tags.
         max_pictures_per_epoch: at most this many pictures per stage and epoch (None: no cap).
-        unpack: ``batch -> (inputs, labels or None)`` for batches `default_unpack` does not understand.
+        unpack: ``batch -> (inputs, labels or None)`` or ``(inputs, labels or None, forward_kwargs)`` for
+            batches `default_unpack` does not understand. ``forward_kwargs`` (a dict) are passed to the
+            model, ``model(inputs, **forward_kwargs)``, in the callback's own forward pass and to `explain`;
+            tensors whose first dimension is the batch size (an attention mask) follow the chosen samples.
         track: N > 0 re-explains the N most confused samples of the first validation run at the end of
             every validation run, under ``peering/tracked/<i>`` (the step slider then shows how the
             explanation changes as the model learns). They are chosen by margin alone (no thresholds),
             and each picture shows the model's top two classes at that time. The first validation run then
             looks at every batch, not only every ``logging_batch_interval``-th.
-        output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
+        output_fn: picks the class scores out of a model output that is not a [B, C] tensor (e.g.
+            ``lambda out: out.logits`` for Hugging Face models).
+        layer: explain at this submodule's output (or the submodule of that name, e.g.
+            ``"model.bert.embeddings.word_embeddings"``) instead of at the inputs, which may then be integer
+            token ids (see `peering.explain`). The pictures then show each input position's attribution
+            summed over the layer's other dimensions (how tokens are drawn may change). A name is
+            looked up in the LightningModule each time (``get_submodule``).
         zoom: integer magnification of the pictures.
         background: draw, encode and write pictures on a background thread (False: on the training
             thread, e.g. for debugging).
@@ -166,9 +204,10 @@ class ConfusedLogitCallback(Callback):
         method_options: Mapping[str, Any] | None = None,
         on: str | Sequence[str] = ("train", "validation", "test"),
         max_pictures_per_epoch: int | None = 64,
-        unpack: Callable[[Any], tuple[Tensor, Tensor | None]] | None = None,
+        unpack: Callable[[Any], tuple[Any, ...]] | None = None,
         track: int = 0,
         output_fn: Callable[[Any], Tensor] | None = None,
+        layer: nn.Module | str | None = None,
         zoom: int = 4,
         background: bool = True,
     ) -> None:
@@ -208,7 +247,14 @@ class ConfusedLogitCallback(Callback):
                 f"max_pictures_per_epoch must be a positive int or None, got {max_pictures_per_epoch!r}"
             )
         if unpack is not None and not callable(unpack):
-            raise TypeError(f"unpack must be a callable batch -> (inputs, labels) or None, got {unpack!r}")
+            raise TypeError(
+                "unpack must be a callable batch -> (inputs, labels) or (inputs, labels, forward_kwargs), or "
+                f"None, got {unpack!r}"
+            )
+        if layer is not None and not isinstance(layer, (nn.Module, str)):
+            raise TypeError(
+                f"layer must be a submodule of the model or its name (e.g. 'model.embed'), got {layer!r}"
+            )
         if isinstance(track, bool) or not isinstance(track, int) or track < 0:
             raise ValueError(f"track must be an int >= 0, got {track!r}")
         if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
@@ -228,6 +274,7 @@ class ConfusedLogitCallback(Callback):
         self.unpack = unpack
         self.track = track
         self.output_fn = output_fn
+        self.layer = layer
         self.zoom = zoom
         self.background = background
 
@@ -250,7 +297,7 @@ class ConfusedLogitCallback(Callback):
         self._epoch_seen = {s: Stats() for s in _STAGES}
         self._pool: Candidates | None = None  # validation/test: the most confused so far this run
         self._pool_stats = Stats()
-        self._pool_shape: Shape | None = None
+        self._pool_layout: Layout | None = None
         self._track_pool: Candidates | None = None
         self._run_dir: str | None = None
         self._output: PictureOutput | None = None  # global rank zero only
@@ -277,6 +324,8 @@ class ConfusedLogitCallback(Callback):
                 k: getattr(self._tracked, k).detach().cpu()
                 for k in ("inputs", "labels", "classes", "margins")
             }
+            tracked["kwargs"] = {k: v.detach().cpu() for k, v in self._tracked.kwargs.items()}
+            tracked["shared"] = dict(self._tracked.shared)
         return {
             "checks": dict(self._checks),
             "pictures": dict(self._pictures),
@@ -362,15 +411,15 @@ class ConfusedLogitCallback(Callback):
             return
         self._new_epoch("train", trainer.current_epoch)
         quota = self._quota("train")
-        local, shape, stats = None, None, Stats()
+        local, layout, stats = None, None, Stats()
         found = None if "train" in self._disabled else self._unpack_checked("train", batch)
         if found is not None:
-            inputs, labels = found
-            shape = (inputs.shape[1:], inputs.dtype)
-            logits = self._safe_scores("train", pl_module, inputs)
+            inputs, labels, kwargs = found
+            layout = layout_of(inputs, split_kwargs(kwargs, inputs.shape[0])[0])
+            logits = self._safe_scores("train", pl_module, inputs, kwargs)
             if logits is not None:
-                local, stats = self._select(inputs, labels, logits, quota, self._thresholds())
-        chosen, stats = self._gather(trainer, local, quota, "train", stats, shape)
+                local, stats = self._select(inputs, labels, logits, quota, self._thresholds(), kwargs)
+        chosen, stats = self._gather(trainer, local, quota, "train", stats, layout)
         self._checks["train"] += 1
         self._seen["train"].add(stats)
         self._epoch_seen["train"].add(stats)
@@ -429,7 +478,7 @@ class ConfusedLogitCallback(Callback):
         self._eval_epoch_end(trainer, pl_module, "test")
 
     def _eval_epoch_start(self, trainer: pl.Trainer, stage: str) -> None:
-        self._pool, self._pool_stats, self._track_pool, self._pool_shape = None, Stats(), None, None
+        self._pool, self._pool_stats, self._track_pool, self._pool_layout = None, Stats(), None, None
         if not trainer.sanity_checking:
             self._new_epoch(stage, self._count_epoch[stage] + 1)
 
@@ -448,20 +497,24 @@ class ConfusedLogitCallback(Callback):
         found = self._unpack_checked(stage, batch)
         if found is None:
             return
-        inputs, labels = found
-        self._pool_shape = (inputs.shape[1:], inputs.dtype)
-        logits = self._safe_scores(stage, pl_module, inputs)
+        inputs, labels, kwargs = found
+        layout = layout_of(inputs, split_kwargs(kwargs, inputs.shape[0])[0])
+        if self._pool_layout is not None and layout != self._pool_layout:
+            self._shape_changed(stage, layout)
+            return
+        self._pool_layout = layout
+        logits = self._safe_scores(stage, pl_module, inputs, kwargs)
         if logits is None:
             return
         if check:
             self._checks[stage] += 1
             quota = self._quota(stage)
-            local, stats = self._select(inputs, labels, logits, quota, self._thresholds())
+            local, stats = self._select(inputs, labels, logits, quota, self._thresholds(), kwargs)
             self._pool_stats.add(stats)
             self._pool = local if self._pool is None else self._pool.merge(local, quota)
         if choose_tracked:
             by_margin = self._thresholds().by_margin_alone()
-            local, _ = self._select(inputs, labels, logits, self.track, by_margin)
+            local, _ = self._select(inputs, labels, logits, self.track, by_margin, kwargs)
             self._track_pool = (
                 local if self._track_pool is None else self._track_pool.merge(local, self.track)
             )
@@ -478,7 +531,7 @@ class ConfusedLogitCallback(Callback):
         if stage in self.on:
             quota = self._quota(stage)
             chosen, stats = self._gather(
-                trainer, self._pool, quota, stage, self._pool_stats, self._pool_shape
+                trainer, self._pool, quota, stage, self._pool_stats, self._pool_layout
             )
             self._seen[stage].add(stats)
             self._epoch_seen[stage] = stats
@@ -491,7 +544,7 @@ class ConfusedLogitCallback(Callback):
             self._tell_if_none_confused(stage, self._count_epoch[stage])
         if stage == "validation" and self._choosing_tracked(trainer):
             chosen, _ = self._gather(
-                trainer, self._track_pool, self.track, "tracked", Stats(), self._pool_shape
+                trainer, self._track_pool, self.track, "tracked", Stats(), self._pool_layout
             )
             self._tracked = chosen.to("cpu") if len(chosen) else None
             self._tracking_chosen = True
@@ -525,6 +578,21 @@ class ConfusedLogitCallback(Callback):
 
     def _choosing_tracked(self, trainer: pl.Trainer) -> bool:
         return bool(self.track) and not self._tracking_chosen and trainer.state.fn == "fit"
+
+    def _shape_changed(self, stage: str, layout: Layout) -> None:
+        """A validation/test batch shaped unlike the first (e.g. padded to another length): its samples
+        cannot be pooled with the others' and are skipped (said once per run and stage)."""
+        key = f"shape:{stage}"
+        if key in self._told:
+            return
+        self._told.add(key)
+        shapes = {name or "inputs": list(shape) for name, shape, _ in layout}
+        first = {name or "inputs": list(shape) for name, shape, _ in self._pool_layout or ()}
+        rank_zero_warn(
+            f"peering: ConfusedLogitCallback skips {stage} batches shaped unlike the first ({shapes} vs "
+            f"{first}): their samples cannot be compared in one pool. Pad every batch to one length "
+            "(e.g. the tokenizer's padding='max_length') to have them all considered."
+        )
 
     def _written(self, stage: str, n: int) -> None:
         """Called on the writer thread when ``n`` pictures of ``stage`` reached at least one sink."""
@@ -594,23 +662,32 @@ class ConfusedLogitCallback(Callback):
             return self._problems["pictures"]
         return f"{self._chosen[stage]} samples were chosen but no picture could be written (see the warnings)"
 
-    def _unpack_checked(self, stage: str, batch: Any) -> tuple[Tensor, Tensor | None] | None:
-        """(inputs, labels) of a batch, or None (with one warning) when they cannot be found."""
+    def _unpack_checked(self, stage: str, batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]] | None:
+        """(inputs, labels, forward_kwargs) of a batch, or None (with one warning) when they cannot be
+        found."""
         try:
-            inputs, labels = (self.unpack or default_unpack)(batch)
-            if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.ndim < 2:
-                what = (
-                    f"a {inputs.dtype} tensor of shape {list(inputs.shape)}"
-                    if isinstance(inputs, Tensor)
-                    else (type(inputs).__name__)
+            unpacked = (self.unpack or default_unpack)(batch)
+            if not isinstance(unpacked, (tuple, list)) or len(unpacked) not in (2, 3):
+                raise TypeError(
+                    "unpack must return (inputs, labels) or (inputs, labels, forward_kwargs), got "
+                    f"{type(unpacked).__name__}"
                 )
-                raise TypeError(f"the inputs must be a floating-point tensor [B, ...], got {what}")
+            inputs, labels = unpacked[0], unpacked[1]
+            kwargs = unpacked[2] if len(unpacked) == 3 else None
+            if kwargs is None:
+                kwargs = {}
+            if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+                raise TypeError(
+                    f"forward_kwargs must be a dict of argument names, got {type(kwargs).__name__}"
+                )
+            self._check_inputs(inputs)
         except Exception as err:
             self._disabled.add(stage)
             self._problems[stage] = f"the callback could not take inputs from the batches ({err})"
             rank_zero_warn(
                 f"peering: ConfusedLogitCallback cannot take inputs from the {stage} batches ({err}); it "
-                "skips them. Pass unpack=lambda batch: (inputs, labels) to the callback."
+                "skips them. Pass unpack=lambda batch: (inputs, labels) (or (inputs, labels, "
+                "forward_kwargs)) to the callback."
             )
             return None
         if isinstance(labels, Tensor) and labels.ndim == 2 and labels.shape[0] == inputs.shape[0]:
@@ -623,24 +700,42 @@ class ConfusedLogitCallback(Callback):
             and not labels.is_complex()
         ):
             labels = None
-        return inputs, labels
+        return inputs, labels, dict(kwargs)
 
-    def _scores(self, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+    def _check_inputs(self, inputs: Any) -> None:
+        if isinstance(inputs, Tensor) and self.layer is not None and inputs.ndim >= 1:
+            if not inputs.is_complex():
+                return  # explained at a layer: token ids are fine
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.ndim < 2:
+            what = (
+                f"a {inputs.dtype} tensor of shape {list(inputs.shape)}"
+                if isinstance(inputs, Tensor)
+                else (type(inputs).__name__)
+            )
+            hint = ""
+            if isinstance(inputs, Tensor) and not inputs.is_floating_point():
+                hint = " (for token ids, pass layer=<the embedding module> to the callback)"
+            raise TypeError(f"the inputs must be a floating-point tensor [B, ...], got {what}{hint}")
+
+    def _scores(
+        self, pl_module: pl.LightningModule, inputs: Tensor, kwargs: Mapping[str, Any] | None = None
+    ) -> Tensor:
         """The class scores, from the model run in eval mode and eagerly (compiled code too, see
         `peering._guard.eager`), without gradients."""
         rng_devices = (inputs.device,) if inputs.device.type == "cuda" else ()
         with eval_mode(pl_module, rng_devices), torch.no_grad():
-            return class_scores(
-                pl_module, _as_model_dtype(pl_module, inputs.detach()), self.output_fn
-            ).detach()
+            x = _as_model_dtype(pl_module, inputs.detach())
+            return class_scores(pl_module, x, self.output_fn, kwargs).detach()
 
-    def _safe_scores(self, stage: str, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor | None:
+    def _safe_scores(
+        self, stage: str, pl_module: pl.LightningModule, inputs: Tensor, kwargs: Mapping[str, Any]
+    ) -> Tensor | None:
         """The logits, or None (with one warning, and the stage skipped from then on) if the model fails.
 
         A failure here must not stop training; under DDP the rank still takes part in the collectives.
         """
         try:
-            return self._scores(pl_module, inputs)
+            return self._scores(pl_module, inputs, kwargs)
         except Exception as err:
             self._disabled.add(stage)
             self._problems[stage] = f"the callback could not run the model ({type(err).__name__}: {err})"
@@ -654,9 +749,15 @@ class ConfusedLogitCallback(Callback):
         return Thresholds(self.max_logit_difference, self.margin, self.min_logit_value)
 
     def _select(
-        self, inputs: Tensor, labels: Tensor | None, logits: Tensor, capacity: int, thresholds: Thresholds
+        self,
+        inputs: Tensor,
+        labels: Tensor | None,
+        logits: Tensor,
+        capacity: int,
+        thresholds: Thresholds,
+        kwargs: Mapping[str, Any],
     ) -> tuple[Candidates, Stats]:
-        chosen, stats, skipped = choose(inputs, labels, logits, capacity, thresholds)
+        chosen, stats, skipped = choose(inputs, labels, logits, capacity, thresholds, kwargs)
         if skipped and "nonfinite" not in self._disabled:
             self._disabled.add("nonfinite")  # warn once per run
             rank_zero_warn(
@@ -672,14 +773,19 @@ class ConfusedLogitCallback(Callback):
         capacity: int,
         what: str,
         stats: Stats,
-        shape: Shape | None,
+        layout: Layout | None,
     ) -> tuple[Candidates, Stats]:
         """`peering.lightning.selection.gather`, recording the collectives it calls (for the DDP tests)."""
         if trainer.world_size > 1:
             self._collectives.append((what, trainer.global_step))
-        return gather(trainer, local, capacity, stats, shape)
+        return gather(trainer, local, capacity, stats, layout)
 
     # ------------------------------------------------------------------------------------ output (rank 0)
+
+    def _layer(self, pl_module: pl.LightningModule) -> nn.Module | None:
+        if isinstance(self.layer, str):
+            return pl_module.get_submodule(self.layer)
+        return self.layer
 
     def _explain(self, pl_module: pl.LightningModule, chosen: Candidates) -> tuple[Tensor, Tensor]:
         """Attributions [n, 2, ...] toward each sample's two classes, and their probabilities [n, 2]."""
@@ -691,6 +797,8 @@ class ConfusedLogitCallback(Callback):
             output=self.output,
             output_fn=self.output_fn,
             nonfinite="skip",
+            forward_kwargs=chosen.forward_kwargs(),
+            layer=self._layer(pl_module),
             **self.method_options,
         )
         probs = exp.probabilities.gather(1, chosen.classes.to(exp.probabilities.device))
@@ -707,9 +815,8 @@ class ConfusedLogitCallback(Callback):
             self._explain_failed(err)
             return
         if self._output is not None:
-            self._output.pictures(
-                [tag], chosen.to("cpu"), attributions.detach().cpu(), probs.detach().cpu(), step, stage, epoch
-            )
+            shown, attributions = _drawable(chosen.to("cpu"), attributions.detach().cpu())
+            self._output.pictures([tag], shown, attributions, probs.detach().cpu(), step, stage, epoch)
 
     def _explain_failed(self, err: Exception) -> None:
         self._disabled.add("pictures")
@@ -731,18 +838,16 @@ class ConfusedLogitCallback(Callback):
         tracked = self._tracked
         assert tracked is not None
         device = pl_module.device
-        inputs = tracked.inputs.to(device)
-        logits = self._scores(pl_module, inputs).float()
+        tracked = tracked.to(device)
+        logits = self._scores(pl_module, tracked.inputs, tracked.forward_kwargs()).float()
         classes = logits.topk(2, dim=1).indices
-        margins = (logits.gather(1, classes)[:, 0] - logits.gather(1, classes)[:, 1]).cpu()
-        now = Candidates(inputs, tracked.labels.to(device), classes, margins)
+        margins = logits.gather(1, classes)[:, 0] - logits.gather(1, classes)[:, 1]
+        now = Candidates(tracked.inputs, tracked.labels, classes, margins, tracked.kwargs, tracked.shared)
         attributions, probs = self._explain(pl_module, now)
         tags = [f"{TAG_TRACKED}/{i}" for i in range(len(now))]
-        cpu = Candidates(tracked.inputs, tracked.labels, classes.cpu(), margins)
         if self._output is not None:
-            self._output.pictures(
-                tags, cpu, attributions.detach().cpu(), probs.detach().cpu(), step, "tracked", epoch
-            )
+            shown, attributions = _drawable(now.to("cpu"), attributions.detach().cpu())
+            self._output.pictures(tags, shown, attributions, probs.detach().cpu(), step, "tracked", epoch)
 
     def _log_scalar(self, trainer: pl.Trainer, tag: str, value: float, step: int) -> None:
         if self._output is not None:
@@ -760,6 +865,30 @@ class ConfusedLogitCallback(Callback):
 def _as_model_dtype(pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
     """Float inputs in the module's floating dtype (e.g. under ``precision="bf16-true"``)."""
     dtype = getattr(pl_module, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and inputs.dtype != dtype:
+    if (
+        isinstance(dtype, torch.dtype)
+        and dtype.is_floating_point
+        and inputs.is_floating_point()
+        and (inputs.dtype != dtype)
+    ):
         return inputs.to(dtype)
     return inputs
+
+
+def _drawable(chosen: Candidates, attributions: Tensor) -> tuple[Candidates, Tensor]:
+    """What the pictures can show. Attributions at the inputs are drawn as they are. Attributions at a
+    layer ([n, 2, *layer_output]) are summed over the layer's dimensions beyond the input's (a token's
+    embedding), on blank inputs (token ids are no intensities); the input tiles are then empty."""
+    n, sample_shape = len(chosen), chosen.inputs.shape[1:]
+    if attributions.shape[2:] == sample_shape and chosen.inputs.is_floating_point():
+        return chosen, attributions
+    lead = attributions.shape[2 : 2 + len(sample_shape)]
+    if lead == sample_shape and attributions.ndim > 2 + len(sample_shape):
+        summed = attributions.reshape(n, 2, *sample_shape, -1).sum(-1)
+    elif lead == sample_shape:
+        summed = attributions
+    else:  # a layer whose output does not follow the inputs' positions: one value per sample
+        summed, sample_shape = attributions.reshape(n, 2, -1).sum(-1, keepdim=True), torch.Size([1])
+    blank = torch.zeros((n, *sample_shape), dtype=summed.dtype)
+    shown = Candidates(blank, chosen.labels, chosen.classes, chosen.margins)
+    return shown, summed

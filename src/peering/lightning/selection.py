@@ -9,8 +9,9 @@ chosen samples can be kept across hooks and explained with autograd.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,23 +23,50 @@ from peering.confusion import select_confused
 
 __all__: list[str] = []
 
-Shape = tuple[torch.Size, torch.dtype]  # one sample's shape and dtype
+Layout = tuple[tuple[str, torch.Size, torch.dtype], ...]
+"""One sample's tensors: ("", shape, dtype) of the inputs, then (name, shape, dtype) of each per-sample
+forward argument, sorted by name."""
+
+
+def split_kwargs(kwargs: Mapping[str, Any], batch: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(per-sample tensors: first dimension ``batch``; everything else, passed unchanged), as
+    `peering.explain` splits its ``forward_kwargs``."""
+    per_sample: dict[str, Tensor] = {}
+    shared: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+            per_sample[name] = value
+        else:
+            shared[name] = value
+    return per_sample, shared
 
 
 @dataclass
 class Candidates:
-    """Samples chosen for pictures: inputs [n, ...], labels [n] (-1: unknown), classes [n, 2], margins [n]."""
+    """Samples chosen for pictures: inputs [n, ...], labels [n] (-1: unknown), classes [n, 2], margins
+    [n], the per-sample forward arguments ``kwargs`` (each [n, ...]) and the ``shared`` ones (unchanged)."""
 
     inputs: Tensor
     labels: Tensor
     classes: Tensor
     margins: Tensor
+    kwargs: dict[str, Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    @property
+    def layout(self) -> Layout:
+        return layout_of(self.inputs, self.kwargs)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """The model's extra arguments for these samples."""
+        return {**self.shared, **self.kwargs}
+
     def merge(self, other: Candidates | None, capacity: int) -> Candidates:
-        """The ``capacity`` smallest margins of both, ties broken by order (self first)."""
+        """The ``capacity`` smallest margins of both, ties broken by order (self first). Both must have the
+        same `layout` (the same sample shapes)."""
         with torch.inference_mode(False):  # in a stand-alone validate()/test(): still ordinary tensors
             if other is None or len(other) == 0:
                 joined = self
@@ -51,6 +79,11 @@ class Candidates:
                     torch.cat([self.labels, other.labels.to(dev)]),
                     torch.cat([self.classes, other.classes.to(dev)]),
                     torch.cat([self.margins, other.margins.to(dev)]),
+                    {
+                        k: torch.cat([v, other.kwargs[k].to(v.device, v.dtype)])
+                        for k, v in self.kwargs.items()
+                    },
+                    self.shared,
                 )
             order = torch.sort(joined.margins, stable=True).indices[:capacity]
             return joined.select(order)
@@ -59,27 +92,47 @@ class Candidates:
         """The rows ``index``, as ordinary tensors even inside ``torch.inference_mode``."""
         with torch.inference_mode(False):
             return Candidates(
-                self.inputs[index], self.labels[index], self.classes[index], self.margins[index]
+                self.inputs[index],
+                self.labels[index],
+                self.classes[index],
+                self.margins[index],
+                {k: v[index.to(v.device)] for k, v in self.kwargs.items()},
+                self.shared,
             )
 
     def to(self, device: str | torch.device) -> Candidates:
         """On ``device``, as ordinary tensors (never inference tensors, which could not be kept as state)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.detach().to(device).clone() if t.is_inference() else t.detach().to(device)
+
         with torch.inference_mode(False):
             return Candidates(
-                *(
-                    t.detach().to(device).clone() if t.is_inference() else t.detach().to(device)
-                    for t in (self.inputs, self.labels, self.classes, self.margins)
-                )
+                move(self.inputs),
+                move(self.labels),
+                move(self.classes),
+                move(self.margins),
+                {k: move(v) for k, v in self.kwargs.items()},
+                self.shared,
             )
 
 
-def empty_candidates(shape: Shape | None) -> Candidates:
-    sample_shape, dtype = shape if shape is not None else (torch.Size([0]), torch.float32)
+def layout_of(inputs: Tensor, kwargs: Mapping[str, Tensor]) -> Layout:
+    """The `Layout` of a batch's inputs and per-sample forward arguments."""
+    return (("", inputs.shape[1:], inputs.dtype),) + tuple(
+        (k, kwargs[k].shape[1:], kwargs[k].dtype) for k in sorted(kwargs)
+    )
+
+
+def empty_candidates(layout: Layout | None) -> Candidates:
+    layout = layout if layout is not None else (("", torch.Size([0]), torch.float32),)
+    (_, sample_shape, dtype), *rest = layout
     return Candidates(
         torch.zeros((0, *sample_shape), dtype=dtype),
         torch.zeros(0, dtype=torch.int64),
         torch.zeros((0, 2), dtype=torch.int64),
         torch.zeros(0),
+        {name: torch.zeros((0, *shape), dtype=dt) for name, shape, dt in rest},
     )
 
 
@@ -158,9 +211,11 @@ def choose(
     logits: Tensor,
     capacity: int,
     thresholds: Thresholds,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Candidates, Stats, int]:
-    """The ``capacity`` most confused samples of one batch under ``thresholds``, what the check saw, and
-    how many samples were skipped for NaN/Inf inputs or logits."""
+    """The ``capacity`` most confused samples of one batch under ``thresholds`` (with their rows of the
+    per-sample forward arguments ``kwargs``), what the check saw, and how many samples were skipped for
+    NaN/Inf inputs or logits."""
     logits = logits.float()
     bad = ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1) | ~torch.isfinite(logits).all(dim=1)
     skipped = int(bad.sum()) if bad.any() else 0
@@ -180,11 +235,14 @@ def choose(
             if labels is not None
             else torch.full((len(idx),), -1, dtype=torch.int64)
         )
+        per_sample, shared = split_kwargs(kwargs or {}, inputs.shape[0])
         chosen = Candidates(
             inputs.detach()[idx].clone(),
             chosen_labels.to(inputs.device),
             sel.classes.clone().to(inputs.device),
             sel.margins.clone().to(inputs.device),
+            {k: v.detach()[idx.to(v.device)].clone() for k, v in per_sample.items()},
+            shared,
         )
     return chosen, _stats(logits, sel.num_confused, sel.num_candidates, thresholds), skipped
 
@@ -210,22 +268,28 @@ def gather(
     local: Candidates | None,
     capacity: int,
     stats: Stats,
-    shape: Shape | None,
+    layout: Layout | None,
 ) -> tuple[Candidates, Stats]:
     """The ``capacity`` most confused candidates of all ranks, and the `Stats` of all ranks together.
 
-    Under DDP this is two ``all_gather`` calls (a header, then the candidates padded to ``capacity``),
-    made by every rank at the same hooks and steps: ``capacity`` and the decision to gather depend only
-    on counters that are identical on all ranks. The result is identical on all ranks too.
+    Under DDP this is two ``all_gather`` calls (a header, then the candidates padded to ``capacity``, one
+    row each: inputs and per-sample forward arguments flattened, margin, classes, label), made by every
+    rank at the same hooks and steps: ``capacity`` and the decision to gather depend only on counters that
+    are identical on all ranks. The result is identical on all ranks too (the ``shared`` forward arguments
+    are each rank's own).
     """
     if trainer.world_size <= 1:
-        chosen = empty_candidates(shape) if local is None else local.merge(None, capacity)
+        chosen = empty_candidates(layout) if local is None else local.merge(None, capacity)
         return chosen, stats
 
     device = trainer.strategy.root_device
     # 1) what each rank has: its flattened sample size (0 = no inputs seen), float64 or not, its stats
-    width = int(np.prod(shape[0])) if shape is not None else 0
-    wide = shape is not None and shape[1] == torch.float64
+    sizes = [int(np.prod(shape)) for _, shape, _ in layout] if layout is not None else []
+    width = sum(sizes)
+    # float32 holds integers exactly only up to 2**24 (token ids): integer tensors travel as float64
+    wide = layout is not None and any(
+        dt == torch.float64 or not (dt.is_floating_point or dt.is_complex) for _, _, dt in layout
+    )
     header = torch.tensor(
         [width, int(wide), stats.samples, stats.confused, stats.candidates, stats.top, stats.gap],
         dtype=torch.float64,
@@ -242,27 +306,33 @@ def gather(
     )
     width = int(widths.max())
     if width == 0 or capacity == 0:
-        return empty_candidates(shape), total
+        return empty_candidates(layout), total
     if bool(((widths != width) & (widths != 0)).any()):
         rank_zero_warn("peering: the ranks' inputs differ in size, so they cannot be compared; no pictures")
-        return empty_candidates(shape), total
+        return empty_candidates(layout), total
     dtype = torch.float64 if bool(headers[:, 1].any()) else torch.float32
-    # 2) the candidates, one row each: inputs, margin, class a, class b, label, valid
+    if layout is None:  # this rank saw no inputs: it takes the rows as flat inputs
+        layout, sizes = (("", torch.Size([width]), dtype),), [width]
+    # 2) the candidates, one row each: inputs and per-sample arguments, margin, class a, class b, label, valid
     buf = torch.zeros(capacity, width + 5, dtype=dtype, device=device)
     if local is not None and len(local):
         n = min(len(local), capacity)
-        buf[:n, :width] = local.inputs[:n].reshape(n, width).to(device, dtype)
+        parts = [local.inputs[:n]] + [local.kwargs[name][:n] for name, _, _ in layout[1:]]
+        buf[:n, :width] = torch.cat([p.reshape(n, -1).to(device, dtype) for p in parts], dim=1)
         buf[:n, width] = local.margins[:n].to(device, dtype)
         buf[:n, width + 1 : width + 3] = local.classes[:n].to(device, dtype)
         buf[:n, width + 3] = local.labels[:n].to(device, dtype)
         buf[:n, width + 4] = 1
     rows = trainer.strategy.all_gather(buf).reshape(-1, width + 5)
     rows = rows[rows[:, width + 4] > 0.5]
-    sample_shape, in_dtype = shape if shape is not None else (torch.Size([width]), dtype)
+    columns = rows[:, :width].split(sizes, dim=1)
+    tensors = [c.reshape(-1, *shape).to(dt) for c, (_, shape, dt) in zip(columns, layout, strict=True)]
     merged = Candidates(
-        rows[:, :width].reshape(-1, *sample_shape).to(in_dtype),
+        tensors[0],
         rows[:, width + 3].round().long(),
         rows[:, width + 1 : width + 3].round().long(),
         rows[:, width].float(),
+        {name: t for (name, _, _), t in zip(layout[1:], tensors[1:], strict=True)},
+        local.shared if local is not None else {},
     )
     return merged.merge(None, capacity), total
