@@ -875,6 +875,9 @@ def _as_model_dtype(pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
     return inputs
 
 
+_STRIP = 4
+
+
 def _drawable(chosen: Candidates, attributions: Tensor) -> tuple[Candidates, Tensor]:
     """What the pictures can show. Attributions at the inputs are drawn as they are. Attributions at a
     layer ([n, 2, *layer_output]) are summed over the layer's dimensions beyond the input's (a token's
@@ -889,6 +892,9 @@ def _drawable(chosen: Candidates, attributions: Tensor) -> tuple[Candidates, Ten
         summed = attributions
     else:  # a layer whose output does not follow the inputs' positions: one value per sample
         summed, sample_shape = attributions.reshape(n, 2, -1).sum(-1, keepdim=True), torch.Size([1])
+    if len(sample_shape) == 1:  # a row of tokens: a strip _STRIP rows high, so that it can be seen
+        sample_shape = torch.Size([1, _STRIP, sample_shape[0]])
+        summed = summed[:, :, None, None, :].expand(n, 2, *sample_shape)
     blank = torch.zeros((n, *sample_shape), dtype=summed.dtype)
     shown = Candidates(blank, chosen.labels, chosen.classes, chosen.margins)
     return shown, summed
