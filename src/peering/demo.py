@@ -43,6 +43,7 @@ __all__ = [
     "CONFIDENT",
     "DEFAULT_EPOCHS",
     "DemoResult",
+    "load_demo_data",
     "morph_view",
     "run_demo",
     "tensorboard_command",
@@ -195,7 +196,7 @@ def _run(
     from peering.lightning import ConfusedLogitCallback
     from peering.models import DigitClassifier, accuracy
 
-    train_x, train_y, test_x, test_y, described = _load_data(dataset, data_dir, seed, say)
+    train_x, train_y, test_x, test_y, described = load_demo_data(dataset, data_dir, seed, say)
     size = int(train_x.shape[-1])
     zoom = max(1, -(-64 // size))  # tiles about 64 px wide: three pictures side by side in the report
 
@@ -356,9 +357,26 @@ def _display_path(path: Path) -> str:
     return str(path)
 
 
-def _load_data(
-    dataset: str, data_dir: str | os.PathLike[str] | None, seed: int, say: Callable[[str], None]
+def load_demo_data(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
+    """The demo's split: ``(train_x, train_y, test_x, test_y, description)``, as `run_demo` makes it.
+
+    ``dataset`` is "digits" (scikit-learn's 8x8 digits, 80/20) or "mnist" (the t10k digits, 80/20, from
+    ``data_dir``, else ``$PEERING_DATA_DIR``, else downloaded with checksums, said through ``say``); the
+    split is shuffled with ``seed``. `peering check` uses it to test a demo checkpoint on the digits the
+    demo held out.
+
+    >>> train_x, train_y, test_x, test_y, described = load_demo_data("digits")
+    >>> tuple(test_x.shape), described
+    ((359, 1, 8, 8), '1,438 scikit-learn 8x8 digits')
+    """
+    if dataset not in DEFAULT_EPOCHS:
+        raise ValueError(f"dataset must be 'digits' or 'mnist', got {dataset!r}")
+    say = say or log.info
     from peering.data import DATA_DIR_ENV, available_mnist_splits, load_digits, load_mnist, train_test_split
 
     if dataset == "digits":
