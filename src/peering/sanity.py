@@ -325,7 +325,7 @@ def randomisation_check(
         torch.manual_seed(seed)
         for layer in order:
             with torch.no_grad():
-                modules[layer].reset_parameters()  # type: ignore[operator]
+                modules[layer].reset_parameters()
             for method in resolved:
                 a = maps(randomised, method)
                 absolute[method.name].append(spearman(a.abs(), trained[method.name].abs()))
@@ -453,7 +453,7 @@ def _unrelated(
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in order:
-            modules[layer].reset_parameters()  # type: ignore[operator]
+            modules[layer].reset_parameters()
     result = {}
     for method in methods:
         a, b = fully_randomised[method.name], maps(other, method)
