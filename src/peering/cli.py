@@ -331,6 +331,9 @@ def demo(
     name: Annotated[str, typer.Option(help="The run's folder name under --out.")] = "demo",
     track: Annotated[int, typer.Option(min=0, help="Confused validation digits to follow.")] = 4,
     morph_digits: Annotated[int, typer.Option(min=0, help="Test digits to morph.")] = 4,
+    sanity_digits: Annotated[
+        int, typer.Option(min=0, help="Test digits for the randomisation sanity check (0: skip it).")
+    ] = 32,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -354,6 +357,7 @@ def demo(
                     seed=seed,
                     track=track,
                     morph_digits=morph_digits,
+                    sanity_digits=sanity_digits,
                     progress=progress,
                     threads=threads,
                     echo=lambda line: _print_flushed(console, line),

@@ -7,11 +7,13 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.tokens`: text (per-token scores);
 - `peering.render.morphs`: `film_strip`, `save_gif`;
 - `peering.render.layout`: `grid`, `save_png`;
+- `peering.render.sanity`: `sanity_curves`, `sanity_maps` (the randomisation sanity check);
 - `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
 
 Everything here is a handful of vectorised array operations (NumPy, single-threaded) plus Pillow text
-drawing: no matplotlib figure is ever created. matplotlib is imported once, lazily, to build a cached
-256-entry colour lookup table (and to find the DejaVu Sans font it ships).
+drawing: no matplotlib figure is created on the way to any picture a training run makes. matplotlib is
+imported once, lazily, to build a cached 256-entry colour lookup table (and to find the DejaVu Sans font
+it ships); only `sanity_curves`, a line chart drawn once per run, makes a figure.
 
 Conventions:
 
@@ -31,6 +33,7 @@ and re-exported below.
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, save_gif
+from peering.render.sanity import sanity_curves, sanity_maps
 
 __all__ = [
     "confusion_panels",
@@ -39,6 +42,8 @@ __all__ = [
     "film_strip",
     "grid",
     "save_gif",
+    "sanity_curves",
+    "sanity_maps",
     "save_png",
     "to_rgb",
 ]
