@@ -645,6 +645,7 @@ def check(
     channels: ChannelsOption = None,
     image_size: SizeOption = None,
     invert: InvertOption = False,
+    output_fn: OutputFnOption = None,
 ) -> None:
     """Can you trust the maps of this model? The randomisation sanity check, and deletion/insertion.
 
@@ -664,14 +665,17 @@ def check(
     methods = list(dict.fromkeys(methods))
     console = _console()
     with _bad_input():
-        loaded = _load(checkpoint, model, channels, image_size)
+        loaded = _load(checkpoint, model, channels, image_size, output_fn)
         x, source = _check_inputs(checkpoint, loaded, images, dataset, data_dir, samples, invert)
         batch = loaded.batch(x)
         console.print(f"Checking {loaded.source} on {source}.", markup=False, soft_wrap=True)
         console.file.flush()
         started = time.perf_counter()
         try:
-            result = randomisation_check(loaded.model, batch, methods=methods, seed=seed, threshold=threshold)
+            result = randomisation_check(
+                loaded.model, batch, methods=methods, seed=seed, threshold=threshold,
+                output_fn=loaded.output_fn,
+            )
         except (ValueError, TypeError) as err:
             _fail(f"cannot check {loaded.source}: {err}")
         seconds = time.perf_counter() - started
@@ -683,9 +687,12 @@ def check(
             started = time.perf_counter()
             try:
                 for name in methods:
-                    exp = peering.explain(loaded.model, batch, result.targets, method=name)
+                    exp = peering.explain(
+                        loaded.model, batch, result.targets, method=name, output_fn=loaded.output_fn
+                    )
                     rows[name] = deletion_insertion(
-                        loaded.model, batch, exp, baseline=baseline.value, seed=seed
+                        loaded.model, batch, exp, baseline=baseline.value, seed=seed,
+                        output_fn=loaded.output_fn,
                     ).summary()
             except (ValueError, TypeError) as err:
                 _fail(f"cannot measure deletion/insertion with {loaded.source}: {err}")
