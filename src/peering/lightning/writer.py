@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -48,9 +49,9 @@ log = logging.getLogger(__name__)
 
 _SHARD_BYTES = 128 << 20  # a shard is closed at samples_per_shard samples or about this many bytes
 _INFERENCE_HINT = (
-    "the model's weights are inference tensors (created or loaded inside torch.inference_mode()), and "
-    "autograd cannot differentiate through them; load the model outside inference mode, or run "
-    "Trainer(inference_mode=False)"
+    "a tensor the model computes with is an inference tensor, which autograd cannot differentiate through: "
+    "its weights were created or loaded inside torch.inference_mode(), or it cached a tensor during "
+    "predict_step. Create or load the model outside inference mode, or run Trainer(inference_mode=False)"
 )
 
 
@@ -486,6 +487,12 @@ def _as_model_dtype(pl_module: nn.Module, inputs: Tensor) -> Tensor:
 
 def _fingerprint(module: nn.Module) -> str:
     """CRC-32 of the module's parameters and buffers (names, shapes, dtypes and bytes), as hex."""
+    lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"AttributionWriter: the model has uninitialized lazy parameters ({lazy[:3]}); run one forward "
+            "pass (outside torch.inference_mode()) before Trainer.predict so that its weights exist"
+        )
     crc = 0
     for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
         if not isinstance(tensor, Tensor):
