@@ -527,6 +527,248 @@ def _unflatten(result: object, shape: torch.Size) -> object:
     )
 
 
+# ----------------------------------------------------------------------------------------- explain-dataset
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DATASET_FILE = "dataset.json"
+"""What ``peering explain-dataset`` ran over, beside the writer's manifest (the report reads it back)."""
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """The images of a folder, read one by one when asked (converted for the model), with their labels."""
+
+    def __init__(
+        self, root: Path, files: list[str], channels: int | None, size: tuple[int, int], invert: bool,
+        labels: list[int],
+    ) -> None:
+        self.root, self.files, self.channels, self.size = root, files, channels, size
+        self.invert, self.labels = invert, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, _ = read_image(self.root / self.files[index], self.channels, self.size, invert=self.invert)
+        return image, self.labels[index]
+
+
+def _folder_dataset(
+    folder: Path, loaded: LoadedModel, invert: bool, num_classes: int
+) -> tuple[_ImageFiles, dict[str, Any]]:
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+    )
+    if not files:
+        _fail(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {folder}")
+    first, notes = read_image(folder / files[0], loaded.channels, loaded.size, invert=invert)
+    size = loaded.size or (int(first.shape[1]), int(first.shape[2]))
+    channels = loaded.channels or int(first.shape[0])
+    if notes:
+        _note(f"images are converted to {channels}x{size[0]}x{size[1]} (first one: {'; '.join(notes)})")
+    parents = [f.split("/")[0] if "/" in f else "" for f in files]
+    by_class = all(p.isdigit() and int(p) < num_classes for p in parents)
+    labels = [int(p) for p in parents] if by_class else [-1] * len(files)
+    if by_class:
+        _note("labels from the subfolder names")
+    source = {"data": "folder", "root": str(folder.resolve()), "files": files, "channels": channels,
+              "size": list(size), "invert": invert}
+    return _ImageFiles(folder, files, channels, size, invert, labels), source
+
+
+def _named_dataset(
+    name: str, data_dir: Path | None, loaded: LoadedModel
+) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
+    import os
+
+    from torch.utils.data import TensorDataset
+
+    from peering.data import DATA_DIR_ENV, load_digits, load_mnist
+
+    if name == "digits":
+        images, labels = load_digits()
+        source: dict[str, Any] = {"data": "digits"}
+    else:
+        root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+        if not root:
+            _fail(f"--data mnist needs the MNIST IDX files: pass --data-dir or set {DATA_DIR_ENV}")
+        images, labels = load_mnist(Path(root).expanduser(), "test")
+        source = {"data": "mnist", "root": str(Path(root).expanduser().resolve()), "split": "test"}
+    shape = tuple(images.shape[1:])
+    want = None
+    if loaded.size is not None and loaded.channels is not None:
+        want = (loaded.channels, *loaded.size)
+    if want is not None and shape != want:
+        _fail(
+            f"{loaded.source} takes {want[0]}x{want[1]}x{want[2]} images but the {name} images are "
+            f"{shape[0]}x{shape[1]}x{shape[2]}; use the data set it was trained on, or a folder of images "
+            "(converted to its size)"
+        )
+    return TensorDataset(images, labels), source
+
+
+@app.command("explain-dataset")
+def explain_dataset(
+    checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="mnist (the 10,000 t10k digits), digits (sklearn's 1,797), or a FOLDER of images."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (a rerun resumes it).")],
+    devices: Annotated[int, typer.Option(min=1, help="Processes (devices) to spread the data over.")] = 1,
+    top_k: Annotated[int, typer.Option(min=1, help="Classes to explain when no --target.")] = 2,
+    target: Annotated[
+        str | None, typer.Option(help="Explain 'label' (each sample's label) or one class K.")
+    ] = None,
+    method: Annotated[MethodName, typer.Option(help="Attribution method.")] = MethodName.gradient,
+    output: Annotated[OutputName, typer.Option(help="What is differentiated.")] = OutputName.probability,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per batch.")] = 64,
+    accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto, cpu, gpu, ...")] = "auto",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with the MNIST IDX files (default: $PEERING_DATA_DIR).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 0,
+    model: ModelOption = None,
+    channels: ChannelsOption = None,
+    image_size: SizeOption = None,
+    invert: InvertOption = False,
+    progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
+) -> None:
+    """Explain every sample of a data set with Trainer.predict on one or more devices; shards in --out.
+
+    Read them with peering.load_attributions(OUT); `peering report OUT` shows them.
+
+    Example: peering explain-dataset runs/demo/model.ckpt --data digits --out runs/digits-explained
+    """
+    import time
+
+    with _bad_input():
+        loaded = _load(checkpoint, model, channels, image_size)
+        folder = Path(data)
+        n_classes = loaded.num_classes
+        if data in ("mnist", "digits"):
+            dataset, source = _named_dataset(data, data_dir, loaded)
+        elif folder.is_dir():
+            if n_classes is None:
+                probe, _ = read_image(next(p for p in sorted(folder.rglob("*")) if p.is_file()),
+                                      loaded.channels, loaded.size, invert=invert)
+                n_classes = _class_count(loaded, probe.unsqueeze(0))
+            dataset, source = _folder_dataset(folder, loaded, invert, n_classes)
+        else:
+            _fail(f"--data must be mnist, digits or a folder of images; {data} is none of these")
+        parsed_target: int | str | None = None
+        if target is not None:
+            if target == "label":
+                parsed_target = "label"
+            elif target.isdigit():
+                parsed_target = int(target)
+                _check_target(parsed_target, n_classes or _class_count(loaded, dataset[0][0].unsqueeze(0)))
+            else:
+                _fail(f"--target must be 'label' or a class number, got {target!r}")
+        source.update(checkpoint=str(checkpoint.resolve()), model=model)
+        _record_source(out, source)
+        start = time.perf_counter()
+        done_before = _samples_done(out)
+        total = _run_predict(loaded, dataset, out, devices=devices, accelerator=accelerator,
+                             batch_size=batch_size, workers=workers, progress=progress,
+                             writer_kwargs={"top_k": top_k, "target": parsed_target,
+                                            "method": method.value, "output": output.value})
+        seconds = time.perf_counter() - start
+    explained = total - done_before
+    what = (f"class {parsed_target}" if isinstance(parsed_target, int)
+            else "the label" if parsed_target == "label" else f"top {top_k} classes")
+    typer.echo(
+        f"explained {explained:,} of {total:,} samples ({method.value} of the {output.value} of the {what}) "
+        f"in {seconds:.1f} s on {devices} device(s)"
+        + (f"; {done_before:,} were already done" if done_before else "")
+    )
+    typer.echo(f"wrote {out}  (peering.load_attributions({str(out)!r}), or: peering report {out})")
+
+
+def _record_source(out: Path, source: dict[str, Any]) -> None:
+    """Write ``out/dataset.json``, refusing a folder that holds a run over other data or weights."""
+    import json
+
+    from peering.demo import write_json_atomic
+
+    previous = out / DATASET_FILE
+    if previous.is_file():
+        try:
+            before = json.loads(previous.read_text())
+        except ValueError:
+            before = None
+        if before is not None and before != source:
+            _fail(f"{out} holds a run over other data or of another checkpoint ({previous}); use another "
+                  "--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / DATASET_FILE, source)
+    except OSError as err:
+        _fail(f"cannot write to {out}: {err.strerror or err}")
+
+
+def _samples_done(out: Path) -> int:
+    from peering.store import ShardError, load_attributions
+
+    try:
+        return len(load_attributions(out, verify=False, allow_incomplete=True))
+    except ShardError:
+        return 0
+
+
+def _run_predict(
+    loaded: LoadedModel,
+    dataset: torch.utils.data.Dataset,
+    out: Path,
+    *,
+    devices: int,
+    accelerator: str,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    writer_kwargs: dict[str, Any],
+) -> int:
+    """Trainer.predict with the writer on ``devices`` processes; the number of samples in the finished run."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from peering.demo import _quiet_lightning
+    from peering.lightning import AttributionWriter
+    from peering.lightning.writer import _ExplainedModule
+    from peering.store import ShardError, read_manifest
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    try:
+        with _quiet_lightning():
+            trainer = pl.Trainer(
+                accelerator=accelerator,
+                devices=devices,
+                strategy="ddp_spawn" if devices > 1 else "auto",
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+                callbacks=[AttributionWriter(out, **writer_kwargs)],
+                default_root_dir=str(out),
+            )
+            module = _ExplainedModule(loaded.model, loaded.flat)
+            trainer.predict(module, loader, return_predictions=False)
+    except (ShardError, ImageError) as err:
+        _fail(str(err))
+    except Exception as err:  # an error in a spawned process arrives as its traceback text
+        _fail(f"explaining failed: {_last_line(err)}")
+    manifest = read_manifest(out) or {}
+    return int(manifest.get("complete", {}).get("0", {}).get("samples", 0))
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `peering demo`, or a log folder.")],

@@ -445,6 +445,29 @@ class AttributionWriter(BasePredictionWriter):
             ) from errors[0]
 
 
+class _ExplainedModule(pl.LightningModule):
+    """A plain classifier as the LightningModule ``Trainer.predict`` runs, its ``predict_step`` leaving the
+    work to the writer (``flatten``: the model takes flat vectors, the data images)."""
+
+    def __init__(self, model: nn.Module, flatten: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.flatten = flatten
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(x.flatten(1) if self.flatten else x)
+
+    def setup(self, stage: str) -> None:
+        import multiprocessing
+        import warnings
+
+        if multiprocessing.parent_process() is not None:  # a process ddp_spawn started: quiet like its parent
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> tuple[()]:
+        return ()  # nothing to return (None would make Lightning warn once per process)
+
+
 def _write_parts(path: Path, parts: list[dict[str, Tensor]], metadata: dict[str, str], event: Any) -> None:
     """Concatenate a shard's batches and write it (on the writer thread)."""
     if event is not None:
