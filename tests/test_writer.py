@@ -110,6 +110,34 @@ def test_what_inference_mode_breaks_is_a_clear_error_and_inference_mode_false_wo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("by_name", [True, False])
+def test_a_layer_by_module_or_by_name(digits_cnn, digits_data, tmp_path, by_name):
+    x, y = digits_data
+    module = Explained(copy.deepcopy(digits_cnn))
+    layer = "model.conv2" if by_name else module.model.conv2
+    predict(module, loader(x, y), AttributionWriter(tmp_path, layer=layer))
+    run = peering.load_attributions(tmp_path)
+    expected = peering.explain(digits_cnn, x, top_k=2, layer=digits_cnn.conv2)
+    assert run.attributions.shape == expected.attributions.shape == (N, 2, 64, 4, 4)
+    assert_close(run.attributions[:], expected.attributions)
+    assert run.config["layer"] == "model.conv2"
+
+
+def test_a_layer_outside_the_model_is_refused(digits_cnn, digits_data, tmp_path):
+    x, y = digits_data
+    with pytest.raises(ValueError, match="not a submodule"):
+        predict(
+            Explained(copy.deepcopy(digits_cnn)), loader(x, y), AttributionWriter(tmp_path, layer=nn.ReLU())
+        )
+    with pytest.raises(ValueError, match="no submodule 'model.conv9'"):
+        predict(
+            Explained(copy.deepcopy(digits_cnn)),
+            loader(x, y),
+            AttributionWriter(tmp_path, layer="model.conv9"),
+        )
+
+
+@pytest.mark.slow
 def test_nonfinite_samples_are_skipped_when_asked(digits_cnn, digits_data, tmp_path):
     x, y = digits_data
     x = x.clone()
@@ -314,6 +342,7 @@ def test_lazy_reads_equal_the_whole(finished_run):
         {"samples_per_shard": 0},
         {"nonfinite": "ignore"},
         {"unpack": 3},
+        {"layer": 3},
         {"bogus_option": 1},
     ],
 )

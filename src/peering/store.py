@@ -359,7 +359,7 @@ class ShardedAttributions:
             if len(positions) and (positions.min() < -n or positions.max() >= n):
                 raise IndexError(f"positions out of range for {n} samples")
             positions = torch.where(positions < 0, positions + n, positions)
-        return self._rows(positions)[(slice(None), *rest)]
+        return self._rows(positions)[(slice(None),) + rest]
 
     def batches(self, batch_size: int = 256) -> Iterator[tuple[int, Tensor]]:
         """``(start, attributions[start : start + batch_size])`` over the whole dataset, in order.

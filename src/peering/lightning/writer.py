@@ -80,7 +80,9 @@ class AttributionWriter(BasePredictionWriter):
         output: what is differentiated: "probability", "log_probability" or "logit".
         chunk_size: samples per forward pass inside `peering.explain`.
         unpack: ``batch -> (inputs, labels or None)`` for batches `default_unpack` does not understand.
-        layer: attribute to this layer's output instead of the input (passed to `peering.explain`).
+        layer: attribute to this submodule's output instead of the input (`peering.explain`'s ``layer``):
+            the module, or its name in the LightningModule (``"model.conv1"``; a name also survives
+            ``ddp_spawn``'s copies of the model).
         target: None (the top ``top_k``), ``"label"`` (each sample's label from the batch), or a class.
         output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
         samples_per_shard: a rank closes a shard after this many samples (or about 128 MiB), whole
@@ -128,7 +130,7 @@ class AttributionWriter(BasePredictionWriter):
         output: Literal["probability", "log_probability", "logit"] = "probability",
         chunk_size: int = 64,
         unpack: Callable[[Any], tuple[Tensor, Tensor | None]] | None = None,
-        layer: Any = None,
+        layer: nn.Module | str | None = None,
         target: Literal["label"] | int | None = None,
         *,
         output_fn: Callable[[Any], Tensor] | None = None,
@@ -143,6 +145,8 @@ class AttributionWriter(BasePredictionWriter):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if layer is not None and not isinstance(layer, (str, nn.Module)):
+            raise TypeError(f"layer must be a submodule of the model or its name, got {type(layer).__name__}")
         if unpack is not None and not callable(unpack):
             raise TypeError(f"unpack must be a callable batch -> (inputs, labels) or None, got {unpack!r}")
         if not (
@@ -173,6 +177,7 @@ class AttributionWriter(BasePredictionWriter):
         self.nonfinite = nonfinite
         self.method_options = dict(method_options)
         # per run
+        self._layer: nn.Module | None = None
         self._loaders: dict[int, _Loader] = {}
         self._config_hash = ""
         self._writer: BackgroundWriter | None = None
@@ -184,6 +189,7 @@ class AttributionWriter(BasePredictionWriter):
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        self._layer = _resolve_layer(pl_module, self.layer)
         loaders = _predict_loaders(trainer)
         lengths = {d: _length(loader) for d, loader in enumerate(loaders)}
         config = self._config(pl_module, lengths)
@@ -301,7 +307,7 @@ class AttributionWriter(BasePredictionWriter):
             "output": self.output,
             "target": "top_k" if self.target is None else self.target,
             "top_k": self.top_k if self.target is None else None,
-            "layer": _layer_name(pl_module, self.layer),
+            "layer": None if self._layer is None else _layer_name(pl_module, self._layer),
             "output_fn": None
             if self.output_fn is None
             else getattr(self.output_fn, "__qualname__", "callable"),
@@ -364,8 +370,8 @@ class AttributionWriter(BasePredictionWriter):
         elif isinstance(self.target, int):
             target = self.target
         options: dict[str, Any] = dict(self.method_options)
-        if self.layer is not None:
-            options["layer"] = self.layer
+        if self._layer is not None:
+            options["layer"] = self._layer
         try:
             return explain(
                 pl_module,
@@ -490,7 +496,7 @@ def _predict_loaders(trainer: pl.Trainer) -> list[Any]:
 def _length(loader: Any) -> int | None:
     dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
     try:
-        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+        return len(dataset) if dataset is not None else None
     except TypeError:
         return None
 
@@ -525,15 +531,30 @@ def _fingerprint(module: nn.Module) -> str:
     return f"{crc:08x}"
 
 
-def _layer_name(module: nn.Module, layer: Any) -> str | None:
+def _resolve_layer(module: nn.Module, layer: nn.Module | str | None) -> nn.Module | None:
+    """The layer as a submodule of ``module``, or a clear error."""
     if layer is None:
         return None
     if isinstance(layer, str):
-        return layer
-    for name, sub in module.named_modules():
-        if sub is layer:
-            return name
-    return type(layer).__qualname__
+        try:
+            return module.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in module.named_modules() if n][:8]
+            raise ValueError(
+                f"AttributionWriter: the model has no submodule {layer!r} (it has {names}, ...)"
+            ) from None
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a submodule of the model or its name, got {type(layer).__name__}")
+    if not any(sub is layer for sub in module.modules()):
+        raise ValueError(
+            "AttributionWriter: layer is not a submodule of the model Trainer.predict runs (under ddp_spawn "
+            "each process has its own copy of the model: pass the layer's name, e.g. layer='model.conv1')"
+        )
+    return layer
+
+
+def _layer_name(module: nn.Module, layer: nn.Module) -> str:
+    return next(name for name, sub in module.named_modules() if sub is layer)
 
 
 def _jsonable(value: Any) -> Any:
