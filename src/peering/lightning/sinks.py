@@ -45,6 +45,14 @@ Index (always, whatever the sinks)
 ``class_a``, ``class_b`` (the model's top two), ``prob_a``, ``prob_b``, ``margin``, ``width``, ``height``
 and ``png`` (the PNG file relative to ``<run>``, or null when the picture went only to a logger).
 
+Experiment trackers
+-------------------
+W&B (`WandbLogger`): one ``log_image`` per write, all samples in one history row (x-axis
+``trainer/global_step``). MLflow (`MLFlowLogger`): one image per sample under ``key=tag`` at ``step``.
+Comet (`CometLogger`): one image per sample named ``<tag>/step_<n>_<i>`` at ``step``. Neptune: one
+image series per sample index, ``<tag>/<i>``. Scalars go through each logger's ``log_metrics``. All four
+are tested offline with the real libraries, reading back what they stored (tests/test_trackers.py).
+
 Reading back
 ------------
 `read_images` (PNG bytes per step), `read_scalars`, `read_index` and `image_tags` read a run directory,
@@ -61,6 +69,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -232,15 +241,17 @@ class WandbSink(Sink):
 class MLflowSink(Sink):
     """Pictures through `MLFlowLogger`: ``experiment.log_image(run_id, image, key=..., step=...)``.
 
-    MLflow < 2.12 (no ``key``/``step``) gets artifact files ``<tag>/step_<n>_<i>.png`` instead.
+    The samples of one write get increasing timestamps, so their order can be read back (MLflow names
+    each image file ``<key>+step+<n>+timestamp+<ms>+<uuid>.png``, ``/`` in the key as ``~``). MLflow
+    < 2.12 (no ``key``/``step``) gets artifact files ``<tag>/step_<n>_<i>.png`` instead.
 
     >>> import numpy as np
     >>> class Client:
-    ...     def log_image(self, run_id, image, key=None, step=None): print(run_id, key, step, image.shape)
+    ...     def log_image(self, run_id, image, key=None, step=None, timestamp=None): print(run_id, key, step)
     >>> class FakeMlflow:
     ...     experiment, run_id = Client(), "r1"
     >>> MLflowSink(FakeMlflow()).log_images("peering/confused", [np.zeros((2, 3, 3), np.uint8)], [b""], 4)
-    r1 peering/confused 4 (2, 3, 3)
+    r1 peering/confused 4
     """
 
     name = "MLflow"
@@ -250,9 +261,10 @@ class MLflowSink(Sink):
 
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         client, run_id = self.logger.experiment, self.logger.run_id
+        now = int(time.time() * 1000)
         for i, image in enumerate(images):
             try:
-                client.log_image(run_id, image, key=tag, step=int(step))
+                client.log_image(run_id, image, key=tag, step=int(step), timestamp=now + i)
             except TypeError:  # MLflow before 2.12: artifact files only
                 client.log_image(run_id, image, artifact_file=f"{tag}/step_{int(step)}_{i}.png")
 
@@ -260,13 +272,16 @@ class MLflowSink(Sink):
 class CometSink(Sink):
     """Pictures through `CometLogger`: ``experiment.log_image(image, name=..., step=...)``.
 
+    Each picture goes as a PIL image: comet_ml stretches a numpy array's values to 0-255 (a low-contrast
+    picture comes out altered) and fails on a constant one; a PIL image is stored as it is.
+
     >>> import numpy as np
     >>> class Experiment:
-    ...     def log_image(self, image, name=None, step=None): print(name, step)
+    ...     def log_image(self, image, name=None, step=None): print(name, step, image.size)
     >>> class FakeComet:
     ...     experiment = Experiment()
     >>> CometSink(FakeComet()).log_images("peering/confused", [np.zeros((2, 2, 3), np.uint8)], [b""], 9)
-    peering/confused/step_9_0 9
+    peering/confused/step_9_0 9 (2, 2)
     """
 
     name = "Comet"
@@ -277,12 +292,16 @@ class CometSink(Sink):
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         experiment = self.logger.experiment
         for i, image in enumerate(images):
-            experiment.log_image(image, name=f"{tag}/step_{int(step)}_{i}", step=int(step))
+            picture = Image.fromarray(np.ascontiguousarray(image))
+            experiment.log_image(picture, name=f"{tag}/step_{int(step)}_{i}", step=int(step))
 
 
 class NeptuneSink(Sink):
-    """Pictures through a Neptune logger (``neptune.integrations.pytorch_lightning.NeptuneLogger``):
-    ``experiment[tag].append(File.as_image(picture), step=...)``. Needs the ``neptune`` package.
+    """Pictures through a Neptune logger: ``experiment[f"{tag}/{i}"].append(File.as_image(picture),
+    step=...)``, one series per sample index (a Neptune series needs strictly increasing steps, so the
+    samples of one step cannot share one). Needs the ``neptune`` package. Lightning 2.6 has no working
+    Neptune logger (its ``NeptuneLogger`` only raises), so this serves earlier Lightning versions' logger,
+    or any logger whose ``experiment`` is a ``neptune`` run.
 
     >>> import numpy as np, sys, types
     >>> fake = types.ModuleType("neptune.types")
@@ -290,11 +309,16 @@ class NeptuneSink(Sink):
     >>> sys.modules.setdefault("neptune.types", fake) is not None
     True
     >>> class Series:
-    ...     def append(self, value, step=None): print(value, step)
+    ...     def __init__(self, name): self.name = name
+    ...     def append(self, value, step=None): print(self.name, value, step)
+    >>> class Run(dict):
+    ...     def __missing__(self, key): return Series(key)
     >>> class FakeNeptune:
-    ...     experiment = {"peering/confused": Series()}
-    >>> NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)], [b""], 1)
-    (5, 2) 1
+    ...     experiment = Run()
+    >>> NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)] * 2,
+    ...                                       [b"", b""], 1)
+    peering/confused/0 (5, 2) 1
+    peering/confused/1 (5, 2) 1
     >>> del sys.modules["neptune.types"]
     """
 
@@ -306,9 +330,10 @@ class NeptuneSink(Sink):
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         from neptune.types import File
 
-        series = self.logger.experiment[tag]
-        for image in images:
-            series.append(File.as_image(Image.fromarray(image)), step=int(step))
+        run = self.logger.experiment
+        for i, image in enumerate(images):
+            picture = Image.fromarray(np.ascontiguousarray(image))
+            run[f"{tag}/{i}"].append(File.as_image(picture), step=int(step))
 
 
 class PNGFolderSink(Sink):
