@@ -4,7 +4,9 @@ that `load_attributions` reads back with `peering.explain`'s numbers; reruns res
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
 import json
 
 import lightning.pytorch as pl
@@ -159,6 +161,43 @@ def test_another_run_in_the_same_folder_is_refused(checkpoint, digits, tmp_path)
         "other arguments",
         "method",
     )
+
+
+def test_report_of_a_dataset_run(checkpoint, digits, tmp_path):
+    from tests.test_report import parse
+
+    out = tmp_path / "run"
+    assert (
+        invoke("explain-dataset", checkpoint, "--data", "digits", "--out", out, "--no-progress").exit_code
+        == 0
+    )
+    result = invoke("report", out)
+    assert result.exit_code == 0, result.output
+    page = parse(out / "report.html")
+    assert [attrs.get("id") for tag, attrs in page.tags if tag == "section"] == ["dataset"]
+    images = page.all("img")
+    assert [a["alt"] for a in images] == [
+        "Most confident samples and their attributions",
+        "Least confident samples and their attributions",
+        "mean attribution map of each class",
+    ]
+    sizes = []
+    for attrs in images:
+        with Image.open(io.BytesIO(base64.b64decode(attrs["src"].split(",", 1)[1]))) as im:
+            assert im.format == "PNG"
+            sizes.append(im.size)
+    assert sizes[0] == sizes[1] and sizes[0][1] > sizes[0][0]  # 8 rows of input + 2 maps each
+    run = peering.load_attributions(out)
+    x, y = digits
+    accuracy = float((run.logits.argmax(1) == y).float().mean())
+    text = " ".join(page.text)
+    assert f"{accuracy:.2%} of 1,797 labelled samples" in text
+    confidence = run.probabilities.max(1).values
+    assert f"{float(confidence.min()):.1%}" in text and f"{float(confidence.max()):.1%}" in text
+
+    shard = sorted((out / "shards").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:200])
+    assert_bad_input(invoke("report", out), shard.name, "corrupt")
 
 
 def test_help_lists_the_options():

@@ -109,10 +109,11 @@ def _bad_input() -> Iterator[None]:
     from peering.checkpoints import CheckpointError
     from peering.data import DatasetError
     from peering.report import ReportError
+    from peering.store import ShardError
 
     try:
         yield
-    except (CheckpointError, ImageError, ReportError, DatasetError) as err:
+    except (CheckpointError, ImageError, ReportError, DatasetError, ShardError) as err:
         _fail(str(err))
 
 
@@ -793,13 +794,16 @@ def _last_line(err: BaseException) -> str:
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `peering demo`, or a log folder.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A `peering demo` run folder, a log folder, or an explain-dataset --out folder."),
+    ],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Where to write (default RUN_DIR/report.html).")
     ] = None,
     max_per_epoch: Annotated[int, typer.Option(min=1, help="Training pictures shown per epoch.")] = 6,
 ) -> None:
-    """(Re)build RUN_DIR/report.html from the run's event files and PNGs.
+    """(Re)build RUN_DIR/report.html from the run's event files and PNGs, or from dataset attributions.
 
     Example: peering report runs/demo
     """

@@ -312,7 +312,7 @@ class AttributionWriter(BasePredictionWriter):
             if self.output_fn is None
             else getattr(self.output_fn, "__qualname__", "callable"),
             "nonfinite": self.nonfinite,
-            "model": {"class": type(pl_module).__qualname__, "crc32": _fingerprint(pl_module)},
+            "model": {"class": _model_class(pl_module), "crc32": _fingerprint(pl_module)},
             "datasets": {str(d): length for d, length in lengths.items()},
         }
         return config
@@ -529,6 +529,12 @@ def _fingerprint(module: nn.Module) -> str:
         crc = zlib.crc32(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode(), crc)
         crc = tensor_crc32(tensor, crc)
     return f"{crc:08x}"
+
+
+def _model_class(pl_module: nn.Module) -> str:
+    """The model's class name (the wrapped model's, for the CLI's wrapper)."""
+    inner = pl_module.model if isinstance(pl_module, _ExplainedModule) else pl_module
+    return type(inner).__qualname__
 
 
 def _resolve_layer(module: nn.Module, layer: nn.Module | str | None) -> nn.Module | None:

@@ -6,6 +6,7 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.features`: tabular inputs (flat feature vectors);
 - `peering.render.tokens`: text (per-token scores);
 - `peering.render.morphs`: `film_strip`, `save_gif`;
+- `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
 - `peering.render.layout`: `grid`, `save_png`;
 - `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
 
@@ -28,11 +29,13 @@ A new kind of picture goes in its own module here, with its public names in that
 and re-exported below.
 """
 
+from peering.render.datasets import class_mean_maps
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, save_gif
 
 __all__ = [
+    "class_mean_maps",
     "confusion_panels",
     "diverging",
     "explanation_image",
