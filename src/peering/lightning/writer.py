@@ -404,8 +404,9 @@ class AttributionWriter(BasePredictionWriter):
             "labels": labels.detach(),
             "valid": exp.valid,
         }
-        # Copies to the host are queued, not waited for: the writer thread waits for them before writing.
-        part = {k: v.detach().to("cpu", non_blocking=True) for k, v in part.items()}
+        # From a CUDA device the copies to the host are queued, not waited for (no synchronisation per
+        # batch): the writer thread waits for them (a CUDA event) before writing. Elsewhere they are plain.
+        part = {k: v.detach().to("cpu", non_blocking=v.is_cuda) for k, v in part.items()}
         state.parts.append(part)
         state.buffered += n
         state.buffered_bytes += sum(t.numel() * t.element_size() for t in part.values())
