@@ -281,14 +281,22 @@ def test_comet_offline(reference, tmp_path, monkeypatch):
 def test_lightnings_neptune_loggers_do_not_run(tmp_path):
     """Lightning 2.6's NeptuneLogger only raises; the neptune package's re-export of it cannot be imported."""
     need("neptune")
+    import subprocess
+    import sys
+
     from lightning.pytorch.loggers.neptune import NeptuneLogger
 
     with pytest.raises(RuntimeError, match="NeptuneLogger is no longer supported. Neptune has been sunset."):
         NeptuneLogger(mode="offline")
-    with pytest.raises(
-        ImportError, match="cannot import name 'NeptuneLogger' from 'pytorch_lightning.loggers'"
-    ):
-        import neptune.integrations.pytorch_lightning  # noqa: F401
+    # in a child process: importing it imports the old `pytorch_lightning` package, which re-points
+    # Lightning's shared rank-zero logger at its own, for the rest of the process
+    child = subprocess.run(
+        [sys.executable, "-c", "import neptune.integrations.pytorch_lightning"],
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode != 0
+    assert "ImportError: cannot import name 'NeptuneLogger' from 'pytorch_lightning.loggers'" in child.stderr
 
 
 def neptune_operations(root: Path):

@@ -304,10 +304,9 @@ class NeptuneSink(Sink):
     or any logger whose ``experiment`` is a ``neptune`` run.
 
     >>> import numpy as np, sys, types
+    >>> from unittest import mock
     >>> fake = types.ModuleType("neptune.types")
     >>> fake.File = types.SimpleNamespace(as_image=lambda image: image.size)
-    >>> sys.modules.setdefault("neptune.types", fake) is not None
-    True
     >>> class Series:
     ...     def __init__(self, name): self.name = name
     ...     def append(self, value, step=None): print(self.name, value, step)
@@ -315,11 +314,11 @@ class NeptuneSink(Sink):
     ...     def __missing__(self, key): return Series(key)
     >>> class FakeNeptune:
     ...     experiment = Run()
-    >>> NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)] * 2,
-    ...                                       [b"", b""], 1)
+    >>> with mock.patch.dict(sys.modules, {"neptune.types": fake}):
+    ...     NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)] * 2,
+    ...                                           [b"", b""], 1)
     peering/confused/0 (5, 2) 1
     peering/confused/1 (5, 2) 1
-    >>> del sys.modules["neptune.types"]
     """
 
     name = "Neptune"
