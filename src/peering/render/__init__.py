@@ -32,6 +32,7 @@ A new kind of picture goes in its own module here, with its public names in that
 and re-exported below.
 """
 
+from peering.render._draw import Display
 from peering.render.features import input_kind
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
@@ -39,6 +40,7 @@ from peering.render.morphs import film_strip, save_gif
 from peering.render.tokens import token_html, token_image, token_scores
 
 __all__ = [
+    "Display",
     "confusion_panels",
     "diverging",
     "explanation_image",
