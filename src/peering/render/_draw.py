@@ -312,7 +312,7 @@ def saturation_note(classes: Sequence[int], probabilities: Sequence[float], outp
     if output != "probability":
         return ""
     hit = [
-        f"p({k})={q:.2f}"
+        f"p({k})={q:.3f}"
         for k, q in zip(classes, probabilities, strict=True)
         if k >= 0 and (q > SATURATED or q < 1.0 - SATURATED)
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import IO, TYPE_CHECKING
 
 import torch
@@ -28,7 +29,7 @@ def _frame_indices(n_frames: int, max_frames: int) -> list[int]:
     return torch.linspace(0, n_frames - 1, max_frames).round().to(torch.int64).unique().tolist()
 
 
-def _morph_frames(result: MorphResult, index: int) -> tuple[Tensor, int, list[str]]:
+def _morph_frames(result: MorphResult | SimpleNamespace, index: int) -> tuple[Tensor, int, list[str]]:
     """(frames [F', ...] of one sample up to where it stopped, picture dims, caption of each frame).
 
     With ``result.steps`` (the step each sample first reached its target, -1 never), the frames end at
@@ -73,7 +74,12 @@ def _morph_frames(result: MorphResult, index: int) -> tuple[Tensor, int, list[st
 
 
 def film_strip(
-    result: MorphResult, index: int, *, zoom: int = 4, max_frames: int = 12, display: Display = None
+    result: MorphResult | SimpleNamespace,
+    index: int,
+    *,
+    zoom: int = 4,
+    max_frames: int = 12,
+    display: Display = None,
 ) -> Image.Image:
     """One sample's morph as a row of frames captioned "step s", ending where the sample stopped.
 
@@ -109,7 +115,7 @@ def film_strip(
 
 
 def save_gif(
-    result: MorphResult,
+    result: MorphResult | SimpleNamespace,
     index: int,
     path: str | os.PathLike[str],
     *,
