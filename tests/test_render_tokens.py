@@ -83,3 +83,46 @@ def test_text_is_escaped_and_saturation_is_said():
     assert "saturated" in token_html(scores, [["a", "b", "c"]], **kw, output="probability")
     with pytest.raises(ValueError, match="only 3 scores"):
         token_image(scores, [["a", "b", "c", "d"]])
+
+
+def test_a_tiny_bert_explained_at_its_embeddings_and_drawn(tmp_path):
+    """The whole path on a real (tiny, random) BERT: explain at the word embeddings with input x gradient,
+    reduce to token scores, draw them with a real tokenizer's strings, padding dropped."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    import peering
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "film", "was", "not", "good", "bad", "act", "##ing"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=2,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config).eval()
+    batch = tokenizer(["the film was not good", "bad acting"], padding=True, return_tensors="pt")
+    exp = peering.explain(
+        model,
+        batch["input_ids"],
+        method="input_x_gradient",
+        output="logit",
+        layer=model.bert.embeddings.word_embeddings,
+        forward_kwargs={"attention_mask": batch["attention_mask"]},
+        output_fn=lambda out: out.logits,
+    )
+    assert exp.attributions.shape == (2, 2, batch["input_ids"].shape[1], 16)  # [B, K, L, H]
+    scores = token_scores(exp.attributions)
+    html = token_html(exp.attributions, batch["input_ids"], tokenizer=tokenizer, targets=exp.targets,
+                      probabilities=exp.probabilities)  # fmt: skip
+    spans = re.findall(r'title="([^"]+)">([^<]+)</span>', html)
+    words = ["[CLS]", "the", "film", "was", "not", "good", "[SEP]", "[CLS]", "bad", "act", "ing", "[SEP]"]
+    first = [w for _, w in spans[:7]]
+    assert first == words[:7]  # sample 0, class 0
+    second_sample = [w for _, w in spans[14:19]]
+    assert second_sample == words[7:12]  # "##ing" joined, the padding dropped
+    assert len(spans) == 2 * 7 + 2 * 5
+    assert [float(v) for v, _ in spans[:7]] == pytest.approx(scores[0, 0, :7].tolist(), rel=1e-2, abs=1e-3)
+    image = token_image(exp.attributions, batch["input_ids"], tokenizer=tokenizer)
+    assert image.height > 40 and image.width == 720
