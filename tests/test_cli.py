@@ -576,8 +576,61 @@ def test_unreadable_images(checkpoint, images, tmp_path, command, kind):
 def test_unwritable_output(checkpoint, images, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = invoke("explain", checkpoint, images["digit0"], "-o", blocker / "out.png")
-    assert_bad_input(result, "cannot write")
+    result = invoke("explain", checkpoint, images["digit0"], "-o", blocker / "sub" / "out.png")
+    assert_bad_input(result, "cannot write", f"{blocker} is a file, not a folder")
+
+
+def test_output_into_a_missing_folder_is_created_and_said(checkpoint, images, tmp_path):
+    out = tmp_path / "new" / "deeper" / "x.png"
+    result = invoke("explain", checkpoint, images["digit0"], "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    assert f"note: created folder {tmp_path / 'new'}" in result.stderr
+
+
+VIT_FACTORY = """
+from transformers import ViTConfig, ViTForImageClassification
+
+
+def build():
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64, num_labels=10)
+    return ViTForImageClassification(config)
+"""
+
+
+def test_hugging_face_model_with_output_fn(images, tmp_path):
+    """A ViT state_dict (its forward returns an ImageClassifierOutput): the error names --output-fn
+    logits, which then works for explain and morph, run as the installed command."""
+    pytest.importorskip("transformers")
+    if not PEERING.exists():
+        pytest.skip(f"console script not installed at {PEERING} (pip install -e .)")
+    (tmp_path / "vit_model.py").write_text(VIT_FACTORY)
+    from peering.checkpoints import import_factory
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(import_factory(f"{tmp_path / 'vit_model.py'}:build")().state_dict(), tmp_path / "vit.pt")
+    model = ["--model", "vit_model.py:build", "--channels", "1", "--image-size", "8"]
+
+    def run(*args):
+        return subprocess.run(
+            [str(PEERING), *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+        )
+
+    bare = run("explain", "vit.pt", images["digit0"], *model)
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr, bare.stderr
+    assert "ImageClassifierOutput" in bare.stderr and "--output-fn logits" in bare.stderr
+    wrong = run("explain", "vit.pt", images["digit0"], *model, "--output-fn", "scores")
+    assert wrong.returncode == 2 and "has no part 'scores'; it has: logits" in wrong.stderr, wrong.stderr
+    done = run("explain", "vit.pt", images["digit0"], images["digit1"], *model, "--output-fn", "logits",
+               "-o", "vit.png")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "vit.png").stat().st_size > 0 and images["digit1"].name in done.stdout
+    morphed = run("morph", "vit.pt", images["digit0"], "--target", "3", "--steps", "5", *model,
+                  "--output-fn", "logits", "--no-progress", "-o", "m.png")
+    assert morphed.returncode == 0, morphed.stderr
+    assert (tmp_path / "m.png").stat().st_size > 0
 
 
 def test_report_command(demo_run, tmp_path):

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from peering.checkpoints import LoadedModel
+    from peering.morph import MorphResult
 
 __all__ = ["ImageError", "app", "main", "read_image"]
 
@@ -237,14 +238,21 @@ def _load_images(
         if notes:
             _note(f"{path}: {'; '.join(notes)}")
         images.append(image)
-    assert size is not None, "no images"  # typer requires at least one
+    if size is None:
+        _fail("no image given")
     return torch.stack(images), size
 
 
-def _load(checkpoint: Path, model: str | None, channels: int | None, image_size: int | None) -> LoadedModel:
+def _load(
+    checkpoint: Path,
+    model: str | None,
+    channels: int | None,
+    image_size: int | None,
+    output_fn: str | None = None,
+) -> LoadedModel:
     from peering.checkpoints import load_model
 
-    return load_model(checkpoint, model, channels=channels, image_size=image_size)
+    return load_model(checkpoint, model, channels=channels, image_size=image_size, output=output_fn)
 
 
 def _check_target(target: int | None, num_classes: int) -> None:
@@ -263,7 +271,15 @@ def _class_count(loaded: LoadedModel, images: Tensor) -> int:
 
 
 def _save(write: Callable[[Path], Any], path: Path) -> None:
+    """Write ``path`` with ``write``, creating its missing folders (and saying so), or fail in one line."""
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        _fail(f"cannot write {path}: {blocker} is a file, not a folder")
+    missing = next((p for p in reversed(path.parents) if not p.exists()), None)
     try:
+        if missing is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _note(f"created folder {missing}")
         write(path)
     except OSError as err:
         _fail(f"cannot write {path}: {err.strerror or err}")
@@ -281,6 +297,15 @@ ChannelsOption = Annotated[
 ]
 SizeOption = Annotated[
     int | None, typer.Option("--image-size", min=1, help="Input height and width of a --model.")
+]
+OutputFnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--output-fn",
+        help="For models that return an object, dict or tuple: the attribute, key or index holding the "
+        "class scores (e.g. logits for Hugging Face models).",
+        show_default=False,
+    ),
 ]
 InvertOption = Annotated[bool, typer.Option("--invert", help="Invert the images (for dark digits on white).")]
 ZoomOption = Annotated[
@@ -413,6 +438,7 @@ def explain(
     model: ModelOption = None,
     channels: ChannelsOption = None,
     image_size: SizeOption = None,
+    output_fn: OutputFnOption = None,
     invert: InvertOption = False,
     zoom: ZoomOption = None,
     mean: MeanOption = None,
@@ -426,7 +452,7 @@ def explain(
     from peering.render import explanation_image, save_png
 
     with _bad_input():
-        loaded = _load(checkpoint, model, channels, image_size)
+        loaded = _load(checkpoint, model, channels, image_size, output_fn)
         x, size = _load_images(images, loaded.channels, loaded.size, invert)
         normalisation = _normalisation(mean, std, x.shape[1])
         display = None
@@ -439,13 +465,20 @@ def explain(
             _fail(f"--top-k {top_k} is more than the model's {n_classes} classes")
         try:
             exp = peering.explain(
-                loaded.model, loaded.batch(x), target, top_k=top_k, method=method.value, output=output.value
+                loaded.model,
+                loaded.batch(x),
+                target,
+                top_k=top_k,
+                method=method.value,
+                output=output.value,
+                output_fn=loaded.output_fn,
             )
         except (ValueError, TypeError) as err:
             _fail(f"cannot explain {loaded.source}: {err}")
         picture_exp: Any = exp
         if loaded.flat:  # draw flat inputs as the images they came from
-            picture_exp = _Reshaped(exp, x.shape[1:])
+            shape = (*exp.attributions.shape[:2], *x.shape[1:])
+            picture_exp = dataclasses.replace(exp, attributions=exp.attributions.reshape(shape))
         picture = explanation_image(
             picture_exp, x, zoom=zoom or _auto_zoom(max(size)), max_samples=None, display=display
         )
@@ -453,16 +486,6 @@ def explain(
         _save(lambda p: save_png(picture, p), out)
     what = f"class {target}" if target is not None else f"top {min(top_k, n_classes)} classes"
     typer.echo(f"wrote {out} ({method.value} of the {output.value} of the {what})")
-
-
-class _Reshaped:
-    """An Explanation whose flat attributions [B, K, D] are viewed as images [B, K, C, H, W]."""
-
-    def __init__(self, exp: object, shape: torch.Size) -> None:
-        self.attributions = exp.attributions.reshape(*exp.attributions.shape[:2], *shape)  # type: ignore[attr-defined]
-        self.targets = exp.targets  # type: ignore[attr-defined]
-        self.probabilities = exp.probabilities  # type: ignore[attr-defined]
-        self.output = exp.output  # type: ignore[attr-defined]
 
 
 def _print_probabilities(paths: list[Path], exp: object) -> None:
@@ -510,6 +533,7 @@ def morph(
     model: ModelOption = None,
     channels: ChannelsOption = None,
     image_size: SizeOption = None,
+    output_fn: OutputFnOption = None,
     invert: InvertOption = False,
     zoom: ZoomOption = None,
     mean: MeanOption = None,
@@ -527,7 +551,7 @@ def morph(
     from peering.render import film_strip, save_gif, save_png
 
     with _bad_input():
-        loaded = _load(checkpoint, model, channels, image_size)
+        loaded = _load(checkpoint, model, channels, image_size, output_fn)
         x, size = _load_images([image], loaded.channels, loaded.size, invert)
         normalisation = _normalisation(mean, std, x.shape[1])
         if normalisation is not None:
@@ -551,10 +575,11 @@ def morph(
                 step_size=step_size,
                 norm=norm.value,
                 progress=progress,
+                output_fn=loaded.output_fn,
             )
         except (ValueError, TypeError) as err:
             _fail(f"cannot morph with {loaded.source}: {err}")
-        shown: Any = _unflatten(result, x.shape[1:]) if loaded.flat else result
+        shown = _unflatten(result, x.shape[1:]) if loaded.flat else result
         predicted = int(before.argmax())
         typer.echo(
             f"{image.name}: predicted {predicted} (p={float(before[predicted]):.2f}); "
@@ -583,18 +608,12 @@ def morph(
             typer.echo(f"wrote {gif}")
 
 
-def _unflatten(result: object, shape: torch.Size) -> object:
-    from types import SimpleNamespace
-
-    r = result
-    return SimpleNamespace(
-        frames=r.frames.reshape(*r.frames.shape[:2], *shape),  # type: ignore[attr-defined]
-        frame_steps=r.frame_steps,  # type: ignore[attr-defined]
-        targets=r.targets,  # type: ignore[attr-defined]
-        steps=r.steps,  # type: ignore[attr-defined]
-        success=r.success,  # type: ignore[attr-defined]
-        distance=r.distance,  # type: ignore[attr-defined]
-        probabilities=r.probabilities,  # type: ignore[attr-defined]
+def _unflatten(result: MorphResult, shape: torch.Size) -> MorphResult:
+    """A morph of flat inputs [B, D] viewed as the images [B, C, H, W] they came from."""
+    return dataclasses.replace(
+        result,
+        inputs=result.inputs.reshape(-1, *shape),
+        frames=result.frames.reshape(*result.frames.shape[:2], *shape),
     )
 
 
