@@ -312,6 +312,58 @@ InvertOption = Annotated[bool, typer.Option("--invert", help="Invert the images 
 ZoomOption = Annotated[
     int | None, typer.Option("--zoom", min=1, help="Magnification (default: ~96 px tiles).")
 ]
+_NORMALISE_HELP = (
+    "The model takes normalised images (image - MEAN) / STD, e.g. 0.485,0.456,0.406 (one number, or one per "
+    "channel); give --std too. The images are normalised for the model and shown as read."
+)
+MeanOption = Annotated[str | None, typer.Option("--mean", help=_NORMALISE_HELP, show_default=False)]
+StdOption = Annotated[
+    str | None,
+    typer.Option(
+        "--std", help="The STD of --mean's normalisation, e.g. 0.229,0.224,0.225.", show_default=False
+    ),
+]
+
+
+def _normalisation(mean: str | None, std: str | None, channels: int) -> tuple[Tensor, Tensor] | None:
+    """(mean, std) as [C, 1, 1] tensors from the --mean/--std options, or None without them."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        _fail("--mean and --std go together: give both, or neither")
+
+    def parse(text: str, name: str) -> Tensor:
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            _fail(f"{name} must be numbers separated by commas, got {text!r}")
+        if len(values) not in (1, channels):
+            _fail(
+                f"{name} has {len(values)} values; the images have {channels} channels (give 1 or {channels})"
+            )
+        return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
+
+    m, s = parse(mean, "--mean"), parse(std, "--std")
+    if not bool((s > 0).all()):
+        _fail(f"--std must be positive, got {std}")
+    return m, s
+
+
+class _Normalising(torch.nn.Module):
+    """The model behind a normalisation: takes images in [0, 1] (in the model's layout), normalises them."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: torch.nn.Module, mean: Tensor, std: Tensor, image_shape: torch.Size) -> None:
+        super().__init__()
+        self.model, self.image_shape = model, image_shape
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: Tensor) -> Any:
+        images = x.reshape(-1, *self.image_shape)
+        return self.model(((images - self.mean) / self.std).reshape(x.shape))
 
 
 @app.command()
@@ -390,6 +442,8 @@ def explain(
     output_fn: OutputFnOption = None,
     invert: InvertOption = False,
     zoom: ZoomOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
 ) -> None:
     """The images and their input gradients toward the top two (or the given) classes, as one picture.
 
@@ -401,6 +455,11 @@ def explain(
     with _bad_input():
         loaded = _load(checkpoint, model, channels, image_size, output_fn)
         x, size = _load_images(images, loaded.channels, loaded.size, invert)
+        normalisation = _normalisation(mean, std, x.shape[1])
+        display = None
+        if normalisation is not None:  # the model sees normalised images; the pictures undo it
+            x = (x - normalisation[0]) / normalisation[1]
+            display = (normalisation[0].flatten().tolist(), normalisation[1].flatten().tolist())
         n_classes = _class_count(loaded, x)
         _check_target(target, n_classes)
         if target is None and top_k > n_classes:
@@ -417,11 +476,13 @@ def explain(
             )
         except (ValueError, TypeError) as err:
             _fail(f"cannot explain {loaded.source}: {err}")
-        picture_exp = exp
+        picture_exp: Any = exp
         if loaded.flat:  # draw flat inputs as the images they came from
             shape = (*exp.attributions.shape[:2], *x.shape[1:])
             picture_exp = dataclasses.replace(exp, attributions=exp.attributions.reshape(shape))
-        picture = explanation_image(picture_exp, x, zoom=zoom or _auto_zoom(max(size)), max_samples=None)
+        picture = explanation_image(
+            picture_exp, x, zoom=zoom or _auto_zoom(max(size)), max_samples=None, display=display
+        )
         _print_probabilities(images, exp)
         _save(lambda p: save_png(picture, p), out)
     what = f"class {target}" if target is not None else f"top {min(top_k, n_classes)} classes"
@@ -476,19 +537,28 @@ def morph(
     output_fn: OutputFnOption = None,
     invert: InvertOption = False,
     zoom: ZoomOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Change the image step by step until the model predicts --target; film strip and distance.
 
+    With --mean/--std the morph still walks the image itself (the normalisation is put in front of the
+    model), so the pixel range and --budget are in image units.
+
     Example: peering morph runs/demo/model.ckpt five.png --target 8 --gif morph.gif
     """
     import peering
-    from peering.demo import morph_view
     from peering.render import film_strip, save_gif, save_png
 
     with _bad_input():
         loaded = _load(checkpoint, model, channels, image_size, output_fn)
         x, size = _load_images([image], loaded.channels, loaded.size, invert)
+        normalisation = _normalisation(mean, std, x.shape[1])
+        if normalisation is not None:
+            loaded = dataclasses.replace(
+                loaded, model=_Normalising(loaded.model, *normalisation, x.shape[1:]).eval()
+            )
         n_classes = _class_count(loaded, x)
         _check_target(target, n_classes)
         if step_size is not None and step_size <= 0:
@@ -510,8 +580,7 @@ def morph(
             )
         except (ValueError, TypeError) as err:
             _fail(f"cannot morph with {loaded.source}: {err}")
-        if loaded.flat:
-            result = _unflatten(result, x.shape[1:])
+        shown = _unflatten(result, x.shape[1:]) if loaded.flat else result
         predicted = int(before.argmax())
         typer.echo(
             f"{image.name}: predicted {predicted} (p={float(before[predicted]):.2f}); "
@@ -532,12 +601,11 @@ def morph(
                 f"did not flip to {target} in {steps} steps{limit}: still predicted {now}, "
                 f"p({target})={p_after:.2f}, {norm.value} distance {distance:.3f}"
             )
-        view = morph_view(result, 0)
-        z = zoom or _auto_zoom(max(size))
-        _save(lambda p: save_png(film_strip(view, 0, zoom=z), p), out)
+        z = zoom or _auto_zoom(max(size))  # the strip and the GIF end where the image reached the target
+        _save(lambda p: save_png(film_strip(shown, 0, zoom=z), p), out)
         typer.echo(f"wrote {out}")
         if gif is not None:
-            _save(lambda p: save_gif(view, 0, p, zoom=z), gif)
+            _save(lambda p: save_gif(shown, 0, p, zoom=z), gif)
             typer.echo(f"wrote {gif}")
 
 

@@ -250,17 +250,28 @@ def _collect(root: Path, log_dir: Path) -> RunData:
 
     def pictures(tag: str) -> list[Picture]:
         out = []
-        seen: dict[int, int] = defaultdict(int)  # step -> pictures read so far at that step
+        seen: dict[int, int] = defaultdict(int)  # step -> records used so far at that step
         for step, pngs in read_images(log_dir, tag):
             recs = by_key.get((tag, step), [])
             for png in pngs:
                 j = seen[step]
-                seen[step] += 1
-                rec = recs[j] if j < len(recs) else {}
-                epoch = rec.get("epoch")
-                out.append(
-                    Picture(png, step, int(epoch) if epoch is not None else epoch_of(step), j % 64, rec)
-                )
+                group = _write_group(recs, j)  # the records of the write this picture came from
+                if len(group) > 0 and all(isinstance(r.get("box"), list) for r in group):
+                    samples = _cut(png, [r["box"] for r in group])  # one stacked picture per write
+                else:
+                    group, samples = recs[j : j + 1] or [{}], [png]
+                seen[step] += len(group) if recs else 1
+                for k, (rec, sample) in enumerate(zip(group, samples, strict=True)):
+                    epoch = rec.get("epoch")
+                    out.append(
+                        Picture(
+                            sample,
+                            step,
+                            int(epoch) if epoch is not None else epoch_of(step),
+                            int(rec.get("index", (j + k) % 64)),
+                            rec,
+                        )
+                    )
         return out
 
     tags = image_tags(log_dir)
@@ -273,6 +284,32 @@ def _collect(root: Path, log_dir: Path) -> RunData:
         if tag.startswith(TAG_TRACKED) and rest.isdigit():
             data.tracked[int(rest)] = pictures(tag)
     return data
+
+
+def _write_group(records: Sequence[dict[str, Any]], start: int) -> list[dict[str, Any]]:
+    """The records of one write, from ``start``: their ``index`` counts up from 0 within a write."""
+    group = []
+    for k, rec in enumerate(records[start:]):
+        if k > 0 and rec.get("index") == 0:
+            break
+        group.append(rec)
+    return group
+
+
+def _cut(png: bytes, boxes: Sequence[Sequence[int]]) -> list[bytes]:
+    """The PNGs of the panels at ``boxes`` (``[x, y, width, height]``) of one stacked picture."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as picture:
+        picture.load()
+        out = []
+        for x, y, w, h in boxes:
+            buf = io.BytesIO()
+            picture.crop((x, y, x + w, y + h)).save(buf, format="PNG", compress_level=1)
+            out.append(buf.getvalue())
+    return out
 
 
 def _callback_epochs(

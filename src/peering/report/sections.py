@@ -279,9 +279,14 @@ def _morph(run: RunData, options: Options) -> dict[str, Any] | None:
         except OSError:
             strips.append({"missing": str(m["strip"]), "png": b"", "caption": "", "gif": None})
             continue
+        animation = None
         gif = m.get("gif")
-        link = gif if isinstance(gif, str) and (run.root / gif).is_file() else None
-        strips.append({"missing": None, "png": png, "caption": _morph_caption(m), "gif": link})
+        if isinstance(gif, str):
+            try:
+                animation = (run.root / gif).read_bytes()
+            except OSError:
+                animation = None
+        strips.append({"missing": None, "png": png, "caption": _morph_caption(m), "gif": animation})
     return {"strips": strips}
 
 
