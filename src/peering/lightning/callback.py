@@ -3,8 +3,10 @@
 Every ``logging_batch_interval`` batches the callback runs the model itself, in eval mode and without
 gradients, on a detached copy of the batch; picks the samples whose two highest logits are within
 ``max_logit_difference`` (the ``top_k`` *most* confused, over all DDP ranks); explains them with
-`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and logs one
-picture per sample (`peering.render.confusion_panels`) plus the fraction of confused samples. Drawing,
+`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and draws
+one panel per sample (`peering.render.confusion_panels`: images, or bar charts for tabular inputs, each
+with its scale), logged to the loggers as ONE picture per check and tag (the panels stacked, most confused
+first) and to the PNG folder as one file per sample, plus the fraction of confused samples. Drawing,
 PNG encoding and writing happen on a background thread. Tags, the PNG layout and the readers are
 described in `peering.lightning.sinks`.
 
@@ -34,6 +36,7 @@ from peering.explain import explain
 from peering.lightning.pictures import PictureOutput
 from peering.lightning.selection import Candidates, Shape, Stats, Thresholds, choose, gather
 from peering.methods import AttributionMethod, make_method
+from peering.render import Display
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
 
@@ -113,6 +116,13 @@ class ConfusedLogitCallback(Callback):
             looks at every batch, not only every ``logging_batch_interval``-th.
         output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
         zoom: integer magnification of the pictures.
+        display: how the inputs are shown: None (they are images in [0, 1]), ``(mean, std)`` to undo the
+            normalisation of a data pipeline (shown ``x * std + mean`` per channel), or any function from
+            a batch of inputs to images in [0, 1]. Without it, inputs outside [0, 1] are clamped and the
+            pictures say so.
+        input_kind: "auto" (flat inputs [B, D] are tabular unless D = s * s with s >= 8, see
+            `peering.render.input_kind`), "image" or "features" (bar charts of the top features).
+        feature_names: the names of the D features of tabular inputs.
         background: draw, encode and write pictures on a background thread (False: on the training
             thread, e.g. for debugging).
 
@@ -157,6 +167,9 @@ class ConfusedLogitCallback(Callback):
         track: int = 0,
         output_fn: Callable[[Any], Tensor] | None = None,
         zoom: int = 4,
+        display: Display = None,
+        input_kind: Literal["auto", "image", "features"] = "auto",
+        feature_names: Sequence[str] | None = None,
         background: bool = True,
     ) -> None:
         super().__init__()
@@ -200,6 +213,18 @@ class ConfusedLogitCallback(Callback):
             raise ValueError(f"track must be an int >= 0, got {track!r}")
         if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
             raise ValueError(f"zoom must be a positive int, got {zoom!r}")
+        if (
+            display is not None
+            and not callable(display)
+            and not (isinstance(display, (tuple, list)) and len(display) == 2)
+        ):
+            raise TypeError(f"display must be None, (mean, std) or a function of the inputs, got {display!r}")
+        if input_kind not in ("auto", "image", "features"):
+            raise ValueError(f"input_kind must be 'auto', 'image' or 'features', got {input_kind!r}")
+        if feature_names is not None and (
+            isinstance(feature_names, str) or not all(isinstance(n, str) for n in feature_names)
+        ):
+            raise TypeError("feature_names must be a sequence of strings (one per feature), or None")
 
         self.top_k = top_k
         self.projection_factor = float(projection_factor)
@@ -216,6 +241,9 @@ class ConfusedLogitCallback(Callback):
         self.track = track
         self.output_fn = output_fn
         self.zoom = zoom
+        self.display = display
+        self.input_kind = input_kind
+        self.feature_names = None if feature_names is None else list(feature_names)
         self.background = background
 
         # counters (state_dict); identical on every rank, since they only depend on gathered results
@@ -300,8 +328,14 @@ class ConfusedLogitCallback(Callback):
         self._output = PictureOutput(
             trainer.loggers,
             self._run_dir,
-            projection_factor=self.projection_factor,
-            zoom=self.zoom,
+            drawing={
+                "projection_factor": self.projection_factor,
+                "zoom": self.zoom,
+                "output": self.output,
+                "display": self.display,
+                "kind": self.input_kind,
+                "feature_names": self.feature_names,
+            },
             background=self.background,
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,17 +28,17 @@ from peering.lightning.sinks import (
     image_sinks,
 )
 
-__all__: list[str] = []
+__all__ = ["stack_panels"]
 
 
 class PictureOutput:
     """One run's sinks, index and writer (global rank zero only), and the failures of each sink."""
 
     def __init__(
-        self, loggers: list[Any], run_dir: str, *, projection_factor: float, zoom: int, background: bool
+        self, loggers: list[Any], run_dir: str, *, drawing: Mapping[str, Any], background: bool
     ) -> None:
         self.run_dir = run_dir
-        self.projection_factor, self.zoom, self.background = projection_factor, zoom, background
+        self.drawing, self.background = dict(drawing), background  # drawing: confusion_panels' options
         self.failed: dict[int, str] = {}
         self._failures: list[tuple[int, str, BaseException]] = []
         self._lock = threading.Lock()
@@ -166,19 +166,17 @@ class PictureJob:
             prob_a=self.probs[:, 0],
             prob_b=self.probs[:, 1],
             labels=c.labels,
-            projection_factor=out.projection_factor,
-            zoom=out.zoom,
+            **out.drawing,
         ).numpy()
-        pngs = [encode_png(p) for p in panels]
         # one tag for all (training, validation) or one tag per sample (tracked)
         groups = (
-            [(self.tags[0], list(range(len(pngs))))]
+            [(self.tags[0], list(range(len(panels))))]
             if len(self.tags) == 1
             else [(tag, [i]) for i, tag in enumerate(self.tags)]
         )
         records = []
         for tag, rows in groups:
-            files = self._write(tag, [panels[i] for i in rows], [pngs[i] for i in rows])
+            files, boxes = self._write(tag, panels[rows])
             for j, i in enumerate(rows):
                 records.append(
                     {
@@ -196,21 +194,66 @@ class PictureJob:
                         "width": int(panels.shape[2]),
                         "height": int(panels.shape[1]),
                         "png": files[j] if files else None,
+                        "box": boxes[j] if boxes else None,
                     }
                 )
         if out.index is not None:
             index = out.index
             out.guarded(IndexSink(index), lambda: index.append(records))
 
-    def _write(self, tag: str, images: list[np.ndarray], pngs: list[bytes]) -> list[str] | None:
-        """Hand the pictures of one tag to every live sink; the files written by the PNG folder, if any."""
+    def _write(self, tag: str, panels: np.ndarray) -> tuple[list[str] | None, list[list[int]] | None]:
+        """Hand the panels [n, H, W, 3] of one tag to every live sink: the loggers get them as ONE picture
+        (`stack_panels`), the PNG folder one file each. Returns the files the PNG folder wrote and where
+        each panel sits in the loggers' picture (``[x, y, width, height]``), each None when unused."""
         out, step = self.output, self.step
-        for sink in list(out.sinks):
-            out.guarded(sink, functools.partial(sink.log_images, tag, images, pngs, step))
+        boxes = None
+        sinks = list(out.sinks)
+        if sinks:
+            picture, boxes = stack_panels(panels)
+            pngs = [encode_png(picture)]
+            for sink in sinks:
+                out.guarded(sink, functools.partial(sink.log_images, tag, [picture], pngs, step))
         fallback = out.fallback
         if fallback is None:
-            return None
-        return out.guarded(fallback, functools.partial(fallback.log_images, tag, images, pngs, step))
+            return None, boxes
+        images = list(panels)
+        files = out.guarded(
+            fallback,
+            functools.partial(fallback.log_images, tag, images, [encode_png(p) for p in images], step),
+        )
+        return files, boxes
+
+
+STACK_ROWS = 8
+"""The loggers' picture of a check stacks its panels in columns of at most this many."""
+STACK_PAD = 6
+"""Pixels of grey between (and around) the panels in the loggers' picture."""
+
+
+def stack_panels(panels: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    """All panels [n, H, W, 3] of one check as one picture on grey, in reading order (most confused first):
+    one column of up to `STACK_ROWS` panels, or ceil(n / 8) panels per row beyond that; and each panel's
+    box ``[x, y, width, height]`` in the picture.
+
+    >>> import numpy as np
+    >>> picture, boxes = stack_panels(np.zeros((3, 10, 20, 3), np.uint8))
+    >>> picture.shape, boxes[2]
+    ((54, 32, 3), [6, 38, 20, 10])
+    """
+    import torch
+
+    from peering.render import grid
+
+    n, h, w, _ = panels.shape
+    columns = -(-n // STACK_ROWS)
+    rows = -(-n // columns)
+    picture = grid(torch.from_numpy(np.ascontiguousarray(panels)), nrow=columns, pad=STACK_PAD, pad_value=200)
+    boxes = []
+    for i in range(n):  # the layout `grid` documents: tile i in row i // nrow, column i % nrow
+        r, col = divmod(i, columns)
+        boxes.append([STACK_PAD + col * (w + STACK_PAD), STACK_PAD + r * (h + STACK_PAD), w, h])
+    assert rows * (h + STACK_PAD) + STACK_PAD == picture.shape[0]
+    return picture.numpy(), boxes
 
 
 class IndexSink(Sink):
