@@ -22,7 +22,7 @@ def mnist_digits(mnist_split):
 # ------------------------------------------------------------------------------------------ on a real model
 
 
-@pytest.mark.parametrize("method", ["gradient", "integrated_gradients"])
+@pytest.mark.parametrize("method", ["gradient", peering.IntegratedGradients(steps=8)], ids=["gradient", "ig"])
 def test_deleting_the_most_important_pixels_drops_the_probability_faster_than_random(
     trained_cnn, mnist_digits, method
 ):
