@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from peering.data import load_digits
 from peering.lightning import ConfusedLogitCallback, read_images, read_scalars
+from peering.lightning.pictures import stack_panels
 from peering.lightning.sinks import NeptuneSink, image_sinks
 from tests.test_callback import ALWAYS, QUIET, TinyNet
 
@@ -87,7 +88,9 @@ def pixels(png: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """{(tag, step): [pixels, ...]} and {tag: [(step, value), ...]} of the PNG-folder run (no tracker)."""
+    """What a tracker must hold: {(tag, step): [pixels]} and {tag: [(step, value), ...]}, from the PNG-folder
+    run (no tracker). The PNG folder has one file per sample; a logger gets one picture per check and tag,
+    the samples' panels stacked in it (`stack_panels`), which is rebuilt here from those files."""
     root = tmp_path_factory.mktemp("reference")
     logger = CSVLogger(root, name="run")
     fit(root, logger)
@@ -100,7 +103,8 @@ def reference(tmp_path_factory):
     assert sorted(pictures) == [("peering/confused", 2), ("peering/confused", 4), ("peering/val/confused", 4)]
     assert all(len(v) == 2 for v in pictures.values())
     assert [s for s, _ in scalars["peering/confused_fraction"]] == [2, 4]
-    return pictures, scalars
+    stacked = {key: [stack_panels(np.stack(panels))[0]] for key, panels in pictures.items()}
+    return stacked, scalars
 
 
 def assert_same_pictures(got: dict, reference: dict) -> None:
@@ -342,13 +346,15 @@ def test_neptune_sink_on_a_real_offline_run(reference, tmp_path, monkeypatch):
 
             for value in op.values:
                 series["/".join(op.path)].append((value.step, pixels(base64.b64decode(value.value.data))))
-    # Neptune series need strictly increasing steps, so each sample index has its own series <tag>/<i>
+    # Neptune series need strictly increasing steps: one picture per step goes to the tag's series, several
+    # in one write (the ODD pictures) to one series per picture index, <tag>/<i>
     for name, values in series.items():
         steps = [s for s, _ in values]
         assert steps == sorted(set(steps)), f"{name}: steps {steps} are not strictly increasing"
+    assert sorted(series) == sorted([*{tag for tag, _ in reference[0]}, f"{ODD_TAG}/0", f"{ODD_TAG}/1"])
     pictures = defaultdict(list)
-    for name, values in sorted(series.items(), key=lambda kv: int(kv[0].rsplit("/", 1)[1])):
-        tag = name.rsplit("/", 1)[0]
+    for name, values in sorted(series.items()):
+        tag = name.rsplit("/", 1)[0] if name.startswith(ODD_TAG + "/") else name
         for step, image in values:
             pictures[(tag, int(step))].append(image)
     assert_same_pictures(pictures, with_odd(reference[0]))

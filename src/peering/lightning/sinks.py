@@ -52,11 +52,12 @@ or null when no logger took it): the report cuts the samples back out with it.
 
 Experiment trackers
 -------------------
-W&B (`WandbLogger`): one ``log_image`` per write, all samples in one history row (x-axis
-``trainer/global_step``). MLflow (`MLFlowLogger`): one image per sample under ``key=tag`` at ``step``.
-Comet (`CometLogger`): one image per sample named ``<tag>/step_<n>_<i>`` at ``step``. Neptune: one
-image series per sample index, ``<tag>/<i>``. Scalars go through each logger's ``log_metrics``. All four
-are tested offline with the real libraries, reading back what they stored (tests/test_trackers.py).
+W&B (`WandbLogger`): one ``log_image`` per write, all its pictures in one history row (x-axis
+``trainer/global_step``). MLflow (`MLFlowLogger`): one image per picture under ``key=tag`` at ``step``.
+Comet (`CometLogger`): one image per picture named ``<tag>/step_<n>_<i>`` at ``step``. Neptune: the
+series ``<tag>`` (``<tag>/<i>`` when one write holds several pictures). Scalars go through each logger's
+``log_metrics``. All four are tested offline with the real libraries, reading back what they stored
+(tests/test_trackers.py).
 
 Reading back
 ------------
@@ -306,11 +307,11 @@ class CometSink(Sink):
 
 
 class NeptuneSink(Sink):
-    """Pictures through a Neptune logger: ``experiment[f"{tag}/{i}"].append(File.as_image(picture),
-    step=...)``, one series per sample index (a Neptune series needs strictly increasing steps, so the
-    samples of one step cannot share one). Needs the ``neptune`` package. Lightning 2.6 has no working
-    Neptune logger (its ``NeptuneLogger`` only raises), so this serves earlier Lightning versions' logger,
-    or any logger whose ``experiment`` is a ``neptune`` run.
+    """Pictures through a Neptune logger: ``experiment[tag].append(File.as_image(picture), step=...)``.
+    A Neptune series needs strictly increasing steps, so when one write holds several pictures each goes to
+    its own series ``<tag>/<i>`` (the callback writes one picture per check and tag). Needs the ``neptune``
+    package. Lightning 2.6 has no working Neptune logger (its ``NeptuneLogger`` only raises), so this
+    serves earlier Lightning versions' logger, or any logger whose ``experiment`` is a ``neptune`` run.
 
     >>> import numpy as np, sys, types
     >>> from unittest import mock
@@ -324,10 +325,12 @@ class NeptuneSink(Sink):
     >>> class FakeNeptune:
     ...     experiment = Run()
     >>> with mock.patch.dict(sys.modules, {"neptune.types": fake}):
-    ...     NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)] * 2,
-    ...                                           [b"", b""], 1)
-    peering/confused/0 (5, 2) 1
-    peering/confused/1 (5, 2) 1
+    ...     sink = NeptuneSink(FakeNeptune())
+    ...     sink.log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)], [b""], 1)
+    ...     sink.log_images("peering/odd", [np.zeros((2, 5, 3), np.uint8)] * 2, [b"", b""], 1)
+    peering/confused (5, 2) 1
+    peering/odd/0 (5, 2) 1
+    peering/odd/1 (5, 2) 1
     """
 
     name = "Neptune"
@@ -341,7 +344,8 @@ class NeptuneSink(Sink):
         run = self.logger.experiment
         for i, image in enumerate(images):
             picture = Image.fromarray(np.ascontiguousarray(image))
-            run[f"{tag}/{i}"].append(File.as_image(picture), step=int(step))
+            series = tag if len(images) == 1 else f"{tag}/{i}"
+            run[series].append(File.as_image(picture), step=int(step))
 
 
 class PNGFolderSink(Sink):
