@@ -8,11 +8,13 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped);
 - `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
 - `peering.render.layout`: `grid`, `save_png`;
+- `peering.render.sanity`: `sanity_curves`, `sanity_maps` (the randomisation sanity check);
 - `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
 
 Everything here is a handful of vectorised array operations (NumPy, single-threaded) plus Pillow text
-drawing: no matplotlib figure is ever created. matplotlib is imported once, lazily, to build a cached
-256-entry colour lookup table (and to find the DejaVu Sans font it ships).
+drawing: no matplotlib figure is created on the way to any picture a training run makes. matplotlib is
+imported once, lazily, to build a cached 256-entry colour lookup table (and to find the DejaVu Sans font
+it ships); only `sanity_curves`, a line chart drawn once per run, makes a figure.
 
 Conventions:
 
@@ -40,6 +42,7 @@ from peering.render.images import confusion_panels, diverging, explanation_image
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, save_gif
 from peering.render.tokens import token_html, token_image, token_scores
+from peering.render.sanity import sanity_curves, sanity_maps
 
 __all__ = [
     "Display",
@@ -51,6 +54,8 @@ __all__ = [
     "grid",
     "input_kind",
     "save_gif",
+    "sanity_curves",
+    "sanity_maps",
     "save_png",
     "to_rgb",
     "token_html",

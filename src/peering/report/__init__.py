@@ -9,6 +9,8 @@ there, and writes ``<run_dir>/report.html`` with these sections:
 - ``#confused``: per epoch, the pictures of the most confused training and validation samples;
 - ``#tracked``: the tracked samples' time-lapse, one row per sample, one picture per epoch;
 - ``#morph``: the morph film strips, each with its animation.
+- ``#sanity``: the randomisation sanity check (`peering.sanity`): per method, its rank correlation curve as
+  layers are re-initialised, its verdict, and example maps.
 
 Every picture and animation is embedded as a ``data:`` URI and the page carries a Content-Security-Policy
 that allows nothing else, so the one file opens anywhere (mailed on its own, too), with no server and no

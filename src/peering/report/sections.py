@@ -412,6 +412,53 @@ def _dataset(run: RunData, options: Options) -> dict[str, Any] | None:
         zoom = max(1, -(-64 // max(int(d.class_means.shape[-1]), 1)))
         means = _png(class_mean_maps(d.class_means, d.class_counts, zoom=zoom))
     return {"facts": _dataset_facts(d), "groups": groups, "means": means}
+# ------------------------------------------------------------------------------------------------- sanity
+
+_VERDICTS = {True: "passes", False: "fails", None: "undecided"}
+
+
+def _file(root: Path, path: Any) -> dict[str, Any]:
+    """A picture of the run by its path in run.json: ``{"png": bytes, "missing": None}``, or ``missing``."""
+    try:
+        return {"png": (root / str(path)).read_bytes(), "missing": None}
+    except (OSError, TypeError):
+        return {"png": b"", "missing": str(path)}
+
+
+def _sanity(run: RunData, options: Options) -> dict[str, Any] | None:
+    """The randomisation sanity check that `peering demo` ran (``run.json``'s ``sanity``), if any."""
+    sanity = run.summary.get("sanity")
+    if not isinstance(sanity, dict) or not isinstance(sanity.get("methods"), dict) or not sanity["methods"]:
+        return None
+    layers = [str(name) for name in sanity.get("layers", [])]
+    rows = []
+    for method, numbers in sanity["methods"].items():
+        passed = numbers.get("passed")
+        rows.append(
+            {
+                "method": method,
+                "cells": [_fmt(v, "{:.2f}") for v in numbers.get("correlation", [])],
+                "unrelated": _fmt(numbers.get("unrelated"), "{:.2f}"),
+                "verdict": _VERDICTS.get(passed, "undecided"),
+                "passed": passed,
+                "sentence": str(numbers.get("verdict", "")),
+            }
+        )
+    maps = [
+        {"method": method, **_file(run.root, path)}
+        for method, path in (sanity.get("maps") or {}).items()
+    ]
+    threshold = sanity.get("threshold")
+    return {
+        "steps": [name if i == 0 else f"+{name}" for i, name in enumerate(layers)],
+        "rows": rows,
+        "passing": [r["method"] for r in rows if r["passed"] is True],
+        "failing": [r["method"] for r in rows if r["passed"] is not True],
+        "samples": sanity.get("samples", "?"),
+        "threshold": _fmt(threshold, "{:g}") if isinstance(threshold, (int, float)) else "?",
+        "curves": _file(run.root, sanity["curves"]) if sanity.get("curves") else None,
+        "maps": maps,
+    }
 
 
 # --------------------------------------------------------------------------------------------- the order
@@ -422,6 +469,7 @@ _ALL: tuple[Section, ...] = (
     Section("tracked", "Tracked samples over time", "Tracked samples", _tracked),
     Section("morph", "Morphing digits", "Morphing", _morph),
     Section("dataset", "Dataset attributions", "Dataset", _dataset),
+    Section("sanity", "Sanity check", "Sanity check", _sanity),
 )
 
 SECTIONS: tuple[str, ...] = tuple(s.id for s in _ALL)
