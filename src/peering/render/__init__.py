@@ -41,8 +41,8 @@ from peering.render.features import input_kind
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, save_gif
-from peering.render.tokens import token_html, token_image, token_scores
 from peering.render.sanity import sanity_curves, sanity_maps
+from peering.render.tokens import token_html, token_image, token_scores
 
 __all__ = [
     "Display",
