@@ -26,6 +26,7 @@ from peering.checkpoints import CheckpointError, load_model
 from peering.cli import app, read_image
 from peering.data import load_digits
 from peering.models import DigitCNN
+from tests._close import assert_close
 
 PEERING = Path(sys.executable).parent / "peering"
 
@@ -536,7 +537,7 @@ def test_read_image_conversions(tmp_path):
     Image.fromarray(grey).save(tmp_path / "grey.png")
     x, notes = read_image(tmp_path / "grey.png", 1, (8, 8))
     assert notes == [] and x.shape == (1, 8, 8)
-    assert torch.allclose(x[0], torch.from_numpy(grey / 255.0).float())
+    assert_close(x[0], torch.from_numpy(grey / 255.0).float())
 
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[2:6, 3:5] = (0, 0, 0, 255)  # a black stroke on a transparent background

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import peering
+from tests._close import assert_close
 from tests._state import assert_same_state, snapshot
 
 
@@ -74,7 +75,7 @@ def test_flat_and_image_layouts_of_the_same_model(digits_mlp, digit_batch):
     a = peering.explain(image_model, digit_batch)
     b = peering.explain(digits_mlp, digit_batch.flatten(1))
     assert torch.equal(a.targets, b.targets)
-    assert torch.allclose(a.attributions.flatten(2), b.attributions, atol=1e-7)
+    assert_close(a.attributions.flatten(2), b.attributions)
 
 
 def test_channels_last(digits_cnn, digit_batch):
@@ -82,7 +83,7 @@ def test_channels_last(digits_cnn, digit_batch):
     x = digit_batch.to(memory_format=torch.channels_last)
     a = peering.explain(model, x)
     b = peering.explain(digits_cnn, digit_batch)
-    assert (a.attributions - b.attributions).abs().max() < 1e-6
+    assert_close(a.attributions, b.attributions)
     assert peering.morph(model, x, 4, steps=10).inputs.shape == x.shape
 
 
@@ -90,7 +91,7 @@ def test_float64_model(digits_cnn, digit_batch):
     model = copy.deepcopy(digits_cnn).double()
     exp = peering.explain(model, digit_batch.double())
     assert exp.attributions.dtype == torch.float64
-    assert (exp.attributions - peering.explain(digits_cnn, digit_batch).attributions).abs().max() < 1e-6
+    assert_close(exp.attributions.float(), peering.explain(digits_cnn, digit_batch).attributions)
     assert peering.morph(model, digit_batch.double(), 4, steps=5).inputs.dtype == torch.float64
     with pytest.raises(TypeError, match=r"inputs are torch.float32 but the model's parameters are "
                                         r"torch.float64.*inputs.to\(torch.float64\)"):
@@ -117,7 +118,7 @@ def test_compiled_model(digits_mlp, digit_batch):
     exp = peering.explain(compiled, x)
     ref = peering.explain(digits_mlp, x)
     assert torch.equal(exp.targets, ref.targets)
-    assert (exp.attributions - ref.attributions).abs().max() < 1e-6
+    assert_close(exp.attributions, ref.attributions)
     assert peering.morph(compiled, x, 2, steps=5, bounds=None).inputs.shape == x.shape
 
 
@@ -131,7 +132,7 @@ def test_frozen_model_in_eval_mode(digits_cnn, digit_batch):
     before = snapshot(model)
     exp = peering.explain(model, digit_batch)
     assert_same_state(before, model)
-    assert (exp.attributions - peering.explain(digits_cnn, digit_batch).attributions).abs().max() == 0
+    assert_close(exp.attributions, peering.explain(digits_cnn, digit_batch).attributions)
 
 
 def test_batch_norm_in_training_mode_is_explained_in_eval_mode(digit_batch):
@@ -149,7 +150,7 @@ def test_batch_norm_in_training_mode_is_explained_in_eval_mode(digit_batch):
     assert torch.equal(model[2].num_batches_tracked, stats[1])
     assert model.training
     # eval mode makes each sample independent of the rest of the batch
-    assert (one.attributions[0] - many.attributions[0]).abs().max() < 1e-6
+    assert_close(one.attributions[0], many.attributions[0])
 
 
 def test_inference_mode_inputs_work(digits_cnn, digit_batch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import peering
+from tests._close import assert_close
 from tests._state import assert_same_state, snapshot
 
 
@@ -33,7 +34,7 @@ def test_morph_result_is_consistent(morphed):
     assert torch.equal(res.frame_steps, torch.arange(101))
     assert torch.equal(res.frames[0], x)
     assert torch.equal(res.frames[-1], res.inputs)
-    assert torch.allclose(res.distance, (res.inputs - x).flatten(1).norm(dim=1))
+    assert_close(res.distance, (res.inputs - x).flatten(1).norm(dim=1))
     assert res.inputs.min() >= 0 and res.inputs.max() <= 1
     assert ((res.steps >= 1) == res.success).all()  # none started as its target
     # early stop: a sample stops moving at the step it first reached its target
@@ -41,7 +42,7 @@ def test_morph_result_is_consistent(morphed):
         s = int(res.steps[b])
         assert torch.equal(res.frames[s, b], res.inputs[b])
         assert not torch.equal(res.frames[s - 1, b], res.inputs[b])
-    assert torch.allclose(res.probabilities, res.logits.softmax(1))
+    assert_close(res.probabilities, res.logits.softmax(1))
 
 
 def test_morph_without_early_stop_goes_further(trained_cnn, mnist_split):
@@ -74,8 +75,8 @@ def test_chunks_and_batch_are_independent(trained_cnn, mnist_split):
     b = peering.morph(trained_cnn, x, (y + 1) % 10, steps=20, chunk_size=7)
     one = peering.morph(trained_cnn, x[5:6], (y[5:6] + 1) % 10, steps=20)
     assert torch.equal(a.steps, b.steps)
-    assert (a.inputs - b.inputs).abs().max() < 1e-5
-    assert (a.inputs[5] - one.inputs[0]).abs().max() < 1e-5
+    assert_close(a.inputs, b.inputs)
+    assert_close(a.inputs[5], one.inputs[0])
 
 
 def test_morph_leaves_state_untouched(trained_cnn, mnist_split):
