@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import peering
 from tests._close import assert_close
@@ -106,3 +107,34 @@ def test_morph_bad_input(trained_cnn, mnist_split):
         peering.morph(trained_cnn, (x * 255).to(torch.uint8), 1)
     with pytest.raises(ValueError, match="keep_every"):
         peering.morph(trained_cnn, x, 1, keep_every=0)
+
+
+def test_per_feature_bounds_for_standardised_tables(digits_mlp, digits_split):
+    """Standardised features each have their own valid range: bounds are tensors, one value per feature."""
+    train_x, _, test_x, test_y = digits_split
+    mean, std = train_x.flatten(1).mean(0), train_x.flatten(1).std(0).clamp_min(0.05)
+    model = nn.Sequential(Affine(std, mean), digits_mlp)  # takes standardised features
+    z = (test_x[:16].flatten(1) - mean) / std
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    res = peering.morph(model, z, (test_y[:16] + 1) % 10, bounds=(lo, hi), steps=60)
+    assert res.success.float().mean() >= 0.9
+    assert (res.inputs >= lo).all() and (res.inputs <= hi).all()
+    assert ((res.inputs == lo) | (res.inputs == hi)).any()  # the ranges were reached, and held
+    assert peering.morph(model, z, 1, bounds=(lo.min().item(), hi), steps=2).inputs.shape == z.shape
+    with pytest.raises(ValueError, match="do not broadcast to one sample"):
+        peering.morph(model, z, 1, bounds=(lo[:10], hi))
+    with pytest.raises(ValueError, match="low < high"):
+        peering.morph(model, z, 1, bounds=(hi, lo))
+    with pytest.raises(ValueError, match=r"outside bounds in 16 sample\(s\)"):
+        peering.morph(model, z, 1, bounds=(lo + 10, hi + 20))
+    with pytest.raises(TypeError, match="pair of numbers or of tensors"):
+        peering.morph(model, z, 1, bounds=(0.0,))
+
+
+class Affine(nn.Module):
+    def __init__(self, scale, shift):
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, z):
+        return z * self.scale + self.shift

@@ -9,19 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-from peering import render
 from peering.render import (
+    _draw,
     confusion_panels,
     diverging,
     explanation_image,
     film_strip,
     grid,
+    morphs,
     save_gif,
     save_png,
     to_rgb,
 )
 
-PAD = render._PAD
+PAD = _draw._PAD
 
 
 def luminance(rgb: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def morph_result(n_frames=20, batch=2, shape=(1, 28, 28)):
 
 
 def test_colour_ordering_and_middle():
-    lut = render._lut()
+    lut = _draw._lut()
     assert lut.shape == (256, 3) and lut.dtype == torch.uint8
     out = diverging(torch.tensor([[-1.0, 0.0, 1.0]]))  # one [H=1, W=3] map
     assert out.shape == (1, 3, 3) and out.dtype == torch.uint8
@@ -83,7 +84,7 @@ def test_colour_ordering_and_middle():
 
 
 def test_sign_symmetry():
-    lut = render._lut()
+    lut = _draw._lut()
     k = torch.arange(-128, 128, dtype=torch.float32)
     v = ((k + 0.5) / 128).reshape(16, 16)  # bin centres, away from quantisation edges
     pos, neg = diverging(v, scale=1.0), diverging(-v, scale=1.0)
@@ -101,7 +102,7 @@ def test_sign_symmetry():
 
 
 def test_all_zero_map_is_neutral_not_nan():
-    lut = render._lut()
+    lut = _draw._lut()
     out = diverging(torch.zeros(2, 1, 5, 5))
     assert torch.equal(out, lut[128].expand(2, 5, 5, 3))
     out = diverging(torch.zeros(5, 5), scale=0.0)
@@ -113,7 +114,7 @@ def test_all_zero_map_is_neutral_not_nan():
 
 
 def test_default_scale_is_per_map_and_explicit_scale_clips():
-    lut = render._lut()
+    lut = _draw._lut()
     a = torch.zeros(2, 1, 2)
     a[0, 0, 0], a[1, 0, 0] = 1.0, 100.0
     out = diverging(a)
@@ -137,7 +138,7 @@ def test_channels_are_summed_with_sign():
     assert torch.equal(diverging(a[0]), diverging(a[0].sum(0)))
     assert torch.equal(diverging(a[:, :1]), diverging(a[:, 0]))
     cancel = torch.stack([torch.ones(8, 8), -torch.ones(8, 8), torch.zeros(8, 8)])  # [3, 8, 8]: sums to 0
-    assert torch.equal(diverging(cancel), render._lut()[128].expand(8, 8, 3))
+    assert torch.equal(diverging(cancel), _draw._lut()[128].expand(8, 8, 3))
 
 
 # --------------------------------------------------------------------------------------------------- shapes
@@ -168,7 +169,7 @@ def test_to_rgb_values():
     rgb = torch.rand(3, 4, 4)
     assert torch.equal(to_rgb(rgb), (rgb * 255).round().to(torch.uint8).permute(1, 2, 0))
     with pytest.raises(ValueError, match="1 or 3 channels"):
-        render._rgb(torch.rand(2, 4, 5, 5), sample_ndim=3)
+        _draw._rgb(torch.rand(2, 4, 5, 5), sample_ndim=3)
 
 
 def test_grid_size_arithmetic_and_placement():
@@ -254,9 +255,9 @@ def test_explanation_image_layout():
 
 
 def test_frame_indices_keep_first_and_last():
-    idx = render._frame_indices(50, 12)
+    idx = morphs._frame_indices(50, 12)
     assert len(idx) == 12 and idx[0] == 0 and idx[-1] == 49 and idx == sorted(set(idx))
-    assert render._frame_indices(5, 12) == [0, 1, 2, 3, 4]
+    assert morphs._frame_indices(5, 12) == [0, 1, 2, 3, 4]
 
 
 def test_film_strip_and_save_png(tmp_path):
