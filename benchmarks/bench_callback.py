@@ -100,7 +100,11 @@ class TimedCallback(ConfusedLogitCallback):
 
 
 def one_epoch(
-    loader: DataLoader, val_loader: DataLoader, root: str, settings: dict | None, module: type = DigitClassifier
+    loader: DataLoader,
+    val_loader: DataLoader,
+    root: str,
+    settings: dict | None,
+    module: type = DigitClassifier,
 ) -> tuple[float, float, TimedCallback | None]:
     """(wall seconds, process CPU seconds) of `trainer.fit` for one epoch (and its validation) from seeded
     initial weights, and the callback used, if any."""

@@ -79,8 +79,10 @@ def test_kept_examples_are_those_closest_to_the_boundary(mnist_split, random_cnn
     assert len(cells) > 10
     pairs = torch.tensor(cells)
     kept = atlas.examples_for(pairs)
-    kept_rows = {(int(a), int(b), round(float(g), 5)) for a, b, g in zip(kept.true, kept.predicted, kept.gaps,
-                                                                           strict=True)}
+    kept_rows = {
+        (int(a), int(b), round(float(g), 5))
+        for a, b, g in zip(kept.true, kept.predicted, kept.gaps, strict=True)
+    }
     expected = set()
     for a, b in cells:  # brute force, one pair at a time
         rows = ((y == a) & (predicted == b)).nonzero().flatten()

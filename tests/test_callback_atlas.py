@@ -65,7 +65,11 @@ def atlas_run(data, tmp_path_factory):
     callback = ConfusedLogitCallback(top_k=2, logging_batch_interval=3)
     logger = TensorBoardLogger(root)
     run = trainer(
-        root, [callback, reference], logger, max_epochs=EPOCHS, limit_train_batches=TRAIN_BATCHES,
+        root,
+        [callback, reference],
+        logger,
+        max_epochs=EPOCHS,
+        limit_train_batches=TRAIN_BATCHES,
         num_sanity_val_steps=2,
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -157,16 +161,23 @@ def test_the_module_returned_logits_spare_a_forward_pass(data, tmp_path):
 
     train, val = loaders(data, n_val=N_VAL)
     matrices = []
-    for return_logits in (True, False):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
+        for return_logits in (True, False):
+            torch.manual_seed(0)  # the same weights and dropout masks in both runs
             model = Counting(return_logits, size=data[0].shape[-1])
-        callback = ConfusedLogitCallback(on="train", background=False)  # no validation checks of its own
-        run = trainer(tmp_path / str(return_logits), [callback], False, limit_train_batches=2,
-                      num_sanity_val_steps=0)
-        run.fit(model, train, val)
-        assert model.calls == 3 * (1 if return_logits else 2)  # 3 validation batches
-        matrices.append([r["matrix"] for r in read_index(tmp_path / str(return_logits)) if r["tag"] == MATRIX])
+            callback = ConfusedLogitCallback(on="train", background=False)  # no validation checks of its own
+            run = trainer(
+                tmp_path / str(return_logits),
+                [callback],
+                False,
+                limit_train_batches=2,
+                num_sanity_val_steps=0,
+            )
+            run.fit(model, train, val)
+            assert model.calls == 3 * (1 if return_logits else 2)  # 3 validation batches
+            matrices.append(
+                [r["matrix"] for r in read_index(tmp_path / str(return_logits)) if r["tag"] == MATRIX]
+            )
     assert matrices[0] == matrices[1] and len(matrices[0]) == 1
 
 
@@ -205,8 +216,9 @@ def test_atlas_off_and_resume(data, tmp_path):
 
     first = ConfusedLogitCallback(on="train")
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path / "first", [first, checkpoints], False, limit_train_batches=2,
-            enable_checkpointing=True).fit(tiny(data), train, val)
+    trainer(
+        tmp_path / "first", [first, checkpoints], False, limit_train_batches=2, enable_checkpointing=True
+    ).fit(tiny(data), train, val)
     state = first.state_dict()
     assert state["atlas"]["matrices"] == 1
     again = ConfusedLogitCallback(on="train")
@@ -252,8 +264,12 @@ def test_bad_atlas_arguments_fail_at_construction(kwargs):
 def test_always_settings_do_not_change_the_matrix(data, tmp_path):
     """The matrix counts every validation sample whatever the callback's own thresholds and interval."""
     train, val = loaders(data, n_val=N_VAL)
-    for name, kwargs in (("always", {**ALWAYS, "logging_batch_interval": 1}), ("rarely", {})):
-        callback = ConfusedLogitCallback(**kwargs)
-        trainer(tmp_path / name, [callback], False, limit_train_batches=2).fit(tiny(data), train, val)
-    both = [[r["matrix"] for r in read_index(tmp_path / n) if r["tag"] == MATRIX] for n in ("always", "rarely")]
+    with torch.random.fork_rng(devices=[]):
+        for name, kwargs in (("always", {**ALWAYS, "logging_batch_interval": 1}), ("rarely", {})):
+            torch.manual_seed(0)  # the same dropout masks: the same model at the validation run
+            callback = ConfusedLogitCallback(**kwargs)
+            trainer(tmp_path / name, [callback], False, limit_train_batches=2).fit(tiny(data), train, val)
+    both = [
+        [r["matrix"] for r in read_index(tmp_path / n) if r["tag"] == MATRIX] for n in ("always", "rarely")
+    ]
     assert both[0] == both[1] and sum(map(sum, both[0][0])) == N_VAL

@@ -5,6 +5,11 @@ far ahead (label 3), rank 1 inputs whose top two logits tie (label 7). So
 pictures at all prove that rank 1's candidates reach rank zero; the fraction 0.5 proves that both ranks'
 counts are summed; the event counts prove that rank zero writes exactly once per trigger; and the recorded
 collectives prove that both ranks call the same ones at the same steps.
+
+The confusion atlas sees each rank's samples in a cell of their own (rank 0: true 3 taken for 0; rank 1:
+true 7 taken for 0), so its matrix shows that every validation sample of both ranks was counted exactly
+once (torchmetrics sums the ranks' matrices), and examples of both pairs in rank zero's pictures show that
+the examples were gathered from both ranks.
 """
 
 from __future__ import annotations
@@ -110,7 +115,14 @@ def test_ddp_two_cpu_processes(tmp_path):
     # every rank took part in the same collectives at the same steps, and counted the same pictures
     ranks = [json.loads((tmp_path / f"collectives_{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
-    assert ranks[0]["collectives"] == [["train", 2], ["train", 4], ["validation", 4], ["tracked", 4]]
+    assert ranks[0]["collectives"] == [
+        ["train", 2],
+        ["train", 4],
+        ["validation", 4],
+        ["tracked", 4],
+        ["atlas", 4],  # the matrix: a header, then torchmetrics' sync
+        ["atlas", 4],  # the pairs' examples
+    ]
     assert ranks[0]["state"] == {"train": 2 * TOP_K, "validation": TOP_K}
 
     # rank zero wrote once per trigger, and everything it wrote came from rank 1's samples
@@ -126,10 +138,27 @@ def test_ddp_two_cpu_processes(tmp_path):
         "peering/val/confused": [(4, TOP_K)],
         "peering/tracked/0": [(4, 1)],
         "peering/tracked/1": [(4, 1)],
+        "peering/confusion_matrix": [(4, 1)],
+        "peering/confused_pairs": [(4, 2)],
     }
     assert read_scalars(logdir, "peering/confused_fraction") == [(2, 0.5), (4, 0.5)]
     assert read_scalars(logdir, "peering/val/confused_fraction") == [(4, 0.5)]
-    index = read_index(logdir)
+    everything = read_index(logdir)
+    index = [r for r in everything if "label" in r]
     assert len(index) == 2 * TOP_K + TOP_K + 2
     assert {r["label"] for r in index} == {7}
     assert {(r["class_a"], r["class_b"]) for r in index} <= {(0, 1), (1, 0)}
+
+    # the confusion matrix: every validation sample of both ranks, exactly once (the sanity check's none)
+    (matrix,) = [r for r in everything if r["tag"] == "peering/confusion_matrix"]
+    expected = torch.zeros(10, 10, dtype=torch.int64)
+    expected[3, 0] = N // 2  # rank 0's 32 samples
+    expected[7, 0] = N // 2  # rank 1's 32 samples
+    assert torch.equal(torch.tensor(matrix["matrix"]), expected)
+    assert (matrix["step"], matrix["samples"], matrix["ignored"]) == (4, N, 0)
+    # its two mistakes, each with examples from the one rank that made it
+    pairs = sorted((r for r in everything if r["tag"] == "peering/confused_pairs"), key=lambda r: r["index"])
+    assert [(r["true"], r["predicted"], r["count"], r["examples"]) for r in pairs] == [
+        (3, 0, N // 2, 4),
+        (7, 0, N // 2, 4),
+    ]

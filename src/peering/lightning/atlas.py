@@ -171,8 +171,11 @@ class ConfusionAtlas:
     """
 
     def __init__(self, pairs: int = 3, examples_per_pair: int = 4, *, max_cells: int = 256) -> None:
-        for name, value, least in (("pairs", pairs, 1), ("examples_per_pair", examples_per_pair, 0),
-                                   ("max_cells", max_cells, 1)):
+        for name, value, least in (
+            ("pairs", pairs, 1),
+            ("examples_per_pair", examples_per_pair, 0),
+            ("max_cells", max_cells, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         self.pairs = pairs
@@ -209,6 +212,16 @@ class ConfusionAtlas:
             except ValueError as err:
                 self._failed = str(err)
                 raise
+
+    def ignore(self, samples: int) -> None:
+        """Note ``samples`` validation samples that cannot be counted (e.g. a batch without labels)."""
+        self._ignored += int(samples)
+
+    def fail(self, reason: str) -> None:
+        """Give up on this run's matrix (e.g. the model could not be run on a batch): a matrix with
+        samples missing would be wrong, so `compute` then returns none, on every rank."""
+        if self._failed is None:
+            self._failed = reason
 
     def _update(self, inputs: Tensor, labels: Tensor, logits: Tensor) -> None:
         if logits.ndim != 2 or logits.shape[0] != inputs.shape[0] or labels.shape != (inputs.shape[0],):
@@ -285,7 +298,13 @@ class ConfusionAtlas:
             sizes = headers[:, 0].long()
             classes, ignored = int(sizes.max()), int(headers[:, 2].sum())
             if bool(headers[:, 1].any()):
-                return AtlasMatrix(None, ignored, "a rank's labels or class scores did not fit the model")
+                return AtlasMatrix(
+                    None,
+                    ignored,
+                    self._failed
+                    or "another rank could not count its validation batches (labels outside the classes, "
+                    "a model that failed, or a change in the number of classes)",
+                )
             if bool(((sizes != classes) & (sizes != 0)).any()):
                 return AtlasMatrix(None, ignored, "the ranks' models gave different numbers of classes")
         elif failed:

@@ -3,6 +3,7 @@
 One module per kind of picture, all re-exported here (``peering.render.<name>`` is the public path):
 
 - `peering.render.images`: `diverging`, `to_rgb`, `explanation_image`, `confusion_panels`;
+- `peering.render.confusion`: the confusion atlas: `confusion_matrix_image`, `confused_pair_panels`;
 - `peering.render.features`: tabular inputs (flat feature vectors);
 - `peering.render.tokens`: text (per-token scores);
 - `peering.render.morphs`: `film_strip`, `save_gif`;
@@ -28,11 +29,14 @@ A new kind of picture goes in its own module here, with its public names in that
 and re-exported below.
 """
 
+from peering.render.confusion import confused_pair_panels, confusion_matrix_image
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, save_gif
 
 __all__ = [
+    "confused_pair_panels",
+    "confusion_matrix_image",
     "confusion_panels",
     "diverging",
     "explanation_image",
