@@ -15,6 +15,7 @@ the examples were gathered from both ranks.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -162,3 +163,57 @@ def test_ddp_two_cpu_processes(tmp_path):
         (3, 0, N // 2, 4),
         (7, 0, N // 2, 4),
     ]
+
+
+class SaysWhat(ConfusedLogitCallback):
+    """Writes the peering warnings of its validation-end hook to ``<out>/warnings_<rank>.json``."""
+
+    def __init__(self, out: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out, self.said = out, []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().on_validation_epoch_end(trainer, pl_module)
+        self.said += [str(w.message) for w in caught if "peering" in str(w.message)]
+
+    def teardown(self, trainer, pl_module, stage):
+        super().teardown(trainer, pl_module, stage)
+        (Path(self.out) / f"warnings_{trainer.global_rank}.json").write_text(json.dumps(self.said))
+
+
+class OddValidation(TieNet):
+    """Nine validation samples in all, split by Lightning's own DistributedSampler: 5 + 5, one repeated."""
+
+    def val_dataloader(self):
+        x, y = rank_data(0).dataset.tensors
+        return DataLoader(TensorDataset(x[:9], y[:9]), batch_size=4)
+
+
+@pytest.mark.slow
+def test_ddp_repeated_validation_samples_are_said(tmp_path):
+    """Lightning's DistributedSampler repeats samples to even out the ranks; the matrix then counts them
+    twice, and the callback says so (once) instead of passing the count off as exact."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    callback = SaysWhat(str(tmp_path), on="train")
+    trainer = pl.Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=1,
+    )
+    trainer.fit(OddValidation())
+    (matrix, _) = [r for r in read_index(tmp_path) if r["tag"] == "peering/confusion_matrix"]
+    assert (matrix["samples"], matrix["repeated"]) == (10, 1)
+    said = json.loads((tmp_path / "warnings_0.json").read_text())
+    assert len(said) == 1 and "counts 1 validation sample(s) twice" in said[0]  # once, not per epoch

@@ -621,6 +621,15 @@ class ConfusedLogitCallback(Callback):
                 )
             return
         matrix = result.matrix.cpu()
+        repeated = _repeated_samples(trainer)
+        if repeated and "atlas repeats" not in self._disabled:
+            self._disabled.add("atlas repeats")  # said once per run
+            rank_zero_warn(
+                f"peering: the confusion matrix counts {repeated} validation sample(s) twice: Lightning's "
+                "DistributedSampler repeats them so that every rank gets as many batches. When the counts "
+                "must be exact, give the validation DataLoader a sampler that does not repeat (e.g. "
+                "Lightning's UnrepeatedDistributedSampler) and pass use_distributed_sampler=False."
+            )
         pairs = top_confused_pairs(matrix, atlas.pairs)
         per_pair = atlas.examples_per_pair
         local = atlas.examples_for(pairs)
@@ -665,6 +674,7 @@ class ConfusedLogitCallback(Callback):
                 pairs_tag=TAG_PAIRS,
                 matrix=matrix,
                 ignored=result.ignored,
+                repeated=repeated,
                 pairs=pairs,
                 examples=PairExamples(
                     examples.inputs.detach().cpu(), examples.true.cpu(), examples.predicted.cpu(),
@@ -753,6 +763,26 @@ class ConfusedLogitCallback(Callback):
     def _close_writer(self) -> None:
         if self._output is not None:
             self._output.close()
+
+
+def _repeated_samples(trainer: pl.Trainer) -> int:
+    """How many validation samples a `DistributedSampler` repeats to even out the ranks (0 when none, or
+    when ``limit_val_batches`` leaves the end of the set out anyway)."""
+    from torch.utils.data import DistributedSampler
+
+    if trainer.world_size <= 1 or trainer.limit_val_batches != 1.0:
+        return 0
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    repeated = 0
+    for loader in loaders:
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            repeated += max(0, int(sampler.total_size) - len(sampler.dataset))  # type: ignore[arg-type]
+    return repeated
 
 
 def _returned_logits(outputs: Any, batch_size: int) -> Tensor | None:

@@ -239,6 +239,7 @@ class AtlasJob:
         pairs_tag: str,
         matrix: Tensor,
         ignored: int,
+        repeated: int,
         pairs: Tensor,
         examples: PairExamples,
         pair_index: Tensor,
@@ -248,7 +249,7 @@ class AtlasJob:
         epoch: int,
     ) -> None:
         self.output, self.matrix_tag, self.pairs_tag = output, matrix_tag, pairs_tag
-        self.matrix, self.ignored, self.pairs = matrix, ignored, pairs
+        self.matrix, self.ignored, self.repeated, self.pairs = matrix, ignored, repeated, pairs
         self.examples, self.pair_index, self.probabilities = examples, pair_index, probabilities
         self.directions = directions
         self.step, self.epoch = step, epoch
@@ -262,6 +263,8 @@ class AtlasJob:
         title = f"epoch {self.epoch} · step {self.step} · {samples:,} samples · accuracy {accuracy:.1%}"
         if self.ignored:
             title += f" · {self.ignored:,} not counted"
+        if self.repeated:
+            title += f" · {self.repeated:,} counted twice"
         picture = confusion_matrix_image(m, highlight=self.pairs, title=title).numpy()
         files = out.write(self.matrix_tag, [picture], [encode_png(picture)], self.step)
         base = {"step": int(self.step), "stage": "validation", "epoch": int(self.epoch)}
@@ -273,6 +276,7 @@ class AtlasJob:
                 "matrix": m.tolist(),
                 "samples": samples,
                 "ignored": int(self.ignored),
+                "repeated": int(self.repeated),
                 "pairs": self.pairs.tolist(),
                 "width": int(picture.shape[1]),
                 "height": int(picture.shape[0]),
