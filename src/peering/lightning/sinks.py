@@ -17,6 +17,10 @@ Tags
 - ``peering/val/confused_fraction``: validation scalar, likewise over the checked validation batches.
 - ``peering/tracked/<i>``: with ``track=N``, sample ``i`` (0 = the most confused of the first validation
   run) re-explained at the end of every validation run: one picture per step.
+- ``peering/confusion_matrix``: the confusion atlas (``atlas=True``, the default): the confusion matrix of
+  each validation run, all validation samples of all ranks, one picture at the run's ``global_step``.
+- ``peering/confused_pairs``: the run's most frequent mistakes (true a, predicted b), one picture each
+  (most frequent first): its examples and the mean gradient of log p(b) - log p(a) over them.
 
 TensorBoard
 -----------
@@ -36,6 +40,8 @@ Under the run directory ``<run>`` (``trainer.log_dir``: the logger's version fol
     <run>/peering/confused/step_<n>_<i>.png          training picture i (0 = most confused) at step n
     <run>/peering/val/confused/step_<n>_<i>.png      validation
     <run>/peering/tracked/<k>/step_<n>_0.png         tracked sample k at step n
+    <run>/peering/confusion_matrix/step_<n>_0.png    the confusion matrix of the validation run at step n
+    <run>/peering/confused_pairs/step_<n>_<i>.png    its i-th most frequent mistake
     <run>/peering/scalars.csv                        "step,tag,value" rows for the two fraction scalars
 
 i.e. ``<run>/<tag>/step_<n>_<i>.png`` for every tag. Files are written atomically (temp file, then
@@ -58,6 +64,13 @@ Comet (`CometLogger`): one image per picture named ``<tag>/step_<n>_<i>`` at ``s
 series ``<tag>`` (``<tag>/<i>`` when one write holds several pictures). Scalars go through each logger's
 ``log_metrics``. All four are tested offline with the real libraries, reading back what they stored
 (tests/test_trackers.py).
+
+The confusion atlas's records have ``tag``, ``step``, ``index``, ``stage`` ("validation"), ``epoch``,
+``width``, ``height`` and ``png`` too, and instead of the sample fields: for ``peering/confusion_matrix``
+``matrix`` (the counts, a list of C rows: true class by predicted class), ``samples`` (counted),
+``ignored`` (not counted: no label, or non-finite scores) and ``pairs`` (the [true, predicted] pairs
+drawn); for ``peering/confused_pairs`` ``true``, ``predicted``, ``count``, ``class_total`` (the samples
+of the true class) and ``examples`` (how many are drawn).
 
 Reading back
 ------------
