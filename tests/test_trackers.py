@@ -35,7 +35,11 @@ from tests.test_callback import ALWAYS, QUIET, TinyNet
 
 pytestmark = pytest.mark.slow
 
-TAGS = ("peering/confused", "peering/val/confused", "peering/odd")
+# the callback's picture tags: panels that loggers get stacked in one picture per check, and the atlas's
+# confusion matrix, one picture as it is
+STACKED = ("peering/confused", "peering/val/confused", "peering/confused_pairs")
+SINGLE = ("peering/confusion_matrix",)
+TAGS = (*STACKED, *SINGLE, "peering/odd")
 FRACTIONS = ("peering/confused_fraction", "peering/val/confused_fraction")
 INSTALL = "pip install -e '.[integrations]'"
 
@@ -96,15 +100,24 @@ def reference(tmp_path_factory):
     fit(root, logger)
     pictures = {
         (tag, step): [pixels(p) for p in pngs]
-        for tag in TAGS
+        for tag in (*STACKED, *SINGLE)
         for step, pngs in read_images(logger.log_dir, tag)
     }
     scalars = {tag: read_scalars(logger.log_dir, tag) for tag in FRACTIONS}
-    assert sorted(pictures) == [("peering/confused", 2), ("peering/confused", 4), ("peering/val/confused", 4)]
-    assert all(len(v) == 2 for v in pictures.values())
+    assert sorted(pictures) == [
+        ("peering/confused", 2),
+        ("peering/confused", 4),
+        ("peering/confused_pairs", 4),
+        ("peering/confusion_matrix", 4),
+        ("peering/val/confused", 4),
+    ]
+    assert len(pictures[("peering/confused", 2)]) == 2 and len(pictures[("peering/confusion_matrix", 4)]) == 1
     assert [s for s, _ in scalars["peering/confused_fraction"]] == [2, 4]
-    stacked = {key: [stack_panels(np.stack(panels))[0]] for key, panels in pictures.items()}
-    return stacked, scalars
+    logged = {
+        (tag, step): [stack_panels(np.stack(panels))[0]] if tag in STACKED else panels
+        for (tag, step), panels in pictures.items()
+    }
+    return logged, scalars
 
 
 def assert_same_pictures(got: dict, reference: dict) -> None:
@@ -207,7 +220,8 @@ def test_mlflow_local_file_store(reference, tmp_path, monkeypatch):
         found.append((key.replace("~", "/"), int(step), int(stamp), pixels(Path(local).read_bytes())))
     pictures = defaultdict(list)
     for tag, step, _, image in sorted(found, key=lambda f: f[:3]):
-        pictures[(tag, step)].append(image)
+        if tag in TAGS:
+            pictures[(tag, step)].append(image)
     assert_same_pictures(pictures, with_odd(reference[0]))
     for tag, values in reference[1].items():
         assert [(m.step, m.value) for m in client.get_metric_history(logger.run_id, tag)] == values
@@ -268,7 +282,8 @@ def test_comet_offline(reference, tmp_path, monkeypatch):
             if message["type"] == "file_upload" and "figName" in payload.get("additional_params", {}):
                 params = payload["additional_params"]
                 tag, _, name = params["figName"].rpartition("/")  # <tag>/step_<n>_<i>
-                pictures[(tag, params["step"])].append((name, pixels(z.read(payload["file_path"]))))
+                if tag in TAGS:
+                    pictures[(tag, params["step"])].append((name, pixels(z.read(payload["file_path"]))))
             elif message["type"] == "metric_msg" and payload["metric"]["metricName"] in FRACTIONS:
                 metric = payload["metric"]
                 scalars[metric["metricName"]].append((metric["step"], float(metric["metricValue"])))
