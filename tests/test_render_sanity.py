@@ -16,7 +16,7 @@ from peering.render import _draw, diverging, sanity_curves, sanity_maps, to_rgb
 from peering.report import build_report
 from peering.sanity import randomisation_check
 
-PAD = _draw._PAD
+PAD, GAP = _draw._PAD, _draw._GAP
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,10 @@ def result(digits_cnn, digits_split):
 
 
 def tile(rows: torch.Tensor, t: int, n_tiles: int, h: int, w: int) -> torch.Tensor:
-    """Tile t of panel rows [N, H', W', 3]: tiles at the bottom of each row, centred in equal cells."""
-    cell_w = (rows.shape[2] - PAD) // n_tiles - PAD
-    x0 = PAD + t * (cell_w + PAD) + (cell_w - w) // 2
+    """Tile t of panel rows [N, H', W', 3]: tiles at the bottom of each row, centred in equal cells
+    ``GAP`` apart, ``PAD`` from the edges."""
+    step = (rows.shape[2] - 2 * PAD + GAP) // n_tiles
+    x0 = PAD + t * step + (step - GAP - w) // 2
     y0 = rows.shape[1] - PAD - h
     return rows[:, y0 : y0 + h, x0 : x0 + w]
 
@@ -48,8 +49,10 @@ def test_sanity_maps_show_the_input_then_each_steps_map_on_its_own_scale(result)
         maps = result.examples["gradient"][step]  # [n, 1, 8, 8]
         expected = zoomed(diverging(maps[:, 0]), 3)  # each map to its own max |value|
         assert torch.equal(tile(rows, step + 1, columns, 24, 24), expected), step
-    # column headings on the first row only
-    assert (rows[0, PAD : PAD + 8] < 128).any() and not (rows[1, PAD : PAD + 8] < 128).any()
+    # column headings on the first row only; every map's scale under it on every row
+    line = _draw._band_height(_draw._font()[0])
+    assert (rows[0, PAD : PAD + line] < 128).any() and not (rows[1, PAD : PAD + line] < 128).any()
+    assert (rows[:, PAD + line : PAD + 2 * line] < 128).any(dim=(1, 2, 3)).all()
     with pytest.raises(ValueError, match="no example maps for 'smoothgrad'"):
         sanity_maps(result, "smoothgrad")
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from peering.render._draw import _colorize, _compose, _maps, _rgb
+from peering.render._draw import _colorize, _compose, _maps, _rgb, scale_caption
 
 __all__ = ["sanity_curves", "sanity_maps"]
 
@@ -91,8 +91,9 @@ def sanity_maps(result: Any, method: str, *, zoom: int = 4, max_samples: int = 4
     """One row per example sample: the input, its map from the trained model, then after each step.
 
     ``result`` has ``example_inputs`` [n, ...], ``examples`` (method -> [L + 1, n, ...]) and ``layers``.
-    Every map is scaled to its own largest |value| (a randomised model's maps can be orders of magnitude
-    weaker or stronger): the picture compares where the maps are strong, as the check does.
+    Every map is scaled to its own largest |value|, stated under it (a randomised model's maps can be
+    orders of magnitude weaker or stronger): the picture compares where the maps are strong, as the
+    check does.
 
     >>> import torch
     >>> from types import SimpleNamespace
@@ -115,7 +116,13 @@ def sanity_maps(result: Any, method: str, *, zoom: int = 4, max_samples: int = 4
         )
     sample_ndim = inputs.ndim - 1
     per_tile = _maps(maps.transpose(0, 1), sample_ndim)  # [n, L + 1, H, W]
+    scales = np.abs(per_tile).max(axis=(-2, -1), initial=0.0)  # [n, L + 1]: each map's own
     tiles = np.concatenate([_rgb(inputs, sample_ndim)[:, None], _colorize(per_tile, None)], axis=1)
-    titles = [["input", "trained", *_step_labels(result.layers)]] + [[""] * tiles.shape[1]] * (n - 1)
+    heads = ["trained", *_step_labels(result.layers)]
+    titles = [
+        ["input" if i == 0 else ""]
+        + [(h if i == 0 else "") + "\n" + scale_caption(float(s)) for h, s in zip(heads, row, strict=True)]
+        for i, row in enumerate(scales)
+    ]
     rows = _compose(tiles, titles, zoom=zoom)
     return Image.fromarray(rows.reshape(-1, rows.shape[2], 3))

@@ -527,6 +527,8 @@ def _dataset(run: RunData, options: Options) -> dict[str, Any] | None:
         zoom = max(1, -(-64 // max(int(d.class_means.shape[-1]), 1)))
         means = _png(class_mean_maps(d.class_means, d.class_counts, zoom=zoom))
     return {"facts": _dataset_facts(d), "groups": groups, "means": means}
+
+
 # ------------------------------------------------------------------------------------------------- sanity
 
 _VERDICTS = {True: "passes", False: "fails", None: "undecided"}
