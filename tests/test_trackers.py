@@ -29,12 +29,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from peering.data import load_digits
 from peering.lightning import ConfusedLogitCallback, read_images, read_scalars
+from peering.lightning.pictures import stack_panels
 from peering.lightning.sinks import NeptuneSink, image_sinks
 from tests.test_callback import ALWAYS, QUIET, TinyNet
 
 pytestmark = pytest.mark.slow
 
-TAGS = ("peering/confused", "peering/val/confused", "peering/odd")
+# the callback's picture tags: panels that loggers get stacked in one picture per check, and the atlas's
+# confusion matrix, one picture as it is
+STACKED = ("peering/confused", "peering/val/confused", "peering/confused_pairs")
+SINGLE = ("peering/confusion_matrix",)
+TAGS = (*STACKED, *SINGLE, "peering/odd")
 FRACTIONS = ("peering/confused_fraction", "peering/val/confused_fraction")
 INSTALL = "pip install -e '.[integrations]'"
 
@@ -87,20 +92,32 @@ def pixels(png: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """{(tag, step): [pixels, ...]} and {tag: [(step, value), ...]} of the PNG-folder run (no tracker)."""
+    """What a tracker must hold: {(tag, step): [pixels]} and {tag: [(step, value), ...]}, from the PNG-folder
+    run (no tracker). The PNG folder has one file per sample; a logger gets one picture per check and tag,
+    the samples' panels stacked in it (`stack_panels`), which is rebuilt here from those files."""
     root = tmp_path_factory.mktemp("reference")
     logger = CSVLogger(root, name="run")
     fit(root, logger)
     pictures = {
         (tag, step): [pixels(p) for p in pngs]
-        for tag in TAGS
+        for tag in (*STACKED, *SINGLE)
         for step, pngs in read_images(logger.log_dir, tag)
     }
     scalars = {tag: read_scalars(logger.log_dir, tag) for tag in FRACTIONS}
-    assert sorted(pictures) == [("peering/confused", 2), ("peering/confused", 4), ("peering/val/confused", 4)]
-    assert all(len(v) == 2 for v in pictures.values())
+    assert sorted(pictures) == [
+        ("peering/confused", 2),
+        ("peering/confused", 4),
+        ("peering/confused_pairs", 4),
+        ("peering/confusion_matrix", 4),
+        ("peering/val/confused", 4),
+    ]
+    assert len(pictures[("peering/confused", 2)]) == 2 and len(pictures[("peering/confusion_matrix", 4)]) == 1
     assert [s for s, _ in scalars["peering/confused_fraction"]] == [2, 4]
-    return pictures, scalars
+    logged = {
+        (tag, step): [stack_panels(np.stack(panels))[0]] if tag in STACKED else panels
+        for (tag, step), panels in pictures.items()
+    }
+    return logged, scalars
 
 
 def assert_same_pictures(got: dict, reference: dict) -> None:
@@ -203,7 +220,8 @@ def test_mlflow_local_file_store(reference, tmp_path, monkeypatch):
         found.append((key.replace("~", "/"), int(step), int(stamp), pixels(Path(local).read_bytes())))
     pictures = defaultdict(list)
     for tag, step, _, image in sorted(found, key=lambda f: f[:3]):
-        pictures[(tag, step)].append(image)
+        if tag in TAGS:
+            pictures[(tag, step)].append(image)
     assert_same_pictures(pictures, with_odd(reference[0]))
     for tag, values in reference[1].items():
         assert [(m.step, m.value) for m in client.get_metric_history(logger.run_id, tag)] == values
@@ -264,7 +282,8 @@ def test_comet_offline(reference, tmp_path, monkeypatch):
             if message["type"] == "file_upload" and "figName" in payload.get("additional_params", {}):
                 params = payload["additional_params"]
                 tag, _, name = params["figName"].rpartition("/")  # <tag>/step_<n>_<i>
-                pictures[(tag, params["step"])].append((name, pixels(z.read(payload["file_path"]))))
+                if tag in TAGS:
+                    pictures[(tag, params["step"])].append((name, pixels(z.read(payload["file_path"]))))
             elif message["type"] == "metric_msg" and payload["metric"]["metricName"] in FRACTIONS:
                 metric = payload["metric"]
                 scalars[metric["metricName"]].append((metric["step"], float(metric["metricValue"])))
@@ -342,13 +361,15 @@ def test_neptune_sink_on_a_real_offline_run(reference, tmp_path, monkeypatch):
 
             for value in op.values:
                 series["/".join(op.path)].append((value.step, pixels(base64.b64decode(value.value.data))))
-    # Neptune series need strictly increasing steps, so each sample index has its own series <tag>/<i>
+    # Neptune series need strictly increasing steps: one picture per step goes to the tag's series, several
+    # in one write (the ODD pictures) to one series per picture index, <tag>/<i>
     for name, values in series.items():
         steps = [s for s, _ in values]
         assert steps == sorted(set(steps)), f"{name}: steps {steps} are not strictly increasing"
+    assert sorted(series) == sorted([*{tag for tag, _ in reference[0]}, f"{ODD_TAG}/0", f"{ODD_TAG}/1"])
     pictures = defaultdict(list)
-    for name, values in sorted(series.items(), key=lambda kv: int(kv[0].rsplit("/", 1)[1])):
-        tag = name.rsplit("/", 1)[0]
+    for name, values in sorted(series.items()):
+        tag = name.rsplit("/", 1)[0] if name.startswith(ODD_TAG + "/") else name
         for step, image in values:
             pictures[(tag, int(step))].append(image)
     assert_same_pictures(pictures, with_odd(reference[0]))

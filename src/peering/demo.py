@@ -232,6 +232,9 @@ def _run(
         "min_logit_value": None,
         "max_pictures_per_epoch": 16,
         "track": track,
+        "atlas": True,  # the confusion matrix of every validation run, and its most frequent mistakes
+        "pairs": 3,
+        "examples_per_pair": 4,
         "zoom": zoom,
     }
     callback = ConfusedLogitCallback(**callback_settings)

@@ -17,6 +17,10 @@ Tags
 - ``peering/val/confused_fraction``: validation scalar, likewise over the checked validation batches.
 - ``peering/tracked/<i>``: with ``track=N``, sample ``i`` (0 = the most confused of the first validation
   run) re-explained at the end of every validation run: one picture per step.
+- ``peering/confusion_matrix``: the confusion atlas (``atlas=True``, the default): the confusion matrix of
+  each validation run, all validation samples of all ranks, one picture at the run's ``global_step``.
+- ``peering/confused_pairs``: the run's most frequent mistakes (true a, predicted b), one picture each
+  (most frequent first): its examples and the mean gradient of log p(b) - log p(a) over them.
 
 TensorBoard
 -----------
@@ -36,6 +40,8 @@ Under the run directory ``<run>`` (``trainer.log_dir``: the logger's version fol
     <run>/peering/confused/step_<n>_<i>.png          training picture i (0 = most confused) at step n
     <run>/peering/val/confused/step_<n>_<i>.png      validation
     <run>/peering/tracked/<k>/step_<n>_0.png         tracked sample k at step n
+    <run>/peering/confusion_matrix/step_<n>_0.png    the confusion matrix of the validation run at step n
+    <run>/peering/confused_pairs/step_<n>_<i>.png    its i-th most frequent mistake
     <run>/peering/scalars.csv                        "step,tag,value" rows for the two fraction scalars
 
 i.e. ``<run>/<tag>/step_<n>_<i>.png`` for every tag. Files are written atomically (temp file, then
@@ -52,11 +58,19 @@ or null when no logger took it): the report cuts the samples back out with it.
 
 Experiment trackers
 -------------------
-W&B (`WandbLogger`): one ``log_image`` per write, all samples in one history row (x-axis
-``trainer/global_step``). MLflow (`MLFlowLogger`): one image per sample under ``key=tag`` at ``step``.
-Comet (`CometLogger`): one image per sample named ``<tag>/step_<n>_<i>`` at ``step``. Neptune: one
-image series per sample index, ``<tag>/<i>``. Scalars go through each logger's ``log_metrics``. All four
-are tested offline with the real libraries, reading back what they stored (tests/test_trackers.py).
+W&B (`WandbLogger`): one ``log_image`` per write, all its pictures in one history row (x-axis
+``trainer/global_step``). MLflow (`MLFlowLogger`): one image per picture under ``key=tag`` at ``step``.
+Comet (`CometLogger`): one image per picture named ``<tag>/step_<n>_<i>`` at ``step``. Neptune: the
+series ``<tag>`` (``<tag>/<i>`` when one write holds several pictures). Scalars go through each logger's
+``log_metrics``. All four are tested offline with the real libraries, reading back what they stored
+(tests/test_trackers.py).
+
+The confusion atlas's records have ``tag``, ``step``, ``index``, ``stage`` ("validation"), ``epoch``,
+``width``, ``height`` and ``png`` too, and instead of the sample fields: for ``peering/confusion_matrix``
+``matrix`` (the counts, a list of C rows: true class by predicted class), ``samples`` (counted),
+``ignored`` (not counted: no label, or non-finite scores) and ``pairs`` (the [true, predicted] pairs
+drawn); for ``peering/confused_pairs`` ``true``, ``predicted``, ``count``, ``class_total`` (the samples
+of the true class) and ``examples`` (how many are drawn).
 
 Reading back
 ------------
@@ -306,11 +320,11 @@ class CometSink(Sink):
 
 
 class NeptuneSink(Sink):
-    """Pictures through a Neptune logger: ``experiment[f"{tag}/{i}"].append(File.as_image(picture),
-    step=...)``, one series per sample index (a Neptune series needs strictly increasing steps, so the
-    samples of one step cannot share one). Needs the ``neptune`` package. Lightning 2.6 has no working
-    Neptune logger (its ``NeptuneLogger`` only raises), so this serves earlier Lightning versions' logger,
-    or any logger whose ``experiment`` is a ``neptune`` run.
+    """Pictures through a Neptune logger: ``experiment[tag].append(File.as_image(picture), step=...)``.
+    A Neptune series needs strictly increasing steps, so when one write holds several pictures each goes to
+    its own series ``<tag>/<i>`` (the callback writes one picture per check and tag). Needs the ``neptune``
+    package. Lightning 2.6 has no working Neptune logger (its ``NeptuneLogger`` only raises), so this
+    serves earlier Lightning versions' logger, or any logger whose ``experiment`` is a ``neptune`` run.
 
     >>> import numpy as np, sys, types
     >>> from unittest import mock
@@ -324,10 +338,12 @@ class NeptuneSink(Sink):
     >>> class FakeNeptune:
     ...     experiment = Run()
     >>> with mock.patch.dict(sys.modules, {"neptune.types": fake}):
-    ...     NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)] * 2,
-    ...                                           [b"", b""], 1)
-    peering/confused/0 (5, 2) 1
-    peering/confused/1 (5, 2) 1
+    ...     sink = NeptuneSink(FakeNeptune())
+    ...     sink.log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)], [b""], 1)
+    ...     sink.log_images("peering/odd", [np.zeros((2, 5, 3), np.uint8)] * 2, [b"", b""], 1)
+    peering/confused (5, 2) 1
+    peering/odd/0 (5, 2) 1
+    peering/odd/1 (5, 2) 1
     """
 
     name = "Neptune"
@@ -341,7 +357,8 @@ class NeptuneSink(Sink):
         run = self.logger.experiment
         for i, image in enumerate(images):
             picture = Image.fromarray(np.ascontiguousarray(image))
-            run[f"{tag}/{i}"].append(File.as_image(picture), step=int(step))
+            series = tag if len(images) == 1 else f"{tag}/{i}"
+            run[series].append(File.as_image(picture), step=int(step))
 
 
 class PNGFolderSink(Sink):

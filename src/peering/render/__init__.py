@@ -7,6 +7,10 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.tokens`: text: `token_scores`, `token_image`, `token_html`;
 - `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped);
 - `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
+- `peering.render.confusion`: the confusion atlas: `confusion_matrix_image`, `confused_pair_panels`;
+- `peering.render.features`: tabular inputs (flat feature vectors);
+- `peering.render.tokens`: text (per-token scores);
+- `peering.render.morphs`: `film_strip`, `save_gif`;
 - `peering.render.layout`: `grid`, `save_png`;
 - `peering.render.sanity`: `sanity_curves`, `sanity_maps` (the randomisation sanity check);
 - `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
@@ -36,6 +40,7 @@ and re-exported below.
 """
 
 from peering.render._draw import Display
+from peering.render.confusion import confused_pair_panels, confusion_matrix_image
 from peering.render.datasets import class_mean_maps
 from peering.render.features import input_kind
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
@@ -47,6 +52,8 @@ from peering.render.tokens import token_html, token_image, token_scores
 __all__ = [
     "Display",
     "class_mean_maps",
+    "confused_pair_panels",
+    "confusion_matrix_image",
     "confusion_panels",
     "diverging",
     "explanation_image",

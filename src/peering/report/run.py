@@ -22,6 +22,8 @@ TAG_VAL = "peering/val/confused"
 TAG_TRACKED = "peering/tracked/"
 TAG_TRAIN_FRACTION = "peering/confused_fraction"
 TAG_VAL_FRACTION = "peering/val/confused_fraction"
+TAG_MATRIX = "peering/confusion_matrix"
+TAG_PAIRS = "peering/confused_pairs"
 
 
 @dataclass
@@ -62,7 +64,9 @@ class RunData:
     ``root`` is the run folder, ``summary`` its ``run.json`` (empty without one), ``log_dir`` the folder
     of its logs (None without logs); ``scalars`` maps a tag to its (step, value) pairs; ``train``, ``val``
     and ``tracked`` (sample index -> pictures over time) hold the callback's pictures, ``records`` its
-    picture index; ``morphs`` the film strips listed in ``run.json`` or found in ``morph/``.
+    picture index; ``matrices`` and ``pairs`` the confusion atlas's pictures (one matrix per validation
+    run, whose record holds the counts; one picture per confused pair); ``morphs`` the film strips listed
+    in ``run.json`` or found in ``morph/``.
     """
 
     root: Path
@@ -72,6 +76,8 @@ class RunData:
     train: list[Picture] = field(default_factory=list)
     val: list[Picture] = field(default_factory=list)
     tracked: dict[int, list[Picture]] = field(default_factory=dict)
+    matrices: list[Picture] = field(default_factory=list)
+    pairs: list[Picture] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     morphs: list[dict[str, Any]] = field(default_factory=list)
     dataset: DatasetRun | None = None
@@ -279,6 +285,10 @@ def _collect(root: Path, log_dir: Path) -> RunData:
         data.train = pictures(TAG_TRAIN)
     if TAG_VAL in tags:
         data.val = pictures(TAG_VAL)
+    if TAG_MATRIX in tags:
+        data.matrices = pictures(TAG_MATRIX)
+    if TAG_PAIRS in tags:
+        data.pairs = pictures(TAG_PAIRS)
     for tag in tags:
         rest = tag[len(TAG_TRACKED) :]
         if tag.startswith(TAG_TRACKED) and rest.isdigit():

@@ -221,6 +221,121 @@ def _confused(run: RunData, options: Options) -> dict[str, Any] | None:
     return {"epochs": epochs}
 
 
+# -------------------------------------------------------------------------------------------------- atlas
+
+
+def _matrix_of(p: Picture) -> list[list[int]] | None:
+    """The counts of a matrix picture's index record, or None when the record is missing or malformed."""
+    m = p.record.get("matrix")
+    if not isinstance(m, list) or not m or not all(isinstance(row, list) and len(row) == len(m) for row in m):
+        return None
+    return m
+
+
+def _when(p: Picture) -> str:
+    return f"epoch {p.epoch}" if p.epoch is not None else f"step {p.step}"
+
+
+def _trend_chart(points: list[tuple[str, int, int]]) -> dict[str, Any] | None:
+    """The geometry of a small line chart of one mistake's count per validation run (labels: the epoch
+    numbers, or the runs' labels when they are not epochs)."""
+    if len(points) < 2:
+        return None
+    width, height, left, right, top, bottom = 320, 96, 40, 24, 10, 22
+    peak = max(1, max(count for _, count, _ in points))
+    span = len(points) - 1
+
+    def x(i: int) -> float:
+        return left + i / span * (width - left - right)
+
+    def y(count: int) -> float:
+        return top + (1.0 - count / peak) * (height - top - bottom)
+
+    xy = [(x(i), y(count)) for i, (_, count, _) in enumerate(points)]
+    every = max(1, math.ceil(len(points) / 8))
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "right_x": width - right,
+        "ticks": [(str(v), y(v)) for v in sorted({0, peak})],
+        "labels": [(label.removeprefix("epoch "), x(i)) for i, (label, _, _) in enumerate(points)][::every],
+        "axis": "epoch" if all(label.startswith("epoch ") for label, _, _ in points) else "",
+        "points": xy,
+        "path": " ".join(f"{px:.1f},{py:.1f}" for px, py in xy),
+    }
+
+
+def _atlas(run: RunData, options: Options) -> dict[str, Any] | None:
+    """The confusion matrix of every validation run (a radio-button stepper), and the last run's most
+    frequent mistakes: each one's count across the runs, its examples and its direction."""
+    if not run.matrices:
+        return None
+    matrices = sorted(run.matrices, key=lambda p: (p.step, p.index))
+    frames = []
+    history: list[tuple[str, list[list[int]]]] = []  # (when, counts) of the runs with counts
+    for i, p in enumerate(matrices):
+        when, m = _when(p), _matrix_of(p)
+        caption = f"{when} (step {p.step})"
+        if m is not None:
+            history.append((when, m))
+            total = sum(map(sum, m))
+            right = sum(m[k][k] for k in range(len(m)))
+            caption += f": {total:,} samples, accuracy {_fmt(right / total if total else None, '{:.1%}')}"
+            caption += f", {total - right:,} mistakes"
+            ignored = p.record.get("ignored")
+            if isinstance(ignored, int) and ignored:
+                caption += f" ({ignored:,} samples without a label or with non-finite scores not counted)"
+        alt = f"confusion matrix, {when}"
+        frames.append({"id": f"atlas-{i}", "label": when, "picture": p, "alt": alt, "caption": caption})
+
+    last = matrices[-1]
+    top = [tuple(pair) for pair in last.record.get("pairs", []) if isinstance(pair, list) and len(pair) == 2]
+    if not top:  # no index record: the pairs drawn at the last step, in their order
+        top = [
+            (int(p.record["true"]), int(p.record["predicted"]))
+            for p in sorted(run.pairs, key=lambda p: p.index)
+            if p.step == last.step and {"true", "predicted"} <= p.record.keys()
+        ]
+    pairs = []
+    for a, b in top:
+        drawn = sorted(
+            (p for p in run.pairs if p.record.get("true") == a and p.record.get("predicted") == b),
+            key=lambda p: p.step,
+        )
+        latest = drawn[-1] if drawn else None
+        points = [
+            (when, int(m[a][b]), int(sum(m[a])))
+            for when, m in history
+            if a < len(m) and b < len(m)
+        ]
+        trend = " → ".join(
+            f"{when}: {count:,}" + (f" ({count / total:.1%})" if total else "")
+            for when, count, total in points
+        )
+        picture = None
+        if latest is not None:
+            r = latest.record
+            caption = f"{_when(latest)}: {r.get('examples', '?')} examples closest to the {a}/{b} boundary, "
+            caption += f"and the mean gradient of log p({b}) - log p({a}) over them"
+            alt = f"true {a} predicted {b}, {_when(latest)}"
+            picture = {"picture": latest, "alt": alt, "caption": caption}
+        earlier = [
+            {"picture": p, "alt": f"true {a} predicted {b}, {_when(p)}", "caption": _when(p)}
+            for p in drawn[:-1]
+        ]
+        pairs.append(
+            {
+                "heading": f"true {a}, predicted {b}",
+                "figure": picture,
+                "chart": _trend_chart(points),
+                "trend": trend,
+                "earlier": earlier,
+            }
+        )
+    return {"frames": frames, "pairs": pairs, "last": _when(last)}
+
+
 # ------------------------------------------------------------------------------------------------ tracked
 
 
@@ -468,6 +583,7 @@ def _sanity(run: RunData, options: Options) -> dict[str, Any] | None:
 _ALL: tuple[Section, ...] = (
     Section("summary", "Run summary", "Summary", _summary),
     Section("confused", "Confused samples per epoch", "Confused samples", _confused),
+    Section("atlas", "Confusion atlas per epoch", "Confusion atlas", _atlas),
     Section("tracked", "Tracked samples over time", "Tracked samples", _tracked),
     Section("morph", "Morphing digits", "Morphing", _morph),
     Section("dataset", "Dataset attributions", "Dataset", _dataset),
