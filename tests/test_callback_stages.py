@@ -86,11 +86,11 @@ def test_validate_and_test_log_pictures_under_inference_mode(trained_cnn, held_o
     assert spy.seen == [True] * 8  # 4 validation + 4 test batches, all in inference mode
 
     logdir = logger.log_dir
-    assert set(image_tags(logdir)) == {"peering/val/confused", "peering/test/confused"}
+    assert {"peering/val/confused", "peering/test/confused"} <= set(image_tags(logdir))
+    assert "peering/confused" not in image_tags(logdir)  # no training pictures in validate()/test()
     for tag in ("peering/val/confused", "peering/test/confused"):
-        ((step, pngs),) = read_images(logdir, tag)
-        assert step == 0 and len(pngs) == 3
-        assert all(p.startswith(b"\x89PNG") for p in pngs)
+        ((step, pngs),) = read_images(logdir, tag)  # TensorBoard: one picture, the 3 panels stacked
+        assert step == 0 and len(pngs) == 1 and pngs[0].startswith(b"\x89PNG")
     assert read_scalars(logdir, "peering/val/confused_fraction") == [(0, 1.0)]
     assert read_scalars(logdir, "peering/test/confused_fraction") == [(0, 1.0)]
     state = callback.state_dict()
@@ -101,7 +101,7 @@ def test_validate_and_test_log_pictures_under_inference_mode(trained_cnn, held_o
     with torch.no_grad():
         logits = trained_cnn(x)
     reference = select_confused(logits, max_difference=1e9, top_n=3)
-    index = read_index(logdir)
+    index = [r for r in read_index(logdir) if "label" in r]  # the samples' records (not the atlas's)
     for stage in ("validation", "test"):
         records = [r for r in index if r["stage"] == stage]
         assert [[r["class_a"], r["class_b"]] for r in records] == reference.classes.tolist()
@@ -152,12 +152,13 @@ def test_only_pictures_written_are_counted(trained_cnn, held_out, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("logger_kind", ["tensorboard", "csv"])
 def test_a_run_without_pictures_reads_empty_and_reports_why(held_out, tmp_path, logger_kind):
-    """An impossible threshold: the readers return empty results (no KeyError from TensorBoard's missing
-    image plugin) and `peering report` exits 0 saying there are no pictures and which threshold it was."""
+    """An impossible threshold and no confusion atlas: the readers return empty results (no KeyError from
+    TensorBoard's missing image plugin) and `peering report` exits 0 saying there are no pictures and which
+    threshold it was."""
     x, y = held_out
     train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32)
     val = DataLoader(TensorDataset(x[128:], y[128:]), batch_size=64)
-    callback = ConfusedLogitCallback(min_logit_value=1e6, logging_batch_interval=2)
+    callback = ConfusedLogitCallback(min_logit_value=1e6, logging_batch_interval=2, atlas=False)
     if logger_kind == "tensorboard":
         logger = TensorBoardLogger(tmp_path)
     else:
@@ -187,9 +188,9 @@ def test_a_run_without_pictures_reads_empty_and_reports_why(held_out, tmp_path, 
     )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    assert "No pictures" in done.stdout and "lower min_logit_value" in done.stdout
+    assert "No confused-sample pictures" in done.stdout and "lower min_logit_value" in done.stdout
     page = (tmp_path / "report.html").read_text()
-    assert "No pictures" in page and "lower min_logit_value" in page
+    assert "No confused-sample pictures" in page and "lower min_logit_value" in page
 
 
 # ------------------------------------------------------------------------------------------------ defaults

@@ -122,13 +122,19 @@ def test_demo_writes_a_complete_run(demo_run):
 
 
 def test_demo_run_is_readable_by_tensorboard_readers(demo_run):
-    from peering.lightning import image_tags, read_scalars
+    from peering.lightning import image_tags, read_images, read_index, read_scalars
 
     logs = demo_run[0] / "logs"
     tags = image_tags(logs)
     assert "peering/confused" in tags
     assert {"peering/tracked/0", "peering/tracked/1"} <= set(tags)
     assert len(read_scalars(logs, "val_acc")) == 2
+    # the confusion atlas: a matrix at every validation epoch, in the event files
+    matrices = read_images(logs, "peering/confusion_matrix")
+    assert [len(pngs) for _, pngs in matrices] == [1, 1]
+    records = [r for r in read_index(logs) if r["tag"] == "peering/confusion_matrix"]
+    assert [(r["step"], r["epoch"]) for r in records] == [(step, e) for e, (step, _) in enumerate(matrices)]
+    assert all(r["png"] is None for r in records)  # in TensorBoard, not in PNG files
 
 
 def test_demo_rerun_replaces_the_previous_run(tmp_path):
@@ -389,7 +395,11 @@ def bad_files(tmp_path_factory, checkpoint):
         "def pair():\n    return Pair()\n\n"
         "def broken():\n    raise RuntimeError('no GPU here')\n\n"
         "def mlp():\n"
-        "    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+        "    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n\n"
+        "class Normalised(DigitCNN):\n"
+        "    # cnn8 for inputs normalised with mean 0.5 and std 0.25: the same function of the image\n"
+        "    def forward(self, z):\n        return super().forward(z * 0.25 + 0.5)\n\n"
+        "def normalised8():\n    return Normalised(image_size=8)\n"
     )
     files["module"] = module
     sys.path.insert(0, str(folder))
@@ -492,6 +502,65 @@ def test_flat_user_model(bad_files, images, tmp_path):
         "--no-progress",
     )
     assert morph.exit_code == 0, morph.output
+
+
+def test_normalised_model_with_mean_and_std(bad_files, images, tmp_path):
+    """A model that takes (image - 0.5) / 0.25: with --mean/--std it sees what cnn8 sees of the raw image
+    (same probabilities), its pictures show the image as read (no clamping note), and it morphs."""
+    common = (bad_files["state_dict"], images["digit0"])
+
+    def explain(factory: str, *extra: str) -> tuple[str, Image.Image]:
+        out = tmp_path / f"{factory}{len(extra)}.png"
+        result = invoke("explain", *common, "--model", f"user_models:{factory}", "-o", out, *extra)
+        assert result.exit_code == 0, result.output
+        table = [ln for ln in result.stdout.splitlines() if ln.startswith(images["digit0"].name)]
+        with Image.open(out) as im:
+            return table[0], im.copy()
+
+    plain_table, plain = explain("cnn8")
+    table, picture = explain("normalised8", "--mean", "0.5", "--std", "0.25")
+    assert table == plain_table  # the model saw the same thing
+    assert picture.size == plain.size  # no note: the image is shown as read, not clamped
+    # the input tile (the left-most 96 px of the tiles) is the same as without any normalisation
+    assert np.array_equal(np.array(picture)[-98:, :100], np.array(plain)[-98:, :100])
+    raw_table, _ = explain("normalised8")  # without the options the model sees another input
+    assert raw_table != plain_table
+    norm = ("--mean", "0.5", "--std", "0.25")
+    morph = invoke(
+        "morph",
+        *common,
+        "--model",
+        "user_models:normalised8",
+        *norm,
+        "--target",
+        "4",
+        "-o",
+        tmp_path / "m.png",
+        "--no-progress",
+    )
+    same = invoke(
+        "morph",
+        *common,
+        "--model",
+        "user_models:cnn8",
+        "--target",
+        "4",
+        "-o",
+        tmp_path / "p.png",
+        "--no-progress",
+    )
+    assert morph.exit_code == 0 and same.exit_code == 0, morph.output + same.output
+    assert morph.stdout.splitlines()[0] == same.stdout.splitlines()[0]  # "predicted k (p=...)" before
+    assert (tmp_path / "m.png").is_file()
+    assert_bad_input(
+        invoke("explain", *common, "--model", "user_models:cnn8", "--mean", "0.5"),
+        "--mean and --std go together",
+    )
+    assert_bad_input(
+        invoke("explain", *common, "--model", "user_models:cnn8", "--mean", "0.5,0.5", "--std", "0.2"),
+        "--mean has 2 values",
+        "1 channels",
+    )
 
 
 @pytest.mark.parametrize("target", ["10", "-1", "99"])

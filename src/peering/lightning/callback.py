@@ -3,13 +3,18 @@
 Every ``logging_batch_interval`` batches the callback runs the model itself, in eval mode and without
 gradients, on a detached copy of the batch; picks the samples whose two highest logits are within
 ``max_logit_difference`` (the ``top_k`` *most* confused, over all DDP ranks); explains them with
-`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and logs one
-picture per sample (`peering.render.confusion_panels`) plus the fraction of confused samples. Drawing,
-PNG encoding and writing happen on a background thread. Tags, the PNG layout and the readers are
-described in `peering.lightning.sinks`.
+`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and draws
+one panel per sample (`peering.render.confusion_panels`: images, or bar charts for tabular inputs, each
+with its scale), logged to the loggers as ONE picture per check and tag (the panels stacked, most confused
+first) and to the PNG folder as one file per sample, plus the fraction of confused samples. With
+``atlas=True`` (the default) it also counts every validation batch into a confusion matrix and logs, per
+validation run, the matrix and the most frequent mistakes with their examples and directions
+(`peering.lightning.atlas`). Drawing, PNG encoding and writing happen on a background thread. Tags, the
+PNG layout and the readers are described in `peering.lightning.sinks`.
 
 This module holds the Lightning hooks and the argument checks; what chooses the samples lives in
-`peering.lightning.selection`, what draws and writes the pictures in `peering.lightning.pictures`.
+`peering.lightning.selection`, what draws and writes the pictures in `peering.lightning.pictures`, the
+confusion atlas's bookkeeping in `peering.lightning.atlas`.
 
 Training is never changed: every submodule's own ``training`` flag, the parameters' ``.grad`` and
 ``requires_grad``, and the global RNG are left exactly as they were, so the trained weights are
@@ -30,8 +35,10 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from peering._guard import OUTPUTS, class_scores, eval_mode
+from peering.confusion import pair_directions, top_confused_pairs
 from peering.explain import explain
-from peering.lightning.pictures import PictureOutput
+from peering.lightning.atlas import ConfusionAtlas, PairExamples, pick_examples
+from peering.lightning.pictures import AtlasJob, PictureOutput
 from peering.lightning.selection import (
     Candidates,
     Layout,
@@ -43,6 +50,7 @@ from peering.lightning.selection import (
     split_kwargs,
 )
 from peering.methods import AttributionMethod, make_method
+from peering.render import Display
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
 
@@ -55,6 +63,8 @@ _LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 TAG = {"train": "peering/confused", "validation": "peering/val/confused", "test": "peering/test/confused"}
 TAG_FRACTION = {stage: f"{tag}_fraction" for stage, tag in TAG.items()}
 TAG_TRACKED = "peering/tracked"
+TAG_MATRIX = "peering/confusion_matrix"
+TAG_PAIRS = "peering/confused_pairs"
 
 
 def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
@@ -153,6 +163,16 @@ class ConfusedLogitCallback(Callback):
             explanation changes as the model learns). They are chosen by margin alone (no thresholds),
             and each picture shows the model's top two classes at that time. The first validation run then
             looks at every batch, not only every ``logging_batch_interval``-th.
+        atlas: count every validation sample into a confusion matrix (torchmetrics, summed over DDP ranks)
+            and log, at the end of each validation run, the matrix (``peering/confusion_matrix``) and the
+            ``pairs`` most frequent mistakes (true a, predicted b), each with its ``examples_per_pair``
+            examples closest to the a/b boundary and its direction: the mean input gradient of
+            log p(b) - log p(a) over them (``peering/confused_pairs``). Needs labels in the validation
+            batches. The logits come from ``validation_step`` when it returns a dict with ``"logits"``
+            ([B, C]), else from one eval-mode forward per validation batch (shared with the checks). With
+            forward arguments or ``layer=`` the atlas shows the matrix and the pairs without examples.
+        pairs: how many of the most frequent mistakes the atlas shows.
+        examples_per_pair: examples per mistake (0: directions are not computed).
         output_fn: picks the class scores out of a model output that is not a [B, C] tensor (e.g.
             ``lambda out: out.logits`` for Hugging Face models).
         layer: explain at this submodule's output (or the submodule of that name, e.g.
@@ -161,6 +181,13 @@ class ConfusedLogitCallback(Callback):
             summed over the layer's other dimensions (how tokens are drawn may change). A name is
             looked up in the LightningModule each time (``get_submodule``).
         zoom: integer magnification of the pictures.
+        display: how the inputs are shown: None (they are images in [0, 1]), ``(mean, std)`` to undo the
+            normalisation of a data pipeline (shown ``x * std + mean`` per channel), or any function from
+            a batch of inputs to images in [0, 1]. Without it, inputs outside [0, 1] are clamped and the
+            pictures say so.
+        input_kind: "auto" (flat inputs [B, D] are tabular unless D = s * s with s >= 8, see
+            `peering.render.input_kind`), "image" or "features" (bar charts of the top features).
+        feature_names: the names of the D features of tabular inputs.
         background: draw, encode and write pictures on a background thread (False: on the training
             thread, e.g. for debugging).
 
@@ -206,9 +233,15 @@ class ConfusedLogitCallback(Callback):
         max_pictures_per_epoch: int | None = 64,
         unpack: Callable[[Any], tuple[Any, ...]] | None = None,
         track: int = 0,
+        atlas: bool = True,
+        pairs: int = 3,
+        examples_per_pair: int = 4,
         output_fn: Callable[[Any], Tensor] | None = None,
         layer: nn.Module | str | None = None,
         zoom: int = 4,
+        display: Display = None,
+        input_kind: Literal["auto", "image", "features"] = "auto",
+        feature_names: Sequence[str] | None = None,
         background: bool = True,
     ) -> None:
         super().__init__()
@@ -259,6 +292,21 @@ class ConfusedLogitCallback(Callback):
             raise ValueError(f"track must be an int >= 0, got {track!r}")
         if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
             raise ValueError(f"zoom must be a positive int, got {zoom!r}")
+        if (
+            display is not None
+            and not callable(display)
+            and not (isinstance(display, (tuple, list)) and len(display) == 2)
+        ):
+            raise TypeError(f"display must be None, (mean, std) or a function of the inputs, got {display!r}")
+        if input_kind not in ("auto", "image", "features"):
+            raise ValueError(f"input_kind must be 'auto', 'image' or 'features', got {input_kind!r}")
+        if feature_names is not None and (
+            isinstance(feature_names, str) or not all(isinstance(n, str) for n in feature_names)
+        ):
+            raise TypeError("feature_names must be a sequence of strings (one per feature), or None")
+        if not isinstance(atlas, bool):
+            raise ValueError(f"atlas must be True or False, got {atlas!r}")
+        atlas_state = ConfusionAtlas(pairs, examples_per_pair)  # checks pairs and examples_per_pair
 
         self.top_k = top_k
         self.projection_factor = float(projection_factor)
@@ -273,9 +321,15 @@ class ConfusedLogitCallback(Callback):
         self.max_pictures_per_epoch = max_pictures_per_epoch
         self.unpack = unpack
         self.track = track
+        self.atlas = atlas
+        self.pairs = pairs
+        self.examples_per_pair = examples_per_pair
         self.output_fn = output_fn
         self.layer = layer
         self.zoom = zoom
+        self.display = display
+        self.input_kind = input_kind
+        self.feature_names = None if feature_names is None else list(feature_names)
         self.background = background
 
         # counters (state_dict); identical on every rank, since they only depend on gathered results ...
@@ -290,7 +344,10 @@ class ConfusedLogitCallback(Callback):
         # ... except the pictures actually written, which only global rank zero counts (on its writer thread)
         self._pictures = {s: 0 for s in _STAGES}
         self._tracked_pictures = 0
+        self._atlas_matrices = 0
+        self._atlas_pair_pictures = 0
         # per-run (not state)
+        self._atlas = atlas_state if atlas else None
         self._disabled: set[str] = set()
         self._problems: dict[str, str] = {}  # stage or "pictures" -> why it stopped, for the run summary
         self._told: set[str] = set()  # stages whose "no confused sample" was said
@@ -339,6 +396,7 @@ class ConfusedLogitCallback(Callback):
             "tracked": tracked,
             "tracking_chosen": self._tracking_chosen,
             "tracked_pictures": self._tracked_pictures,
+            "atlas": {"matrices": self._atlas_matrices, "pair_pictures": self._atlas_pair_pictures},
         }
 
     @override
@@ -360,6 +418,9 @@ class ConfusedLogitCallback(Callback):
         self._tracked = None if tracked is None else Candidates(**tracked)
         self._tracking_chosen = bool(state_dict.get("tracking_chosen", False))
         self._tracked_pictures = int(state_dict.get("tracked_pictures", 0))
+        atlas = state_dict.get("atlas", {})
+        self._atlas_matrices = int(atlas.get("matrices", 0))
+        self._atlas_pair_pictures = int(atlas.get("pair_pictures", 0))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -376,8 +437,14 @@ class ConfusedLogitCallback(Callback):
         self._output = PictureOutput(
             trainer.loggers,
             self._run_dir,
-            projection_factor=self.projection_factor,
-            zoom=self.zoom,
+            drawing={
+                "projection_factor": self.projection_factor,
+                "zoom": self.zoom,
+                "output": self.output,
+                "display": self.display,
+                "kind": self.input_kind,
+                "feature_names": self.feature_names,
+            },
             background=self.background,
             written=self._written,
         )
@@ -451,7 +518,7 @@ class ConfusedLogitCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_batch_end(trainer, pl_module, batch, batch_idx, "validation")
+        self._eval_batch_end(trainer, pl_module, outputs, batch, batch_idx, "validation")
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -471,7 +538,7 @@ class ConfusedLogitCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_batch_end(trainer, pl_module, batch, batch_idx, "test")
+        self._eval_batch_end(trainer, pl_module, outputs, batch, batch_idx, "test")
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -481,9 +548,17 @@ class ConfusedLogitCallback(Callback):
         self._pool, self._pool_stats, self._track_pool, self._pool_layout = None, Stats(), None, None
         if not trainer.sanity_checking:
             self._new_epoch(stage, self._count_epoch[stage] + 1)
+        if stage == "validation" and self._atlas is not None:
+            self._atlas.reset()
 
     def _eval_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, stage: str
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        stage: str,
     ) -> None:
         """Validation and test batches: look at every ``logging_batch_interval``-th one, keep the most
         confused so far (they run under ``torch.inference_mode``: everything kept is copied out of it)."""
@@ -492,18 +567,28 @@ class ConfusedLogitCallback(Callback):
             return
         check = stage in self.on and batch_idx % self.logging_batch_interval == 0
         choose_tracked = stage == "validation" and self._choosing_tracked(trainer)
-        if not (check or choose_tracked) or stage in self._disabled:
+        atlas = self._atlas if stage == "validation" else None
+        if not (check or choose_tracked or atlas is not None) or stage in self._disabled:
             return
         found = self._unpack_checked(stage, batch)
         if found is None:
             return
         inputs, labels, kwargs = found
-        layout = layout_of(inputs, split_kwargs(kwargs, inputs.shape[0])[0])
-        if self._pool_layout is not None and layout != self._pool_layout:
-            self._shape_changed(stage, layout)
-            return
-        self._pool_layout = layout
-        logits = self._safe_scores(stage, pl_module, inputs, kwargs)
+        logits = None
+        if check or choose_tracked:
+            layout = layout_of(inputs, split_kwargs(kwargs, inputs.shape[0])[0])
+            if self._pool_layout is not None and layout != self._pool_layout:
+                self._shape_changed(stage, layout)
+                check = choose_tracked = False
+            else:
+                self._pool_layout = layout
+                logits = self._safe_scores(stage, pl_module, inputs, kwargs)
+                if logits is None:
+                    if atlas is not None:
+                        atlas.fail("the model could not be run on a validation batch")
+                    return
+        if atlas is not None:
+            self._count_atlas(pl_module, outputs, inputs, labels, logits, kwargs)
         if logits is None:
             return
         if check:
@@ -552,6 +637,8 @@ class ConfusedLogitCallback(Callback):
             if trainer.is_global_zero:
                 self._emit_tracked(pl_module, step, epoch)
         self._pool, self._track_pool = None, None
+        if stage == "validation" and self._atlas is not None:
+            self._end_atlas(trainer, pl_module, step, epoch)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -780,6 +867,134 @@ class ConfusedLogitCallback(Callback):
             self._collectives.append((what, trainer.global_step))
         return gather(trainer, local, capacity, stats, layout)
 
+    # ------------------------------------------------------------------------------------ confusion atlas
+
+    def _count_atlas(
+        self,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        inputs: Tensor,
+        labels: Tensor | None,
+        logits: Tensor | None,
+        kwargs: Mapping[str, Any],
+    ) -> None:
+        """Count one validation batch into the atlas (every rank; no collective call)."""
+        atlas = self._atlas
+        assert atlas is not None
+        if labels is None:
+            atlas.ignore(inputs.shape[0])
+            return
+        if (kwargs or self.layer is not None) and atlas.examples_per_pair:
+            # the pairs' examples and directions do not carry forward arguments (a mask) nor take a layer:
+            # a direction computed without its sample's mask would be wrong, so the atlas keeps none
+            atlas.examples_per_pair = 0
+            rank_zero_info(
+                "peering: ConfusedLogitCallback's confusion atlas shows the matrix and the most frequent "
+                "mistakes without examples or directions: those do not support forward arguments (e.g. an "
+                "attention mask) or layer= yet."
+            )
+        scores = _returned_logits(outputs, inputs.shape[0])
+        if scores is None:
+            scores = logits if logits is not None else self._safe_scores("atlas", pl_module, inputs, kwargs)
+        if scores is None:
+            atlas.fail("the model could not be run on a validation batch")
+            return
+        try:
+            atlas.update(inputs, labels, scores)
+        except ValueError:
+            pass  # the atlas keeps the reason; said once at the end of the run (`_end_atlas`)
+
+    def _end_atlas(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, epoch: int) -> None:
+        """Sync the matrix, choose the pairs, gather their examples; on rank zero explain and draw them.
+
+        Every rank makes the same collective calls here: the matrix's (always), then one `gather` of the
+        examples; what follows depends only on the synced matrix, identical on all ranks.
+        """
+        atlas = self._atlas
+        assert atlas is not None
+        if trainer.world_size > 1:
+            self._collectives.append(("atlas", step))
+        result = atlas.compute(trainer.strategy)
+        if result.matrix is None:
+            if "atlas" not in self._disabled and "validation" not in self._disabled:
+                self._disabled.add("atlas")  # said once per run
+                rank_zero_warn(
+                    f"peering: ConfusedLogitCallback's confusion atlas has no matrix for this validation run "
+                    f"({result.reason}). It needs integer class labels in the validation batches: pass "
+                    "unpack=lambda batch: (inputs, labels) to the callback, or atlas=False to turn it off."
+                )
+            return
+        matrix = result.matrix.cpu()
+        repeated = _repeated_samples(trainer)
+        if repeated and "atlas repeats" not in self._disabled:
+            self._disabled.add("atlas repeats")  # said once per run
+            rank_zero_warn(
+                f"peering: the confusion matrix counts {repeated} validation sample(s) twice: Lightning's "
+                "DistributedSampler repeats them so that every rank gets as many batches. When the counts "
+                "must be exact, give the validation DataLoader a sampler that does not repeat (e.g. "
+                "Lightning's UnrepeatedDistributedSampler) and pass use_distributed_sampler=False."
+            )
+        pairs = top_confused_pairs(matrix, atlas.pairs)
+        per_pair = atlas.examples_per_pair
+        local = atlas.examples_for(pairs)
+        # room for every rank's examples: the merge keeps the smallest gaps over all pairs together, so it
+        # must not cut; `pick_examples` then keeps the best `per_pair` of each pair
+        capacity = len(pairs) * per_pair * max(1, trainer.world_size)
+        shape = atlas.sample_shape
+        layout: Layout | None = None if shape is None else (("", shape[0], shape[1]),)
+        classes = torch.stack([local.predicted, local.true], dim=1)  # carried as (b, a)
+        candidates = Candidates(local.inputs, local.true, classes, local.gaps) if len(local) else None
+        gathered, _ = self._gather(trainer, candidates, capacity, "atlas", Stats(), layout)
+        examples, index = pick_examples(
+            PairExamples(gathered.inputs, gathered.labels, gathered.classes[:, 0], gathered.margins),
+            pairs,
+            per_pair,
+        )
+        self._atlas_matrices += 1
+        self._atlas_pair_pictures += len(pairs) if per_pair else 0
+        if not trainer.is_global_zero or self._output is None:
+            return
+        directions, probabilities = None, torch.zeros(0)
+        if len(pairs) and per_pair and "atlas pictures" not in self._disabled:
+            try:
+                device = pl_module.device
+                inputs = _as_model_dtype(pl_module, examples.inputs.to(device))
+                directions = pair_directions(
+                    pl_module, inputs, pairs.to(device), index.to(device), output_fn=self.output_fn
+                )
+                if len(examples):
+                    probs = self._scores(pl_module, inputs).float().softmax(dim=1)
+                    probabilities = probs.gather(1, examples.predicted.to(device)[:, None])[:, 0]
+            except Exception as err:
+                directions = None
+                self._disabled.add("atlas pictures")
+                rank_zero_warn(
+                    f"peering: ConfusedLogitCallback could not explain the confused pairs "
+                    f"({type(err).__name__}: {err}); the confusion matrix is still logged. Training goes on."
+                )
+        self._output.atlas(
+            AtlasJob(
+                self._output,
+                matrix_tag=TAG_MATRIX,
+                pairs_tag=TAG_PAIRS,
+                matrix=matrix,
+                ignored=result.ignored,
+                repeated=repeated,
+                pairs=pairs,
+                examples=PairExamples(
+                    examples.inputs.detach().cpu(),
+                    examples.true.cpu(),
+                    examples.predicted.cpu(),
+                    examples.gaps.cpu(),
+                ),
+                pair_index=index.cpu(),
+                probabilities=probabilities.detach().cpu(),
+                directions=None if directions is None else directions.detach().float().cpu(),
+                step=step,
+                epoch=epoch,
+            )
+        )
+
     # ------------------------------------------------------------------------------------ output (rank 0)
 
     def _layer(self, pl_module: pl.LightningModule) -> nn.Module | None:
@@ -860,6 +1075,42 @@ class ConfusedLogitCallback(Callback):
     def _close_writer(self) -> None:
         if self._output is not None:
             self._output.close()
+
+
+def _repeated_samples(trainer: pl.Trainer) -> int:
+    """How many validation samples a `DistributedSampler` repeats to even out the ranks (0 when none, or
+    when ``limit_val_batches`` leaves the end of the set out anyway)."""
+    from torch.utils.data import DistributedSampler
+
+    if trainer.world_size <= 1 or trainer.limit_val_batches != 1.0:
+        return 0
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    repeated = 0
+    for loader in loaders:
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            repeated += max(0, int(sampler.total_size) - len(sampler.dataset))  # type: ignore[arg-type]
+    return repeated
+
+
+def _returned_logits(outputs: Any, batch_size: int) -> Tensor | None:
+    """The logits a ``validation_step`` returned as ``{"logits": [B, C]}``, or None."""
+    if not isinstance(outputs, Mapping):
+        return None
+    logits = outputs.get("logits")
+    if (
+        isinstance(logits, Tensor)
+        and logits.ndim == 2
+        and logits.shape[0] == batch_size
+        and logits.shape[1] >= 2
+        and logits.is_floating_point()
+    ):
+        return logits.detach()
+    return None
 
 
 def _as_model_dtype(pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:

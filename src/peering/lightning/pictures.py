@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from peering.lightning.atlas import PairExamples
 from peering.lightning.selection import Candidates
 from peering.lightning.sinks import (
     BackgroundWriter,
@@ -29,9 +31,23 @@ from peering.lightning.sinks import (
     write_summary,
 )
 
-__all__: list[str] = []
+__all__ = ["stack_panels"]
 
 _FAILED = object()
+
+
+class Written(NamedTuple):
+    """What `PictureOutput.write_panels` did: the PNG folder's files, the panels' boxes in the loggers'
+    picture (each None when unused), and whether at least one sink took the panels."""
+
+    files: list[str] | None
+    boxes: list[list[int]] | None
+    taken: bool
+
+
+def _took(sink: Sink, tag: str, images: list[np.ndarray], pngs: list[bytes], step: int) -> bool:
+    sink.log_images(tag, images, pngs, step)
+    return True
 
 
 class PictureOutput:
@@ -42,13 +58,12 @@ class PictureOutput:
         loggers: list[Any],
         run_dir: str,
         *,
-        projection_factor: float,
-        zoom: int,
+        drawing: Mapping[str, Any],
         background: bool,
         written: Callable[[str, int], None] = lambda stage, n: None,
     ) -> None:
         self.run_dir = run_dir
-        self.projection_factor, self.zoom, self.background = projection_factor, zoom, background
+        self.drawing, self.background = dict(drawing), background  # drawing: confusion_panels' options
         self.written = written  # (stage, n): n pictures of that stage reached at least one sink
         self.failed: dict[int, str] = {}
         self._failures: list[tuple[int, str, BaseException]] = []
@@ -77,6 +92,52 @@ class PictureOutput:
     ) -> None:
         """Draw and write the pictures of ``chosen`` (on the writer thread); all tensors on the CPU."""
         self.submit(PictureJob(self, tags, chosen, attributions, probs, step, stage, epoch))
+
+    def atlas(self, job: AtlasJob) -> None:
+        """Draw and write the confusion atlas of one validation run (on the writer thread)."""
+        self.submit(job)
+
+    def write(self, tag: str, images: list[np.ndarray], pngs: list[bytes], step: int) -> list[str] | None:
+        """Hand the pictures of one tag to every live sink; the files written by the PNG folder, if any."""
+        for sink in list(self.sinks):
+            self.guarded(sink, functools.partial(sink.log_images, tag, images, pngs, step))
+        fallback = self.fallback
+        if fallback is None:
+            return None
+        return self.guarded(fallback, functools.partial(fallback.log_images, tag, images, pngs, step))
+
+    def write_panels(self, tag: str, panels: np.ndarray, step: int) -> Written:
+        """Hand the panels [n, H, W, 3] of one tag to every live sink: the loggers get them as ONE picture
+        (`stack_panels`, so TensorBoard shows one card per tag whose step slider walks through training),
+        the PNG folder one file each. Returns the files the PNG folder wrote and where each panel sits in
+        the loggers' picture (``[x, y, width, height]``), each None when unused, and whether at least one
+        sink took them."""
+        boxes, taken = None, False
+        sinks = list(self.sinks)
+        if sinks:
+            picture, boxes = stack_panels(panels)
+            pngs = [encode_png(picture)]
+            for sink in sinks:
+                call = functools.partial(_took, sink, tag, [picture], pngs, step)
+                taken |= bool(self.guarded(sink, call, failed=False))
+        fallback = self.fallback
+        if fallback is None:
+            return Written(None, boxes, taken)
+        images = list(panels)
+        files = self.guarded(
+            fallback,
+            functools.partial(fallback.log_images, tag, images, [encode_png(p) for p in images], step),
+            failed=_FAILED,
+        )
+        if files is _FAILED:
+            return Written(None, boxes, taken)
+        return Written(files, boxes, True)
+
+    def record(self, records: list[dict[str, Any]]) -> None:
+        """Append records to the picture index (a failure is handled like any sink's)."""
+        if self.index is not None:
+            index = self.index
+            self.guarded(IndexSink(index), lambda: index.append(records))
 
     def scalar(self, loggers: Iterable[Any], tag: str, value: float, step: int) -> None:
         for logger in loggers:
@@ -189,21 +250,19 @@ class PictureJob:
             prob_a=self.probs[:, 0],
             prob_b=self.probs[:, 1],
             labels=c.labels,
-            projection_factor=out.projection_factor,
-            zoom=out.zoom,
+            **out.drawing,
         ).numpy()
-        pngs = [encode_png(p) for p in panels]
         # one tag for all (training, validation) or one tag per sample (tracked)
         groups = (
-            [(self.tags[0], list(range(len(pngs))))]
+            [(self.tags[0], list(range(len(panels))))]
             if len(self.tags) == 1
             else [(tag, [i]) for i, tag in enumerate(self.tags)]
         )
         records = []
         written = 0
         for tag, rows in groups:
-            ok, files = self._write(tag, [panels[i] for i in rows], [pngs[i] for i in rows])
-            written += len(rows) if ok else 0
+            files, boxes, taken = out.write_panels(tag, panels[rows], self.step)
+            written += len(rows) if taken else 0
             for j, i in enumerate(rows):
                 records.append(
                     {
@@ -221,35 +280,140 @@ class PictureJob:
                         "width": int(panels.shape[2]),
                         "height": int(panels.shape[1]),
                         "png": files[j] if files else None,
+                        "box": boxes[j] if boxes else None,
                     }
                 )
         if written:
             out.written(self.stage, written)
-        if out.index is not None:
-            index = out.index
-            out.guarded(IndexSink(index), lambda: index.append(records))
-
-    def _write(self, tag: str, images: list[np.ndarray], pngs: list[bytes]) -> tuple[bool, list[str] | None]:
-        """Hand the pictures of one tag to every live sink: whether at least one took them, and the files
-        written by the PNG folder, if any."""
-        out, step = self.output, self.step
-        ok = False
-        for sink in list(out.sinks):
-            ok |= out.guarded(sink, functools.partial(_took, sink, tag, images, pngs, step), failed=False)
-        fallback = out.fallback
-        if fallback is None:
-            return ok, None
-        files = out.guarded(
-            fallback, functools.partial(fallback.log_images, tag, images, pngs, step), _FAILED
-        )
-        if files is _FAILED:
-            return ok, None
-        return True, files
+        out.record(records)
 
 
-def _took(sink: Sink, tag: str, images: list[np.ndarray], pngs: list[bytes], step: int) -> bool:
-    sink.log_images(tag, images, pngs, step)
-    return True
+STACK_ROWS = 8
+"""The loggers' picture of a check stacks its panels in columns of at most this many."""
+STACK_PAD = 6
+"""Pixels of grey between (and around) the panels in the loggers' picture."""
+
+
+def stack_panels(panels: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    """All panels [n, H, W, 3] of one check as one picture on grey, in reading order (most confused first):
+    one column of up to `STACK_ROWS` panels, or ceil(n / 8) panels per row beyond that; and each panel's
+    box ``[x, y, width, height]`` in the picture.
+
+    >>> import numpy as np
+    >>> picture, boxes = stack_panels(np.zeros((3, 10, 20, 3), np.uint8))
+    >>> picture.shape, boxes[2]
+    ((54, 32, 3), [6, 38, 20, 10])
+    """
+    import torch
+
+    from peering.render import grid
+
+    n, h, w, _ = panels.shape
+    columns = -(-n // STACK_ROWS)
+    rows = -(-n // columns)
+    picture = grid(torch.from_numpy(np.ascontiguousarray(panels)), nrow=columns, pad=STACK_PAD, pad_value=200)
+    boxes = []
+    for i in range(n):  # the layout `grid` documents: tile i in row i // nrow, column i % nrow
+        r, col = divmod(i, columns)
+        boxes.append([STACK_PAD + col * (w + STACK_PAD), STACK_PAD + r * (h + STACK_PAD), w, h])
+    assert rows * (h + STACK_PAD) + STACK_PAD == picture.shape[0]
+    return picture.numpy(), boxes
+
+
+class AtlasJob:
+    """Draw, encode and write one validation run's confusion atlas (runs on the writer thread): the matrix
+    under ``matrix_tag`` (one picture) and one panel per confused pair under ``pairs_tag``, with one index
+    record each (the matrix record holds the counts, so the report can show trends without the pictures).
+
+    All tensors on the CPU. ``directions`` is None when they could not be computed: the pairs are then
+    drawn without pictures of their own (only outlined in the matrix).
+    """
+
+    def __init__(
+        self,
+        output: PictureOutput,
+        *,
+        matrix_tag: str,
+        pairs_tag: str,
+        matrix: Tensor,
+        ignored: int,
+        repeated: int,
+        pairs: Tensor,
+        examples: PairExamples,
+        pair_index: Tensor,
+        probabilities: Tensor,
+        directions: Tensor | None,
+        step: int,
+        epoch: int,
+    ) -> None:
+        self.output, self.matrix_tag, self.pairs_tag = output, matrix_tag, pairs_tag
+        self.matrix, self.ignored, self.repeated, self.pairs = matrix, ignored, repeated, pairs
+        self.examples, self.pair_index, self.probabilities = examples, pair_index, probabilities
+        self.directions = directions
+        self.step, self.epoch = step, epoch
+
+    def __call__(self) -> None:
+        from peering.render import confused_pair_panels, confusion_matrix_image
+
+        out, m = self.output, self.matrix
+        samples = int(m.sum())
+        accuracy = float(m.diagonal().sum()) / samples if samples else 0.0
+        title = f"epoch {self.epoch} · step {self.step} · {samples:,} samples · accuracy {accuracy:.1%}"
+        if self.ignored:
+            title += f" · {self.ignored:,} not counted"
+        if self.repeated:
+            title += f" · {self.repeated:,} counted twice"
+        picture = confusion_matrix_image(m, highlight=self.pairs, title=title).numpy()
+        files = out.write(self.matrix_tag, [picture], [encode_png(picture)], self.step)
+        base = {"step": int(self.step), "stage": "validation", "epoch": int(self.epoch)}
+        records: list[dict[str, Any]] = [
+            {
+                "tag": self.matrix_tag,
+                **base,
+                "index": 0,
+                "matrix": m.tolist(),
+                "samples": samples,
+                "ignored": int(self.ignored),
+                "repeated": int(self.repeated),
+                "pairs": self.pairs.tolist(),
+                "width": int(picture.shape[1]),
+                "height": int(picture.shape[0]),
+                "png": files[0] if files else None,
+            }
+        ]
+        if len(self.pairs) and self.directions is not None:
+            counts = m[self.pairs[:, 0], self.pairs[:, 1]]
+            totals = m.sum(dim=1)[self.pairs[:, 0]]
+            panels = confused_pair_panels(
+                self.examples.inputs,
+                self.pair_index,
+                self.directions,
+                self.pairs,
+                counts=counts,
+                totals=totals,
+                probabilities=self.probabilities,
+                zoom=int(out.drawing.get("zoom", 4)),
+            ).numpy()
+            files, boxes, _ = out.write_panels(self.pairs_tag, panels, self.step)
+            per_pair = torch.bincount(self.pair_index, minlength=len(self.pairs)).tolist()
+            for k, (a, b) in enumerate(self.pairs.tolist()):
+                records.append(
+                    {
+                        "tag": self.pairs_tag,
+                        **base,
+                        "index": k,
+                        "true": a,
+                        "predicted": b,
+                        "count": int(counts[k]),
+                        "class_total": int(totals[k]),
+                        "examples": int(per_pair[k]),
+                        "width": int(panels.shape[2]),
+                        "height": int(panels.shape[1]),
+                        "png": files[k] if files else None,
+                        "box": boxes[k] if boxes else None,
+                    }
+                )
+        out.record(records)
 
 
 class IndexSink(Sink):
