@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_explain.py
 	$(PY) benchmarks/bench_morph.py
 	$(PY) benchmarks/bench_callback.py
+	$(PY) benchmarks/bench_faithfulness.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

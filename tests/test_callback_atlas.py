@@ -109,7 +109,8 @@ def test_top_pairs_are_the_most_frequent_mistakes_with_their_examples(atlas_run)
     assert sorted(pictures) == sorted(matrices)
     for step, matrix in matrices.items():
         mine = sorted((r for r in pairs if r["step"] == step), key=lambda r: r["index"])
-        assert [r["index"] for r in mine] == [0, 1, 2] and len(pictures[step]) == 3
+        # the loggers get one picture per run (the pairs stacked); each record says where its panel sits
+        assert [r["index"] for r in mine] == [0, 1, 2] and len(pictures[step]) == 1
         off = matrix.copy()
         np.fill_diagonal(off, 0)
         counts = [r["count"] for r in mine]
@@ -118,7 +119,10 @@ def test_top_pairs_are_the_most_frequent_mistakes_with_their_examples(atlas_run)
             assert r["true"] != r["predicted"] and matrix[r["true"], r["predicted"]] == r["count"]
             assert r["class_total"] == matrix[r["true"]].sum()
             assert r["examples"] == min(4, r["count"])  # the default examples_per_pair, all ranks
-            assert png_size(pictures[step][r["index"]]) == (r["width"], r["height"])
+            x, y, width, height = r["box"]
+            assert (width, height) == (r["width"], r["height"])
+            stacked_width, stacked_height = png_size(pictures[step][0])
+            assert x + width <= stacked_width and y + height <= stacked_height
 
 
 def test_pictures_look_like_a_matrix_and_like_attributions(atlas_run):
@@ -128,9 +132,13 @@ def test_pictures_look_like_a_matrix_and_like_attributions(atlas_run):
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[0] > 10 * 12 and pixels.shape[1] > 10 * 12  # 10 x 10 cells of at least 12 px
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # colours, not a blank page
-    _, pair_pngs = read_images(logdir, PAIRS)[-1]
+    step, pair_pngs = read_images(logdir, PAIRS)[-1]
+    first = next(r for r in read_index(logdir) if r["tag"] == PAIRS and r["step"] == step and r["index"] == 0)
+    x, y, width, height = first["box"]
     with Image.open(io.BytesIO(pair_pngs[0])) as image:
-        assert image.width > 4 * image.height / 2  # a row of example tiles and the direction map
+        panel = image.crop((x, y, x + width, y + height))
+    assert panel.width > 4 * panel.height / 2  # a row of example tiles and the direction map
+    assert len(np.unique(np.asarray(panel.convert("RGB")).reshape(-1, 3), axis=0)) > 10
 
 
 def test_the_module_returned_logits_spare_a_forward_pass(data, tmp_path):

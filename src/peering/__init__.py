@@ -4,6 +4,8 @@
 - `morph`: gradient-ascent steps on the input until the model predicts a chosen class.
 - `select_confused`: the samples whose top two classes are nearly tied.
 - `peering.lightning.ConfusedLogitCallback`: watch what confuses a model while it trains.
+- `peering.lightning.AttributionWriter` and `load_attributions`: a whole dataset's attributions, on every
+  device, as shards on disk read back in dataset order.
 - `peering.render`: pictures of all of the above.
 """
 
@@ -18,12 +20,14 @@ from peering.methods import (
     SmoothGrad,
 )
 from peering.morph import MorphResult, morph
+from peering.store import DatasetAttributions, load_attributions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttributionMethod",
     "ConfusedSamples",
+    "DatasetAttributions",
     "Explanation",
     "Gradient",
     "InputXGradient",
@@ -31,6 +35,7 @@ __all__ = [
     "MorphResult",
     "SmoothGrad",
     "explain",
+    "load_attributions",
     "morph",
     "render",
     "select_confused",

@@ -7,6 +7,7 @@ scikit-learn's bundled 8x8 digits (offline) or on MNIST, and writes one run fold
         logs/            TensorBoard event files (+ logs/peering/index.jsonl, the callback's picture index)
         model.ckpt       the trained model (a Lightning checkpoint; `peering explain` / `morph` read it)
         morph/           film strips (PNG) and animations (GIF) of test digits morphed into other classes
+        sanity/          the randomisation sanity check: its curve per method and example maps (PNG)
         run.json         what was run and measured (the report reads it)
         report.html      the static report (`peering.report.build_report`)
 
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ __all__ = [
     "CONFIDENT",
     "DEFAULT_EPOCHS",
     "DemoResult",
+    "load_demo_data",
     "morph_view",
     "run_demo",
     "tensorboard_command",
@@ -61,6 +63,7 @@ REPORT_FILE = "report.html"
 CHECKPOINT_FILE = "model.ckpt"
 LOG_DIR = "logs"
 MORPH_DIR = "morph"
+SANITY_DIR = "sanity"
 
 # the order in which test digits are picked for morphing: the 5 first (a 5 made into an 8 is the classic)
 _MORPH_LABELS = (5, 3, 7, 4, 2, 9, 8, 6, 0, 1)
@@ -75,6 +78,8 @@ class DemoResult:
         tensorboard_command: the exact command that shows the run in TensorBoard.
         test_accuracy: accuracy on the held-out digits.
         morphs: one dict per film strip (label, target, kind, success, step, distance, files).
+        sanity: the sanity check's numbers and verdicts (`peering.sanity.SanityResult.to_dict`) and its
+            pictures, or None when it was not run.
         seconds: wall time of the whole run.
     """
 
@@ -86,6 +91,7 @@ class DemoResult:
     test_accuracy: float
     morphs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    sanity: dict[str, Any] | None = None
 
 
 def run_demo(
@@ -99,6 +105,7 @@ def run_demo(
     track: int = 4,
     morph_digits: int = 4,
     morph_steps: int = 100,
+    sanity_digits: int = 32,
     progress: bool = True,
     threads: int | None = 1,
     echo: Callable[[str], None] | None = None,
@@ -115,6 +122,8 @@ def run_demo(
         track: how many of the most confused validation digits to follow through training.
         morph_digits: how many test digits to morph, each to (label + 1) mod 10 and to its runner-up.
         morph_steps: the most morph steps.
+        sanity_digits: how many test digits the randomisation sanity check (`peering.sanity`) explains
+            with each of the four methods; 0 skips it.
         progress: show Lightning's progress bar while training and a bar while morphing.
         threads: torch's intra-op threads for the run (restored after); None leaves them as they are.
             One is the default because this model is small: on a machine whose cores are busy, more
@@ -130,9 +139,11 @@ def run_demo(
 
     >>> import tempfile
     >>> result = run_demo(tempfile.mkdtemp(), "doc", epochs=1, track=1, morph_digits=1, morph_steps=5,
-    ...                   progress=False)
+    ...                   sanity_digits=4, progress=False)
     >>> result.report.name, result.checkpoint.name
     ('report.html', 'model.ckpt')
+    >>> result.sanity["layers"]  # the sanity check re-initialised these, output side first
+    ['fc2', 'fc1', 'conv2', 'conv1']
     >>> sorted(p.suffix for p in (result.run_dir / "morph").iterdir())  # (label + 1) and runner-up
     ['.gif', '.gif', '.png', '.png']
     """
@@ -145,7 +156,9 @@ def run_demo(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"name must be a plain folder name (no '/'), got {name!r}")
-    for label, value in (("track", track), ("morph_digits", morph_digits), ("morph_steps", morph_steps)):
+    counts = (("track", track), ("morph_digits", morph_digits), ("morph_steps", morph_steps),
+              ("sanity_digits", sanity_digits))
+    for label, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{label} must be an int >= 0, got {value!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -164,6 +177,7 @@ def run_demo(
                 track,
                 morph_digits,
                 morph_steps,
+                sanity_digits,
                 progress,
                 say,
                 started,
@@ -182,6 +196,7 @@ def _run(
     track: int,
     morph_digits: int,
     morph_steps: int,
+    sanity_digits: int,
     progress: bool,
     say: Callable[[str], None],
     started: float,
@@ -195,7 +210,7 @@ def _run(
     from peering.lightning import ConfusedLogitCallback
     from peering.models import DigitClassifier, accuracy
 
-    train_x, train_y, test_x, test_y, described = _load_data(dataset, data_dir, seed, say)
+    train_x, train_y, test_x, test_y, described = load_demo_data(dataset, data_dir, seed, say)
     size = int(train_x.shape[-1])
     zoom = max(1, -(-64 // size))  # tiles about 64 px wide: three pictures side by side in the report
 
@@ -209,7 +224,7 @@ def _run(
         TensorDataset(train_x, train_y), batch_size=32, shuffle=True, generator=generator
     )
     val_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=256)
-    callback_settings = {
+    callback_settings: dict[str, Any] = {
         "top_k": 4,
         "projection_factor": 0.15,  # logit gradients here reach 4-6 per pixel: keep x + f * g readable
         "logging_batch_interval": 5,
@@ -259,6 +274,8 @@ def _run(
 
     stop.check()
     morphs = _morph_digits(model, test_x, test_y, run_dir, morph_digits, morph_steps, zoom, progress, say)
+    stop.check()
+    sanity = _sanity_check(model, test_x[:sanity_digits], run_dir, seed, zoom, say)
     stop.check()  # after this, the last second of writing run.json and the report goes on to the end
 
     command = tensorboard_command(log_dir)
@@ -281,6 +298,7 @@ def _run(
         "tensorboard": tensorboard_command(log_dir, relative=False),
         "callback": {k: v for k, v in callback_settings.items()},
         "morphs": morphs,
+        "sanity": sanity,
     }
     write_json_atomic(run_dir / RUN_FILE, summary)
 
@@ -297,6 +315,7 @@ def _run(
         test_accuracy=test_accuracy,
         morphs=morphs,
         seconds=seconds,
+        sanity=sanity,
     )
 
 
@@ -330,8 +349,12 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     >>> write_json_atomic(Path(tempfile.mkdtemp()) / "x.json", {"a": 1}).read_text()
     '{\\n  "a": 1\\n}\\n'
     """
-    text = json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    encoded = (json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
+
+    def write(f: IO[bytes]) -> None:
+        f.write(encoded)
+
+    return atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------------------------------ private
@@ -359,9 +382,26 @@ def _display_path(path: Path) -> str:
     return str(path)
 
 
-def _load_data(
-    dataset: str, data_dir: str | os.PathLike[str] | None, seed: int, say: Callable[[str], None]
+def load_demo_data(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
+    """The demo's split: ``(train_x, train_y, test_x, test_y, description)``, as `run_demo` makes it.
+
+    ``dataset`` is "digits" (scikit-learn's 8x8 digits, 80/20) or "mnist" (the t10k digits, 80/20, from
+    ``data_dir``, else ``$PEERING_DATA_DIR``, else downloaded with checksums, said through ``say``); the
+    split is shuffled with ``seed``. `peering check` uses it to test a demo checkpoint on the digits the
+    demo held out.
+
+    >>> train_x, train_y, test_x, test_y, described = load_demo_data("digits")
+    >>> tuple(test_x.shape), described
+    ((359, 1, 8, 8), '1,438 scikit-learn 8x8 digits')
+    """
+    if dataset not in DEFAULT_EPOCHS:
+        raise ValueError(f"dataset must be 'digits' or 'mnist', got {dataset!r}")
+    say = say or log.info
     from peering.data import DATA_DIR_ENV, available_mnist_splits, load_digits, load_mnist, train_test_split
 
     if dataset == "digits":
@@ -382,7 +422,7 @@ def _clear_previous(run_dir: Path) -> None:
     """Remove what an earlier run of the same name wrote (only the demo's own files and folders)."""
     for file in (REPORT_FILE, RUN_FILE, CHECKPOINT_FILE):
         (run_dir / file).unlink(missing_ok=True)
-    for folder in (LOG_DIR, MORPH_DIR):
+    for folder in (LOG_DIR, MORPH_DIR, SANITY_DIR):
         if (run_dir / folder).is_dir():
             shutil.rmtree(run_dir / folder)
 
@@ -560,6 +600,32 @@ def _morph_digits(
     return records
 
 
+def _sanity_check(
+    model: torch.nn.Module, digits: Tensor, run_dir: Path, seed: int, zoom: int, say: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Run the randomisation sanity check on ``digits``; write its pictures; its numbers for run.json."""
+    from peering.render import sanity_curves, sanity_maps, save_png
+    from peering.sanity import randomisation_check
+
+    if len(digits) == 0:
+        return None
+    say(
+        f"Sanity check: re-initialising the model's layers from the output down and comparing the maps "
+        f"of {len(digits)} test digits"
+    )
+    result = randomisation_check(model, digits, seed=seed)
+    folder = run_dir / SANITY_DIR
+    save_png(sanity_curves(result), folder / "curves.png")
+    maps = {}
+    for method in result.methods:
+        save_png(sanity_maps(result, method, zoom=zoom), folder / f"maps_{method}.png")
+        maps[method] = f"{SANITY_DIR}/maps_{method}.png"
+    verdicts = {True: "passes", False: "fails", None: "undecided"}
+    said = ", ".join(f"{m} {verdicts[result.passed[m]]} ({result.final(m):.2f})" for m in result.methods)
+    say(f"Sanity check: {said}; pictures in {folder}")
+    return {**result.to_dict(), "curves": f"{SANITY_DIR}/curves.png", "maps": maps}
+
+
 CONFIDENT = 0.9
 """The demo's film strips end where the model gives the target class this probability."""
 
@@ -569,10 +635,11 @@ def morph_view(
 ) -> SimpleNamespace:
     """One sample of a `MorphResult` as a one-sample result whose frames end at ``last_frame``.
 
-    For `peering.render.film_strip` / `save_gif`, which draw all of a result's frames: a sample that
-    early-stopped at step 20 of 100 would otherwise show 80 identical frames. ``last_frame`` defaults
-    to the frame of the step where the sample was first predicted as its target (all frames if never);
-    ``probabilities`` [C] are those of that last frame (default: the result's final ones).
+    For `peering.render.film_strip` / `save_gif`, which draw all of a view's frames (a view has no
+    ``steps``): the demo morphs without early stop and ends each strip at a confident frame, later than the
+    arrival step where `film_strip` would end a `MorphResult`. ``last_frame`` defaults to the frame of the
+    step where the sample was first predicted as its target (all frames if never); ``probabilities`` [C]
+    are those of that last frame (default: the result's final ones).
 
     >>> import torch
     >>> from types import SimpleNamespace

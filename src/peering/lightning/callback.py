@@ -3,8 +3,10 @@
 Every ``logging_batch_interval`` batches the callback runs the model itself, in eval mode and without
 gradients, on a detached copy of the batch; picks the samples whose two highest logits are within
 ``max_logit_difference`` (the ``top_k`` *most* confused, over all DDP ranks); explains them with
-`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and logs one
-picture per sample (`peering.render.confusion_panels`) plus the fraction of confused samples. With
+`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and draws
+one panel per sample (`peering.render.confusion_panels`: images, or bar charts for tabular inputs, each
+with its scale), logged to the loggers as ONE picture per check and tag (the panels stacked, most confused
+first) and to the PNG folder as one file per sample, plus the fraction of confused samples. With
 ``atlas=True`` (the default) it also counts every validation batch into a confusion matrix and logs, per
 validation run, the matrix and the most frequent mistakes with their examples and directions
 (`peering.lightning.atlas`). Drawing, PNG encoding and writing happen on a background thread. Tags, the
@@ -39,6 +41,7 @@ from peering.lightning.atlas import ConfusionAtlas, PairExamples, pick_examples
 from peering.lightning.pictures import AtlasJob, PictureOutput
 from peering.lightning.selection import Candidates, Shape, Stats, Thresholds, choose, gather
 from peering.methods import AttributionMethod, make_method
+from peering.render import Display
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
 
@@ -129,6 +132,13 @@ class ConfusedLogitCallback(Callback):
         examples_per_pair: examples per mistake (0: directions are not computed).
         output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
         zoom: integer magnification of the pictures.
+        display: how the inputs are shown: None (they are images in [0, 1]), ``(mean, std)`` to undo the
+            normalisation of a data pipeline (shown ``x * std + mean`` per channel), or any function from
+            a batch of inputs to images in [0, 1]. Without it, inputs outside [0, 1] are clamped and the
+            pictures say so.
+        input_kind: "auto" (flat inputs [B, D] are tabular unless D = s * s with s >= 8, see
+            `peering.render.input_kind`), "image" or "features" (bar charts of the top features).
+        feature_names: the names of the D features of tabular inputs.
         background: draw, encode and write pictures on a background thread (False: on the training
             thread, e.g. for debugging).
 
@@ -176,6 +186,9 @@ class ConfusedLogitCallback(Callback):
         examples_per_pair: int = 4,
         output_fn: Callable[[Any], Tensor] | None = None,
         zoom: int = 4,
+        display: Display = None,
+        input_kind: Literal["auto", "image", "features"] = "auto",
+        feature_names: Sequence[str] | None = None,
         background: bool = True,
     ) -> None:
         super().__init__()
@@ -219,6 +232,18 @@ class ConfusedLogitCallback(Callback):
             raise ValueError(f"track must be an int >= 0, got {track!r}")
         if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
             raise ValueError(f"zoom must be a positive int, got {zoom!r}")
+        if (
+            display is not None
+            and not callable(display)
+            and not (isinstance(display, (tuple, list)) and len(display) == 2)
+        ):
+            raise TypeError(f"display must be None, (mean, std) or a function of the inputs, got {display!r}")
+        if input_kind not in ("auto", "image", "features"):
+            raise ValueError(f"input_kind must be 'auto', 'image' or 'features', got {input_kind!r}")
+        if feature_names is not None and (
+            isinstance(feature_names, str) or not all(isinstance(n, str) for n in feature_names)
+        ):
+            raise TypeError("feature_names must be a sequence of strings (one per feature), or None")
         if not isinstance(atlas, bool):
             raise ValueError(f"atlas must be True or False, got {atlas!r}")
         atlas_state = ConfusionAtlas(pairs, examples_per_pair)  # checks pairs and examples_per_pair
@@ -241,6 +266,9 @@ class ConfusedLogitCallback(Callback):
         self.examples_per_pair = examples_per_pair
         self.output_fn = output_fn
         self.zoom = zoom
+        self.display = display
+        self.input_kind = input_kind
+        self.feature_names = None if feature_names is None else list(feature_names)
         self.background = background
 
         # counters (state_dict); identical on every rank, since they only depend on gathered results
@@ -332,8 +360,14 @@ class ConfusedLogitCallback(Callback):
         self._output = PictureOutput(
             trainer.loggers,
             self._run_dir,
-            projection_factor=self.projection_factor,
-            zoom=self.zoom,
+            drawing={
+                "projection_factor": self.projection_factor,
+                "zoom": self.zoom,
+                "output": self.output,
+                "display": self.display,
+                "kind": self.input_kind,
+                "feature_names": self.feature_names,
+            },
             background=self.background,
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,17 +30,17 @@ from peering.lightning.sinks import (
     image_sinks,
 )
 
-__all__: list[str] = []
+__all__ = ["stack_panels"]
 
 
 class PictureOutput:
     """One run's sinks, index and writer (global rank zero only), and the failures of each sink."""
 
     def __init__(
-        self, loggers: list[Any], run_dir: str, *, projection_factor: float, zoom: int, background: bool
+        self, loggers: list[Any], run_dir: str, *, drawing: Mapping[str, Any], background: bool
     ) -> None:
         self.run_dir = run_dir
-        self.projection_factor, self.zoom, self.background = projection_factor, zoom, background
+        self.drawing, self.background = dict(drawing), background  # drawing: confusion_panels' options
         self.failed: dict[int, str] = {}
         self._failures: list[tuple[int, str, BaseException]] = []
         self._lock = threading.Lock()
@@ -81,6 +81,30 @@ class PictureOutput:
         if fallback is None:
             return None
         return self.guarded(fallback, functools.partial(fallback.log_images, tag, images, pngs, step))
+
+    def write_panels(
+        self, tag: str, panels: np.ndarray, step: int
+    ) -> tuple[list[str] | None, list[list[int]] | None]:
+        """Hand the panels [n, H, W, 3] of one tag to every live sink: the loggers get them as ONE picture
+        (`stack_panels`, so TensorBoard shows one card per tag whose step slider walks through training),
+        the PNG folder one file each. Returns the files the PNG folder wrote and where each panel sits in
+        the loggers' picture (``[x, y, width, height]``), each None when unused."""
+        boxes = None
+        sinks = list(self.sinks)
+        if sinks:
+            picture, boxes = stack_panels(panels)
+            pngs = [encode_png(picture)]
+            for sink in sinks:
+                self.guarded(sink, functools.partial(sink.log_images, tag, [picture], pngs, step))
+        fallback = self.fallback
+        if fallback is None:
+            return None, boxes
+        images = list(panels)
+        files = self.guarded(
+            fallback,
+            functools.partial(fallback.log_images, tag, images, [encode_png(p) for p in images], step),
+        )
+        return files, boxes
 
     def record(self, records: list[dict[str, Any]]) -> None:
         """Append records to the picture index (a failure is handled like any sink's)."""
@@ -187,19 +211,17 @@ class PictureJob:
             prob_a=self.probs[:, 0],
             prob_b=self.probs[:, 1],
             labels=c.labels,
-            projection_factor=out.projection_factor,
-            zoom=out.zoom,
+            **out.drawing,
         ).numpy()
-        pngs = [encode_png(p) for p in panels]
         # one tag for all (training, validation) or one tag per sample (tracked)
         groups = (
-            [(self.tags[0], list(range(len(pngs))))]
+            [(self.tags[0], list(range(len(panels))))]
             if len(self.tags) == 1
             else [(tag, [i]) for i, tag in enumerate(self.tags)]
         )
         records = []
         for tag, rows in groups:
-            files = out.write(tag, [panels[i] for i in rows], [pngs[i] for i in rows], self.step)
+            files, boxes = out.write_panels(tag, panels[rows], self.step)
             for j, i in enumerate(rows):
                 records.append(
                     {
@@ -217,10 +239,41 @@ class PictureJob:
                         "width": int(panels.shape[2]),
                         "height": int(panels.shape[1]),
                         "png": files[j] if files else None,
+                        "box": boxes[j] if boxes else None,
                     }
                 )
         out.record(records)
 
+STACK_ROWS = 8
+"""The loggers' picture of a check stacks its panels in columns of at most this many."""
+STACK_PAD = 6
+"""Pixels of grey between (and around) the panels in the loggers' picture."""
+
+
+def stack_panels(panels: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    """All panels [n, H, W, 3] of one check as one picture on grey, in reading order (most confused first):
+    one column of up to `STACK_ROWS` panels, or ceil(n / 8) panels per row beyond that; and each panel's
+    box ``[x, y, width, height]`` in the picture.
+
+    >>> import numpy as np
+    >>> picture, boxes = stack_panels(np.zeros((3, 10, 20, 3), np.uint8))
+    >>> picture.shape, boxes[2]
+    ((54, 32, 3), [6, 38, 20, 10])
+    """
+    import torch
+
+    from peering.render import grid
+
+    n, h, w, _ = panels.shape
+    columns = -(-n // STACK_ROWS)
+    rows = -(-n // columns)
+    picture = grid(torch.from_numpy(np.ascontiguousarray(panels)), nrow=columns, pad=STACK_PAD, pad_value=200)
+    boxes = []
+    for i in range(n):  # the layout `grid` documents: tile i in row i // nrow, column i % nrow
+        r, col = divmod(i, columns)
+        boxes.append([STACK_PAD + col * (w + STACK_PAD), STACK_PAD + r * (h + STACK_PAD), w, h])
+    assert rows * (h + STACK_PAD) + STACK_PAD == picture.shape[0]
+    return picture.numpy(), boxes
 
 class AtlasJob:
     """Draw, encode and write one validation run's confusion atlas (runs on the writer thread): the matrix
@@ -294,9 +347,9 @@ class AtlasJob:
                 counts=counts,
                 totals=totals,
                 probabilities=self.probabilities,
-                zoom=out.zoom,
+                zoom=int(out.drawing.get("zoom", 4)),
             ).numpy()
-            files = out.write(self.pairs_tag, list(panels), [encode_png(p) for p in panels], self.step)
+            files, boxes = out.write_panels(self.pairs_tag, panels, self.step)
             per_pair = torch.bincount(self.pair_index, minlength=len(self.pairs)).tolist()
             for k, (a, b) in enumerate(self.pairs.tolist()):
                 records.append(
@@ -312,6 +365,7 @@ class AtlasJob:
                         "width": int(panels.shape[2]),
                         "height": int(panels.shape[1]),
                         "png": files[k] if files else None,
+                        "box": boxes[k] if boxes else None,
                     }
                 )
         out.record(records)

@@ -1,7 +1,9 @@
 """Where `ConfusedLogitCallback`'s pictures go, and how to read them back.
 
-The callback draws its pictures once (`peering.render.confusion_panels`, uint8 RGB arrays) and hands them
-to *sinks*: one adapter per Lightning logger that takes images, or a PNG folder when none does. Everything
+The callback draws one panel per sample once (`peering.render.confusion_panels`, uint8 RGB arrays) and
+hands them to *sinks*: one adapter per Lightning logger that takes images, or a PNG folder when none does.
+Loggers get ONE picture per check and tag, the panels stacked in it (`peering.lightning.pictures.
+stack_panels`, most confused first); the PNG folder gets one file per panel. Everything
 here runs on global rank zero only, normally on the callback's background writer thread.
 
 Tags
@@ -23,11 +25,12 @@ Tags
 TensorBoard
 -----------
 The pictures of one write go into ONE summary of TensorBoard's image plugin (the plugin's own format: a
-string tensor ``[width, height, png_0, png_1, ...]``), so a tag holds N samples per step. TensorBoard's
-image dashboard then shows one card per sample index with a step slider on each; its server keeps
-``--samples_per_plugin images=K`` steps per tag (10 by default), each with all of its samples, whereas one
-``add_image`` per sample would make the server keep only K pictures in all. Scalars are ordinary
-``add_scalar`` values written through the logger's ``log_metrics``.
+string tensor ``[width, height, png_0, png_1, ...]``). The callback writes one picture per check and tag,
+holding all of the check's samples, so TensorBoard's image dashboard shows ONE card per tag, and that
+card's step slider is a time-lapse of training (several pictures per step would make one card per sample
+index, each with its own slider, showing different steps side by side). The server keeps
+``--samples_per_plugin images=K`` steps per tag (10 by default); pass a larger K to keep more. Scalars
+are ordinary ``add_scalar`` values written through the logger's ``log_metrics``.
 
 PNG folder (no logger that takes images: `CSVLogger`, ``logger=False``, or all image loggers failed)
 -----------------------------------------------------------------------------------------------------
@@ -49,7 +52,18 @@ Index (always, whatever the sinks)
 ``<run>/peering/index.jsonl``: one JSON object per picture, in writing order: ``tag``, ``step``,
 ``index`` (i), ``stage`` ("train" / "validation" / "tracked"), ``epoch``, ``label`` (-1 unknown),
 ``class_a``, ``class_b`` (the model's top two), ``prob_a``, ``prob_b``, ``margin``, ``width``, ``height``
-and ``png`` (the PNG file relative to ``<run>``, or null when the picture went only to a logger).
+(of the sample's panel), ``png`` (its PNG file relative to ``<run>``, or null when it went only to
+loggers) and ``box`` (``[x, y, width, height]`` of the panel in the loggers' picture of that step and tag,
+or null when no logger took it): the report cuts the samples back out with it.
+
+Experiment trackers
+-------------------
+W&B (`WandbLogger`): one ``log_image`` per write, all its pictures in one history row (x-axis
+``trainer/global_step``). MLflow (`MLFlowLogger`): one image per picture under ``key=tag`` at ``step``.
+Comet (`CometLogger`): one image per picture named ``<tag>/step_<n>_<i>`` at ``step``. Neptune: the
+series ``<tag>`` (``<tag>/<i>`` when one write holds several pictures). Scalars go through each logger's
+``log_metrics``. All four are tested offline with the real libraries, reading back what they stored
+(tests/test_trackers.py).
 
 The confusion atlas's records have ``tag``, ``step``, ``index``, ``stage`` ("validation"), ``epoch``,
 ``width``, ``height`` and ``png`` too, and instead of the sample fields: for ``peering/confusion_matrix``
@@ -74,9 +88,10 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -104,6 +119,10 @@ __all__ = [
 INDEX_FILE = "peering/index.jsonl"
 SCALARS_FILE = "peering/scalars.csv"
 _PNG_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
+
+
+def _write_bytes(f: IO[bytes], data: bytes) -> None:
+    f.write(data)
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
@@ -245,15 +264,17 @@ class WandbSink(Sink):
 class MLflowSink(Sink):
     """Pictures through `MLFlowLogger`: ``experiment.log_image(run_id, image, key=..., step=...)``.
 
-    MLflow < 2.12 (no ``key``/``step``) gets artifact files ``<tag>/step_<n>_<i>.png`` instead.
+    The samples of one write get increasing timestamps, so their order can be read back (MLflow names
+    each image file ``<key>+step+<n>+timestamp+<ms>+<uuid>.png``, ``/`` in the key as ``~``). MLflow
+    < 2.12 (no ``key``/``step``) gets artifact files ``<tag>/step_<n>_<i>.png`` instead.
 
     >>> import numpy as np
     >>> class Client:
-    ...     def log_image(self, run_id, image, key=None, step=None): print(run_id, key, step, image.shape)
+    ...     def log_image(self, run_id, image, key=None, step=None, timestamp=None): print(run_id, key, step)
     >>> class FakeMlflow:
     ...     experiment, run_id = Client(), "r1"
     >>> MLflowSink(FakeMlflow()).log_images("peering/confused", [np.zeros((2, 3, 3), np.uint8)], [b""], 4)
-    r1 peering/confused 4 (2, 3, 3)
+    r1 peering/confused 4
     """
 
     name = "MLflow"
@@ -263,9 +284,10 @@ class MLflowSink(Sink):
 
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         client, run_id = self.logger.experiment, self.logger.run_id
+        now = int(time.time() * 1000)
         for i, image in enumerate(images):
             try:
-                client.log_image(run_id, image, key=tag, step=int(step))
+                client.log_image(run_id, image, key=tag, step=int(step), timestamp=now + i)
             except TypeError:  # MLflow before 2.12: artifact files only
                 client.log_image(run_id, image, artifact_file=f"{tag}/step_{int(step)}_{i}.png")
 
@@ -273,13 +295,16 @@ class MLflowSink(Sink):
 class CometSink(Sink):
     """Pictures through `CometLogger`: ``experiment.log_image(image, name=..., step=...)``.
 
+    Each picture goes as a PIL image: comet_ml stretches a numpy array's values to 0-255 (a low-contrast
+    picture comes out altered) and fails on a constant one; a PIL image is stored as it is.
+
     >>> import numpy as np
     >>> class Experiment:
-    ...     def log_image(self, image, name=None, step=None): print(name, step)
+    ...     def log_image(self, image, name=None, step=None): print(name, step, image.size)
     >>> class FakeComet:
     ...     experiment = Experiment()
     >>> CometSink(FakeComet()).log_images("peering/confused", [np.zeros((2, 2, 3), np.uint8)], [b""], 9)
-    peering/confused/step_9_0 9
+    peering/confused/step_9_0 9 (2, 2)
     """
 
     name = "Comet"
@@ -290,25 +315,35 @@ class CometSink(Sink):
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         experiment = self.logger.experiment
         for i, image in enumerate(images):
-            experiment.log_image(image, name=f"{tag}/step_{int(step)}_{i}", step=int(step))
+            picture = Image.fromarray(np.ascontiguousarray(image))
+            experiment.log_image(picture, name=f"{tag}/step_{int(step)}_{i}", step=int(step))
 
 
 class NeptuneSink(Sink):
-    """Pictures through a Neptune logger (``neptune.integrations.pytorch_lightning.NeptuneLogger``):
-    ``experiment[tag].append(File.as_image(picture), step=...)``. Needs the ``neptune`` package.
+    """Pictures through a Neptune logger: ``experiment[tag].append(File.as_image(picture), step=...)``.
+    A Neptune series needs strictly increasing steps, so when one write holds several pictures each goes to
+    its own series ``<tag>/<i>`` (the callback writes one picture per check and tag). Needs the ``neptune``
+    package. Lightning 2.6 has no working Neptune logger (its ``NeptuneLogger`` only raises), so this
+    serves earlier Lightning versions' logger, or any logger whose ``experiment`` is a ``neptune`` run.
 
     >>> import numpy as np, sys, types
+    >>> from unittest import mock
     >>> fake = types.ModuleType("neptune.types")
     >>> fake.File = types.SimpleNamespace(as_image=lambda image: image.size)
-    >>> sys.modules.setdefault("neptune.types", fake) is not None
-    True
     >>> class Series:
-    ...     def append(self, value, step=None): print(value, step)
+    ...     def __init__(self, name): self.name = name
+    ...     def append(self, value, step=None): print(self.name, value, step)
+    >>> class Run(dict):
+    ...     def __missing__(self, key): return Series(key)
     >>> class FakeNeptune:
-    ...     experiment = {"peering/confused": Series()}
-    >>> NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)], [b""], 1)
-    (5, 2) 1
-    >>> del sys.modules["neptune.types"]
+    ...     experiment = Run()
+    >>> with mock.patch.dict(sys.modules, {"neptune.types": fake}):
+    ...     sink = NeptuneSink(FakeNeptune())
+    ...     sink.log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)], [b""], 1)
+    ...     sink.log_images("peering/odd", [np.zeros((2, 5, 3), np.uint8)] * 2, [b"", b""], 1)
+    peering/confused (5, 2) 1
+    peering/odd/0 (5, 2) 1
+    peering/odd/1 (5, 2) 1
     """
 
     name = "Neptune"
@@ -319,9 +354,11 @@ class NeptuneSink(Sink):
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         from neptune.types import File
 
-        series = self.logger.experiment[tag]
-        for image in images:
-            series.append(File.as_image(Image.fromarray(image)), step=int(step))
+        run = self.logger.experiment
+        for i, image in enumerate(images):
+            picture = Image.fromarray(np.ascontiguousarray(image))
+            series = tag if len(images) == 1 else f"{tag}/{i}"
+            run[series].append(File.as_image(picture), step=int(step))
 
 
 class PNGFolderSink(Sink):
@@ -346,7 +383,7 @@ class PNGFolderSink(Sink):
         written = []
         for i, png in enumerate(pngs):
             relative = Path(*tag.split("/")) / f"step_{int(step)}_{i}.png"
-            atomic_write(self.root / relative, lambda f, png=png: f.write(png))
+            atomic_write(self.root / relative, functools.partial(_write_bytes, data=png))
             written.append(relative.as_posix())
         return written
 

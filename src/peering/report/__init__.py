@@ -11,10 +11,14 @@ there, and writes ``<run_dir>/report.html`` with these sections:
   through the epochs, with CSS only), and the last run's most frequent mistakes, each with its count per
   epoch (a small SVG chart), its examples and its direction map (left out when the run has no atlas);
 - ``#tracked``: the tracked samples' time-lapse, one row per sample, one picture per epoch;
-- ``#morph``: the morph film strips (each linked to its GIF beside the report when there is one).
+- ``#morph``: the morph film strips, each with its animation.
+- ``#sanity``: the randomisation sanity check (`peering.sanity`): per method, its rank correlation curve as
+  layers are re-initialised, its verdict, and example maps.
 
-Every picture is embedded as a ``data:`` URI and the page carries a Content-Security-Policy that allows
-nothing else, so it opens from disk anywhere, with no server and no network. The page is rendered by
+Every picture and animation is embedded as a ``data:`` URI and the page carries a Content-Security-Policy
+that allows nothing else, so the one file opens anywhere (mailed on its own, too), with no server and no
+network. The page uses the window's full width; the captions drawn in the pictures are 16 px type
+(digits 12 px tall), so they read at 100% zoom. The page is rendered by
 Jinja2 from the templates in ``peering/report/templates/`` (package data), with autoescaping on: all text
 is HTML-escaped.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Picture", "RunData", "find_log_dir", "read_run"]
+__all__ = ["DatasetRun", "Picture", "RunData", "find_log_dir", "read_run"]
 
 TAG_TRAIN = "peering/confused"
 TAG_VAL = "peering/val/confused"
@@ -36,6 +36,25 @@ class Picture:
     epoch: int | None
     index: int = 0
     record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetRun:
+    """An `AttributionWriter` folder as the report shows it (see `read_run`).
+
+    ``attributions`` is what `peering.load_attributions` read (an unfinished run's samples so far);
+    ``source`` the ``dataset.json`` that ``peering explain-dataset`` wrote (empty without one);
+    ``class_means`` [C, ...] and ``class_counts`` [C]: per class c, the mean attribution toward c over the
+    samples whose first explained class is c (their number); ``inputs`` loads the inputs of given dataset
+    indices, or is None, with ``no_inputs`` saying why.
+    """
+
+    attributions: Any  # peering.store.DatasetAttributions (imported lazily)
+    source: dict[str, Any]
+    class_means: Any  # Tensor
+    class_counts: Any  # Tensor
+    inputs: Callable[[Any], Any] | None
+    no_inputs: str = ""
 
 
 @dataclass
@@ -61,11 +80,18 @@ class RunData:
     pairs: list[Picture] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     morphs: list[dict[str, Any]] = field(default_factory=list)
+    dataset: DatasetRun | None = None
 
     @property
     def empty(self) -> bool:
-        """True when the folder holds no run at all: no logs, no ``run.json``, no film strips."""
-        return self.log_dir is None and not self.summary and not self.morphs
+        """True when the folder holds no run at all: no logs, no ``run.json``, no film strips, no dataset
+        attributions."""
+        return self.log_dir is None and not self.summary and not self.morphs and self.dataset is None
+
+    @property
+    def dataset_only(self) -> bool:
+        """True for a folder of dataset attributions and nothing else (no training run to show)."""
+        return self.dataset is not None and self.log_dir is None and not self.summary and not self.morphs
 
 
 def find_log_dir(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -104,7 +130,82 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunData:
     data = _collect(root, log_dir) if log_dir is not None else RunData(root)
     data.summary = summary
     data.morphs = _morph_entries(root, summary)
+    data.dataset = _read_dataset(root)
     return data
+
+
+def _read_dataset(root: Path) -> DatasetRun | None:
+    """The folder's dataset attributions (``manifest.json`` of an `AttributionWriter`), or None.
+
+    Raises `peering.store.ShardError` (naming the file) when a shard is missing or corrupt.
+    """
+    from peering.store import MANIFEST, load_attributions
+
+    if not (root / MANIFEST).is_file():
+        return None
+    run = load_attributions(root, allow_incomplete=True)
+    source: dict[str, Any] = {}
+    try:
+        loaded = json.loads((root / "dataset.json").read_text())
+        source = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        pass
+    means, counts = _class_means(run)
+    inputs, why = _input_loader(source)
+    return DatasetRun(run, source, means, counts, inputs, why)
+
+
+def _class_means(run: Any) -> tuple[Any, Any]:
+    """Per class c: the mean attribution toward c over the valid samples whose first explained class is
+    c, read once in blocks of 256 samples (float64 sums), and their number."""
+    import torch
+
+    classes = run.logits.shape[1] if run.logits.ndim == 2 and len(run) else 0
+    shape = tuple(run.attributions.shape[2:])
+    sums = torch.zeros((classes, *shape), dtype=torch.float64)
+    first = run.targets[:, 0] if len(run) else torch.zeros(0, dtype=torch.int64)
+    keep = run.valid & (first >= 0)
+    for start, block in run.attributions.batches(256):
+        rows = keep[start : start + len(block)]
+        sums.index_add_(0, first[start : start + len(block)][rows], block[rows, 0].to(torch.float64))
+    counts = torch.bincount(first[keep], minlength=classes)
+    means = sums / counts.clamp_min(1).reshape(-1, *([1] * len(shape)))
+    return means.float(), counts
+
+
+def _input_loader(source: dict[str, Any]) -> tuple[Callable[[Any], Any] | None, str]:
+    """A function from dataset indices to the inputs ``peering explain-dataset`` explained, or None and
+    why not (the folder was written from Python, or the data are no longer where they were)."""
+    kind = source.get("data")
+    if kind is None:
+        return None, "the inputs are not recorded (no dataset.json: written from Python, not the CLI)"
+    try:
+        if kind == "digits":
+            from peering.data import load_digits
+
+            images = load_digits()[0]
+            return (lambda idx: images[idx]), ""
+        if kind == "mnist":
+            from peering.data import load_mnist
+
+            images = load_mnist(source["root"], "train" if source.get("split") == "train" else "test")[0]
+            return (lambda idx: images[idx]), ""
+        if kind == "folder":
+            from peering.cli import read_image
+
+            root, files = Path(source["root"]), list(source["files"])
+            channels, size, invert = source.get("channels"), tuple(source["size"]), bool(source.get("invert"))
+
+            def load(idx: Any) -> Any:
+                import torch
+
+                pictures = [read_image(root / files[int(i)], channels, size, invert=invert)[0] for i in idx]
+                return torch.stack(pictures)
+
+            return load, ""
+    except Exception as err:  # the data moved or changed: show the attributions without the inputs
+        return None, f"the inputs could not be read again ({type(err).__name__}: {err})"
+    return None, f"unknown data {kind!r} in dataset.json"
 
 
 def _read_summary(root: Path) -> dict[str, Any]:
@@ -155,17 +256,28 @@ def _collect(root: Path, log_dir: Path) -> RunData:
 
     def pictures(tag: str) -> list[Picture]:
         out = []
-        seen: dict[int, int] = defaultdict(int)  # step -> pictures read so far at that step
+        seen: dict[int, int] = defaultdict(int)  # step -> records used so far at that step
         for step, pngs in read_images(log_dir, tag):
             recs = by_key.get((tag, step), [])
             for png in pngs:
                 j = seen[step]
-                seen[step] += 1
-                rec = recs[j] if j < len(recs) else {}
-                epoch = rec.get("epoch")
-                out.append(
-                    Picture(png, step, int(epoch) if epoch is not None else epoch_of(step), j % 64, rec)
-                )
+                group = _write_group(recs, j)  # the records of the write this picture came from
+                if len(group) > 0 and all(isinstance(r.get("box"), list) for r in group):
+                    samples = _cut(png, [r["box"] for r in group])  # one stacked picture per write
+                else:
+                    group, samples = recs[j : j + 1] or [{}], [png]
+                seen[step] += len(group) if recs else 1
+                for k, (rec, sample) in enumerate(zip(group, samples, strict=True)):
+                    epoch = rec.get("epoch")
+                    out.append(
+                        Picture(
+                            sample,
+                            step,
+                            int(epoch) if epoch is not None else epoch_of(step),
+                            int(rec.get("index", (j + k) % 64)),
+                            rec,
+                        )
+                    )
         return out
 
     tags = image_tags(log_dir)
@@ -182,6 +294,32 @@ def _collect(root: Path, log_dir: Path) -> RunData:
         if tag.startswith(TAG_TRACKED) and rest.isdigit():
             data.tracked[int(rest)] = pictures(tag)
     return data
+
+
+def _write_group(records: Sequence[dict[str, Any]], start: int) -> list[dict[str, Any]]:
+    """The records of one write, from ``start``: their ``index`` counts up from 0 within a write."""
+    group = []
+    for k, rec in enumerate(records[start:]):
+        if k > 0 and rec.get("index") == 0:
+            break
+        group.append(rec)
+    return group
+
+
+def _cut(png: bytes, boxes: Sequence[Sequence[int]]) -> list[bytes]:
+    """The PNGs of the panels at ``boxes`` (``[x, y, width, height]``) of one stacked picture."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as picture:
+        picture.load()
+        out = []
+        for x, y, w, h in boxes:
+            buf = io.BytesIO()
+            picture.crop((x, y, x + w, y + h)).save(buf, format="PNG", compress_level=1)
+            out.append(buf.getvalue())
+    return out
 
 
 def _callback_epochs(
