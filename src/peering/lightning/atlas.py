@@ -183,7 +183,7 @@ class ConfusionAtlas:
         self.max_cells = max_cells
         self._metric: Any = None  # torchmetrics MulticlassConfusionMatrix, made at the first batch
         self._examples: PairExamples | None = None
-        self._ignored = 0
+        self._samples = 0  # samples given to `update` or `ignore` (counted or not)
         self._failed: str | None = None
 
     @property
@@ -215,7 +215,7 @@ class ConfusionAtlas:
 
     def ignore(self, samples: int) -> None:
         """Note ``samples`` validation samples that cannot be counted (e.g. a batch without labels)."""
-        self._ignored += int(samples)
+        self._samples += int(samples)
 
     def fail(self, reason: str) -> None:
         """Give up on this run's matrix (e.g. the model could not be run on a batch): a matrix with
@@ -237,14 +237,16 @@ class ConfusionAtlas:
                 f"the model gave {classes} class scores, but {self._metric.num_classes} in earlier batches"
             )
         labels = labels.to(logits.device, torch.int64)
-        if labels.numel() and (int(labels.min()) < IGNORE or int(labels.max()) >= classes):
-            raise ValueError(
-                f"labels must be class indices in [0, {classes - 1}] (or -1 for unknown); got min "
-                f"{int(labels.min())}, max {int(labels.max())} for a model with {classes} classes"
-            )
+        if labels.numel():
+            low, high = torch.stack([labels.min(), labels.max()]).tolist()  # one device sync
+            if low < IGNORE or high >= classes:
+                raise ValueError(
+                    f"labels must be class indices in [0, {classes - 1}] (or -1 for unknown); got min "
+                    f"{low}, max {high} for a model with {classes} classes"
+                )
         finite = torch.isfinite(logits).all(dim=1)
         target = torch.where(finite, labels, torch.full_like(labels, IGNORE))
-        self._ignored += int((target == IGNORE).sum())
+        self._samples += labels.shape[0]  # those not counted are the difference to the matrix's sum
         predicted = logits.argmax(dim=1)
         self._metric.update(predicted, target)
         if self.examples_per_pair == 0:
@@ -289,7 +291,8 @@ class ConfusionAtlas:
             return self._compute(strategy)
 
     def _compute(self, strategy: Any) -> AtlasMatrix:
-        classes, ignored, failed = self.num_classes or 0, self._ignored, self._failed is not None
+        counted = 0 if self._metric is None else int(self._metric.confmat.sum())  # this rank, before the sync
+        classes, ignored, failed = self.num_classes or 0, self._samples - counted, self._failed is not None
         world = int(getattr(strategy, "world_size", 1) or 1)
         if world > 1:
             device = getattr(strategy, "root_device", torch.device("cpu"))
@@ -339,7 +342,7 @@ class ConfusionAtlas:
             with torch.inference_mode(False):
                 self._metric.reset()
         self._examples = None
-        self._ignored = 0
+        self._samples = 0
         self._failed = None
 
 
