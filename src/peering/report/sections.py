@@ -241,7 +241,7 @@ def _trend_chart(points: list[tuple[str, int, int]]) -> dict[str, Any] | None:
     numbers, or the runs' labels when they are not epochs)."""
     if len(points) < 2:
         return None
-    width, height, left, right, top, bottom = 320, 96, 40, 24, 10, 22
+    width, height, left, right, top, bottom = 330, 96, 50, 24, 10, 22
     peak = max(1, max(count for _, count, _ in points))
     span = len(points) - 1
 
