@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peering.render import token_html, token_image, token_scores
-from peering.render._draw import _BACKGROUND, _lut_np
+from peering.render._draw import _BACKGROUND, _band_height, _font, _lut_np
 
 
 def lut_index(rgb: np.ndarray) -> int:
@@ -126,3 +126,39 @@ def test_a_tiny_bert_explained_at_its_embeddings_and_drawn(tmp_path):
     assert [float(v) for v, _ in spans[:7]] == pytest.approx(scores[0, 0, :7].tolist(), rel=1e-2, abs=1e-3)
     image = token_image(exp.attributions, batch["input_ids"], tokenizer=tokenizer)
     assert image.height > 40 and image.width == 720
+
+
+def test_token_panels_leave_padding_out_wherever_it_is_and_stack():
+    """Left and right padding (an attention mask) are both left out: each panel's first line of boxes has
+    the real tokens' colours in order; all panels have one size; without a tokenizer the ids are drawn
+    and the panel says so."""
+    from peering.render import token_panels
+
+    scores = torch.linspace(-1, 1, 4).repeat(2, 2, 1)  # [2 samples, 2 classes, 4 positions]
+    scores = torch.cat([torch.zeros(2, 2, 2), scores], dim=2)  # 2 padded positions first ...
+    scores[1] = scores[1].roll(-2, dims=1)  # ... for sample 0; last for sample 1
+    real = [100000005, 100000006, 100000007, 100000008]  # long ids: their boxes span the line as words do
+    ids = torch.tensor([[0, 0, *real], [*real, 0, 0]])
+    mask = (ids != 0).long()
+    words = dict(zip(real, ["wonderful", "terrible", "performances", "storyline"], strict=True))
+    common = {
+        "class_a": torch.tensor([3, 3]),
+        "class_b": torch.tensor([1, 1]),
+        "prob_a": torch.tensor([0.5, 0.5]),
+        "prob_b": torch.tensor([0.4, 0.4]),
+        "labels": torch.tensor([3, -1]),
+        "mask": mask,
+    }
+    panels = token_panels(scores, ids, tokenizer=lambda row: [words[i] for i in row], **common)
+    assert panels.shape[0] == 2 and panels.dtype == torch.uint8
+    for panel in panels.numpy():
+        idx = [lut_index(c) for c in box_colours(panel)]
+        assert len(idx) == 4 and idx == sorted(idx) and idx[0] == 0 and idx[-1] == 255
+    as_ids = token_panels(scores, ids, **common)
+    assert as_ids.shape == panels.shape
+    top = 4 + _band_height(_font()[0])  # below the label line, which now has the note
+    for panel in as_ids.numpy():
+        assert [lut_index(c) for c in box_colours(panel[top:])] == [0, 85, 170, 255]
+    assert not torch.equal(as_ids[0, :20], panels[0, :20])  # the label line says "tokens shown as ids"
+    with pytest.raises(ValueError, match=r"\[N, 2, L\]"):
+        token_panels(scores[:, :1], ids, **common)

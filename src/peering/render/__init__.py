@@ -4,13 +4,10 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 
 - `peering.render.images`: `diverging`, `to_rgb`, `explanation_image`, `confusion_panels`;
 - `peering.render.features`: tabular inputs as bar charts (drawn by the two above), `input_kind`;
-- `peering.render.tokens`: text: `token_scores`, `token_image`, `token_html`;
+- `peering.render.tokens`: text: `token_scores`, `token_image`, `token_html`, `token_panels`;
 - `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped);
 - `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
 - `peering.render.confusion`: the confusion atlas: `confusion_matrix_image`, `confused_pair_panels`;
-- `peering.render.features`: tabular inputs (flat feature vectors);
-- `peering.render.tokens`: text (per-token scores);
-- `peering.render.morphs`: `film_strip`, `save_gif`;
 - `peering.render.layout`: `grid`, `save_png`;
 - `peering.render.sanity`: `sanity_curves`, `sanity_maps` (the randomisation sanity check);
 - `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
@@ -47,7 +44,7 @@ from peering.render.images import confusion_panels, diverging, explanation_image
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, save_gif
 from peering.render.sanity import sanity_curves, sanity_maps
-from peering.render.tokens import token_html, token_image, token_scores
+from peering.render.tokens import token_html, token_image, token_panels, token_scores
 
 __all__ = [
     "Display",
@@ -67,5 +64,6 @@ __all__ = [
     "to_rgb",
     "token_html",
     "token_image",
+    "token_panels",
     "token_scores",
 ]

@@ -34,7 +34,7 @@ from peering.render._draw import (
     scale_caption,
 )
 
-__all__ = ["token_html", "token_image", "token_scores"]
+__all__ = ["token_html", "token_image", "token_panels", "token_scores"]
 
 _TOKEN_PAD = 3  # pixels of colour around a token's text
 _TOKEN_GAP = 4  # pixels between words (none between the pieces of one word)
@@ -69,18 +69,31 @@ def token_scores(attributions: Tensor, *, reduce: Literal["sum", "norm"] = "sum"
 def _token_strings(tokens: Sequence[Sequence[str]] | Tensor, tokenizer: Any, batch: int) -> list[list[str]]:
     """Per sample, its token strings (ids converted with the tokenizer, padding dropped)."""
     if isinstance(tokens, Tensor):
-        if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        convert = _converter(tokenizer)
+        if convert is None:
             raise TypeError(
-                "token ids need tokenizer= (an object with convert_ids_to_tokens, e.g. Hugging Face's)"
+                "token ids need tokenizer= (an object with convert_ids_to_tokens, e.g. Hugging Face's, or a "
+                "function from a list of ids to a list of strings)"
             )
         ids = tokens.detach().cpu().reshape(tokens.shape[0], -1).tolist()
         pad = getattr(tokenizer, "pad_token_id", None)
-        out = [[str(t) for t in tokenizer.convert_ids_to_tokens([i for i in row if i != pad])] for row in ids]
+        out = [[str(t) for t in convert([i for i in row if i != pad])] for row in ids]
     else:
         out = [[str(t) for t in row] for row in tokens]
     if len(out) < batch:
         raise ValueError(f"tokens for {len(out)} samples, scores for {batch}")
     return out[:batch]
+
+
+def _converter(tokenizer: Any) -> Any:
+    """The function from a list of ids to their strings: ``tokenizer.convert_ids_to_tokens``, the
+    tokenizer itself when it is a plain function, or None."""
+    if tokenizer is None:
+        return None
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if callable(convert):
+        return convert
+    return tokenizer if callable(tokenizer) else None
 
 
 def _pieces(token: str) -> tuple[str, bool]:
@@ -283,3 +296,97 @@ def token_html(
         if notes[i]:
             out.append(f'<p class="peering-tokens-note">{html.escape(notes[i])}</p>')
     return Markup("\n".join(out))
+
+
+def token_panels(
+    scores: Tensor,
+    ids: Tensor,
+    *,
+    class_a: Tensor,
+    class_b: Tensor,
+    prob_a: Tensor,
+    prob_b: Tensor,
+    labels: Tensor | None,
+    tokenizer: Any = None,
+    mask: Tensor | None = None,
+    output: str | None = None,
+    width: int = 720,
+) -> Tensor:
+    """One panel per confused text sample, uint8 [N, H, W, 3], all the same size so they stack: the
+    sample's true label, then its tokens coloured toward class a and toward class b (two paragraphs of
+    `token_image`, on one scale per sample, stated in their captions). The text counterpart of
+    `confusion_panels`, used by `peering.lightning.ConfusedLogitCallback` for models explained at their
+    token embeddings.
+
+    Args:
+        scores: per-token scores [N, 2, L], or layer attributions [N, 2, L, H] (reduced by `token_scores`).
+        ids: token ids [N, L].
+        class_a, class_b: int [N]: the two classes. prob_a, prob_b: [N]: their probabilities.
+        labels: int [N] true labels (-1: unknown), or None.
+        tokenizer: turns ids into strings: an object with ``convert_ids_to_tokens`` (a Hugging Face
+            tokenizer) or a function from a list of ids to a list of strings. Without one the tokens are
+            drawn as their ids, and the panel says that a tokenizer shows the words.
+        mask: [N, L], nonzero for the real tokens (an attention mask): padding is left out, wherever it is.
+        output: what the scores are of; with "probability", a saturated class gets a note.
+        width: the panels' width in pixels (the text wraps inside it).
+
+    >>> import torch
+    >>> from peering.render import token_panels
+    >>> panels = token_panels(torch.randn(3, 2, 5), torch.randint(0, 99, (3, 5)),
+    ...                       class_a=torch.tensor([0, 1, 0]), class_b=torch.tensor([1, 0, 1]),
+    ...                       prob_a=torch.full((3,), 0.5), prob_b=torch.full((3,), 0.4), labels=None,
+    ...                       mask=torch.tensor([[1, 1, 1, 0, 0]] * 3))
+    >>> panels.shape[0], panels.shape[2], panels.dtype
+    (3, 720, torch.uint8)
+    """
+    if scores.ndim == 4:
+        scores = token_scores(scores)
+    n = ids.shape[0]
+    if ids.ndim != 2 or scores.ndim != 3 or scores.shape[:2] != (n, 2) or scores.shape[2] != ids.shape[1]:
+        raise ValueError(
+            f"scores must be [N, 2, L] (or [N, 2, L, H]) for ids [N, L]; got scores {tuple(scores.shape)} "
+            f"and ids {tuple(ids.shape)}"
+        )
+    length = ids.shape[1]
+    ids, scores = ids.detach().cpu(), scores.detach().cpu().float()
+    lengths = torch.full((n,), length, dtype=torch.int64)
+    if mask is not None:
+        if tuple(mask.shape) != (n, length):
+            raise ValueError(f"mask must be [N, L] = {(n, length)}, got {tuple(mask.shape)}")
+        keep = mask.detach().cpu() != 0
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # the kept positions first
+        ids, scores = ids.gather(1, order), scores.gather(2, order[:, None, :].expand(n, 2, length))
+        lengths = keep.sum(dim=1)
+    rows = [row[:k] for row, k in zip(ids.tolist(), lengths.tolist(), strict=True)]
+    convert = _converter(tokenizer)
+    if convert is not None:
+        words = [[str(t) for t in convert(row)] for row in rows]
+    else:
+        words = [[str(i) for i in row] for row in rows]
+    classes = torch.stack([class_a.reshape(n), class_b.reshape(n)], dim=1).cpu().to(torch.int64)
+    probs = torch.zeros(n, int(classes.max()) + 1 if n else 1)
+    probs.scatter_(1, classes, torch.stack([prob_a.reshape(n), prob_b.reshape(n)], dim=1).cpu().float())
+    ls = [-1] * n if labels is None else labels.reshape(n).tolist()
+    font, _ = _font()
+    band = _band_height(font)
+    pictures = []
+    for i in range(n):
+        body = token_image(
+            scores[i : i + 1], [words[i]], targets=classes[i : i + 1], probabilities=probs[i : i + 1],
+            output=output, max_samples=None, width=width,
+        )
+        head = f"label {ls[i]}" if ls[i] >= 0 else "label ?"
+        if convert is None:
+            head += " · tokens shown as ids: pass tokenizer= to see the words"
+        lines = _wrap(head, font, width - 8)
+        picture = Image.new("RGB", (width, 4 + band * len(lines) + body.height), (_BACKGROUND,) * 3)
+        draw = ImageDraw.Draw(picture)
+        for k, line in enumerate(lines):
+            draw.text((4, 4 + k * band), line, fill=(0, 0, 0), font=font)
+        picture.paste(body, (0, 4 + band * len(lines)))
+        pictures.append(np.asarray(picture))
+    height = max((p.shape[0] for p in pictures), default=1)
+    out = np.full((n, height, width, 3), _BACKGROUND, dtype=np.uint8)
+    for i, p in enumerate(pictures):
+        out[i, : p.shape[0]] = p
+    return torch.from_numpy(out)
