@@ -10,18 +10,27 @@ same weights, so the pictures rest on the eager model's numbers with each sample
 from __future__ import annotations
 
 import copy
+import io
+import re
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from peering import explain
 from peering.data import load_digits
 from peering.lightning import ConfusedLogitCallback, read_images, read_index
+from peering.render import token_panels
+from peering.render._draw import _lut_np
+from peering.report import build_report
+from tests._chromium import evaluate, find_chromium
 from tests._close import assert_close
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
@@ -255,6 +264,7 @@ def test_bert_with_padded_masks_logs_pictures_at_the_embeddings(tmp_path, batche
             eager,
             ids,
             call["classes"],
+            method="input_x_gradient",  # the callback's default with layer=
             forward_kwargs={"attention_mask": mask},
             layer=layer,
             output="logit",
@@ -263,9 +273,120 @@ def test_bert_with_padded_masks_logs_pictures_at_the_embeddings(tmp_path, batche
         assert call["attributions"].shape == (len(ids), 2, L, 32)
         assert_close(call["attributions"], ref.attributions)
         unmasked = explain(
-            eager, ids, call["classes"], layer=layer, output="logit", output_fn=lambda out: out.logits
+            eager,
+            ids,
+            call["classes"],
+            method="input_x_gradient",
+            layer=layer,
+            output="logit",
+            output_fn=lambda out: out.logits,
         )
         assert not torch.allclose(unmasked.attributions, ref.attributions)  # the masks mattered
+
+
+WORDS = ["the", "film", "was", "not", "good", "##ly", "plot", "acting", "dull", "fun"]  # ids 2..11
+
+
+def word_tokenizer(folder: Path):
+    """A real Hugging Face WordPiece tokenizer over the synthetic task's vocabulary (written to a file:
+    nothing downloaded): [PAD] = 0, [CLS] = 1, the words 2..11 (7 is "##ly"), then fillers up to 99."""
+    transformers = pytest.importorskip("transformers")
+    vocab = ["[PAD]", "[CLS]", *WORDS, "[SEP]", "[UNK]", "[MASK]"]
+    vocab += [f"w{i}" for i in range(len(vocab), 100)]
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return transformers.BertTokenizer(str(path))
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.mark.slow
+def test_text_pictures_are_coloured_tokens_and_the_report_shows_them_as_html(tmp_path):
+    """With token ids explained at the word embeddings and a tokenizer, each picture is the sample's words
+    coloured toward its two classes (padding left out); the index keeps the words and their scores (the
+    input x gradient summed over the embedding), and the report draws them as HTML text in Chromium."""
+    tokenizer = word_tokenizer(tmp_path)
+    train = DataLoader(Tokens(64, seed=0), batch_size=16)
+    module = TextClassifier()
+    callback = Recording(
+        top_k=3,
+        logging_batch_interval=2,
+        layer="model.bert.embeddings.word_embeddings",
+        output_fn=lambda out: out.logits,
+        tokenizer=tokenizer,
+        atlas=False,
+        background=False,
+        **ALWAYS,
+    )
+    assert callback.method == "input_x_gradient"
+    trainer = pl.Trainer(max_epochs=1, logger=False, default_root_dir=tmp_path, callbacks=[callback], **QUIET)
+    trainer.fit(module, train)
+    assert callback.state_dict()["pictures"]["train"] == 6 and len(callback.calls) == 2
+
+    records = [r for r in read_index(tmp_path) if r.get("tag") == "peering/confused"]
+    pictures = [png for _, pngs in read_images(tmp_path, "peering/confused") for png in pngs]
+    assert len(records) == len(pictures) == 6
+    k = 0
+    for call in callback.calls:
+        ids, mask, attributions = call["inputs"], call["kwargs"]["attention_mask"], call["attributions"]
+        scores = attributions.sum(dim=-1)  # [n, 2, L]: each token's signed contribution
+        drawn = token_panels(
+            scores,
+            ids,
+            class_a=call["classes"][:, 0],
+            class_b=call["classes"][:, 1],
+            prob_a=call["probs"][:, 0],
+            prob_b=call["probs"][:, 1],
+            labels=(ids == 7).any(dim=1).long(),
+            tokenizer=tokenizer,
+            mask=mask,
+            output="logit",
+        )
+        for i in range(len(ids)):
+            record, kept = records[k], mask[i].bool()
+            assert record["tokens"] == tokenizer.convert_ids_to_tokens(ids[i][kept].tolist())
+            assert record["tokens"][0] == "[CLS]" and "[PAD]" not in record["tokens"]
+            assert_close(torch.tensor(record["scores"]), scores[i][:, kept], rtol=1e-3)
+            with Image.open(io.BytesIO(pictures[k])) as png:
+                assert torch.equal(torch.from_numpy(np.array(png.convert("RGB"))), drawn[i])
+            k += 1
+
+    report = build_report(tmp_path)
+    html = report.read_text(encoding="utf-8")
+    assert html.count('class="peering-tokens"') == 2 * 6  # two classes per sample, as HTML text
+    assert "<img" not in html.split('id="confused"')[1].split("</section>")[0]
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("chromium not found: install Debian's chromium package (`apt-get install chromium`)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    seen = evaluate(
+        binary,
+        report.as_uri(),
+        """(() => {
+          const blocks = document.querySelectorAll('#confused .peering-tokens');
+          if (!blocks.length) return "";
+          const spans = [...blocks[0].querySelectorAll('span')];
+          return JSON.stringify({blocks: blocks.length,
+            words: spans.map(s => s.textContent),
+            colours: spans.map(s => getComputedStyle(s).backgroundColor),
+            visible: spans.every(s => s.getBoundingClientRect().width > 0)});
+        })()""",
+        tmp_path / "profile",
+        screenshot=ARTIFACTS / "report-tokens.png",
+    )
+    assert seen is not None, "the report's token text never showed in chromium"
+    assert seen["blocks"] == 12 and seen["visible"]
+    first = records[min(range(6), key=lambda j: records[j]["margin"])]  # the report's first: most confused
+    words = [t[2:] if t.startswith("##") else t for t in first["tokens"]]
+    assert seen["words"] == words
+    # the strongest token toward class a is drawn at the end of the colour table (bright or dark), the
+    # others in between: the colours follow the scores
+    values = first["scores"][0]
+    strongest = max(range(len(values)), key=lambda j: abs(values[j]))
+    rgb = [tuple(int(v) for v in re.findall(r"\d+", c)[:3]) for c in seen["colours"]]
+    end = _lut_np()[255 if values[strongest] > 0 else 0]
+    assert rgb[strongest] == tuple(int(v) for v in end)
 
 
 @pytest.mark.slow

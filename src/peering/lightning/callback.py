@@ -38,7 +38,7 @@ from peering._guard import OUTPUTS, class_scores, eval_mode
 from peering.confusion import pair_directions, top_confused_pairs
 from peering.explain import explain
 from peering.lightning.atlas import ConfusionAtlas, PairExamples, pick_examples
-from peering.lightning.pictures import AtlasJob, PictureOutput
+from peering.lightning.pictures import AtlasJob, PictureOutput, is_token_ids
 from peering.lightning.selection import (
     Candidates,
     Layout,
@@ -50,7 +50,7 @@ from peering.lightning.selection import (
     split_kwargs,
 )
 from peering.methods import AttributionMethod, make_method
-from peering.render import Display
+from peering.render import Display, token_scores
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
 
@@ -146,7 +146,9 @@ class ConfusedLogitCallback(Callback):
             1.0; Bolts: 0.1).
         margin: measure that gap on "logit"s (as Bolts) or on softmax "probability".
         method: attribution method passed to `peering.explain` ("gradient", "input_x_gradient",
-            "smoothgrad", "integrated_gradients", or an `AttributionMethod`).
+            "smoothgrad", "integrated_gradients", or an `AttributionMethod`). Default: "gradient", or
+            "input_x_gradient" with ``layer=`` (summed over a token's embedding, that is the token's signed
+            contribution to the class, see `peering.render.token_scores`).
         output: what is differentiated: "logit" (default, as Bolts: what makes it an a, what a b),
             "probability" or "log_probability".
         method_options: options of the method, e.g. ``{"n_samples": 8, "seed": 0}`` for SmoothGrad (which
@@ -177,9 +179,16 @@ class ConfusedLogitCallback(Callback):
             ``lambda out: out.logits`` for Hugging Face models).
         layer: explain at this submodule's output (or the submodule of that name, e.g.
             ``"model.bert.embeddings.word_embeddings"``) instead of at the inputs, which may then be integer
-            token ids (see `peering.explain`). The pictures then show each input position's attribution
-            summed over the layer's other dimensions (how tokens are drawn may change). A name is
-            looked up in the LightningModule each time (``get_submodule``).
+            token ids (see `peering.explain`). A name is looked up in the LightningModule each time
+            (``get_submodule``). For token ids [B, L] and a layer whose output is [B, L, ...] (the
+            embeddings), each picture shows the sample's tokens coloured by their score toward each class
+            (`peering.render.token_panels`: the attribution summed over the embedding, padding left out
+            where the batch has an ``attention_mask``); the index records keep the tokens and scores, so
+            `peering report` shows them as coloured HTML text. Other layers are drawn as a strip of each
+            input position's summed attribution.
+        tokenizer: turns token ids into the strings drawn: a Hugging Face tokenizer (its
+            ``convert_ids_to_tokens``) or a function from a list of ids to a list of strings. Without one the
+            tokens are drawn as their ids.
         zoom: integer magnification of the pictures.
         display: how the inputs are shown: None (they are images in [0, 1]), ``(mean, std)`` to undo the
             normalisation of a data pipeline (shown ``x * std + mean`` per channel), or any function from
@@ -226,7 +235,7 @@ class ConfusedLogitCallback(Callback):
         max_logit_difference: float = 1.0,
         *,
         margin: Literal["logit", "probability"] = "logit",
-        method: str | AttributionMethod = "gradient",
+        method: str | AttributionMethod | None = None,
         output: Literal["logit", "probability", "log_probability"] = "logit",
         method_options: Mapping[str, Any] | None = None,
         on: str | Sequence[str] = ("train", "validation", "test"),
@@ -238,6 +247,7 @@ class ConfusedLogitCallback(Callback):
         examples_per_pair: int = 4,
         output_fn: Callable[[Any], Tensor] | None = None,
         layer: nn.Module | str | None = None,
+        tokenizer: Any = None,
         zoom: int = 4,
         display: Display = None,
         input_kind: Literal["auto", "image", "features"] = "auto",
@@ -266,6 +276,8 @@ class ConfusedLogitCallback(Callback):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         options = dict(method_options or {})
+        if method is None:
+            method = "gradient" if layer is None else "input_x_gradient"
         make_method(method, options)  # raises on an unknown method or a bad option, now rather than mid-run
         stages = (on,) if isinstance(on, str) else tuple(on)
         stages = tuple("validation" if s == "val" else s for s in stages)
@@ -298,6 +310,13 @@ class ConfusedLogitCallback(Callback):
             and not (isinstance(display, (tuple, list)) and len(display) == 2)
         ):
             raise TypeError(f"display must be None, (mean, std) or a function of the inputs, got {display!r}")
+        if tokenizer is not None and not (
+            callable(getattr(tokenizer, "convert_ids_to_tokens", None)) or callable(tokenizer)
+        ):
+            raise TypeError(
+                "tokenizer must have convert_ids_to_tokens (a Hugging Face tokenizer) or be a function from "
+                f"a list of ids to a list of strings, got {type(tokenizer).__name__}"
+            )
         if input_kind not in ("auto", "image", "features"):
             raise ValueError(f"input_kind must be 'auto', 'image' or 'features', got {input_kind!r}")
         if feature_names is not None and (
@@ -326,6 +345,7 @@ class ConfusedLogitCallback(Callback):
         self.examples_per_pair = examples_per_pair
         self.output_fn = output_fn
         self.layer = layer
+        self.tokenizer = tokenizer
         self.zoom = zoom
         self.display = display
         self.input_kind = input_kind
@@ -445,6 +465,7 @@ class ConfusedLogitCallback(Callback):
                 "kind": self.input_kind,
                 "feature_names": self.feature_names,
             },
+            tokenizer=self.tokenizer,
             background=self.background,
             written=self._written,
         )
@@ -1130,20 +1151,24 @@ _STRIP = 4
 
 
 def _drawable(chosen: Candidates, attributions: Tensor) -> tuple[Candidates, Tensor]:
-    """What the pictures can show. Attributions at the inputs are drawn as they are. Attributions at a
-    layer ([n, 2, *layer_output]) are summed over the layer's dimensions beyond the input's (a token's
-    embedding), on blank inputs (token ids are no intensities); the input tiles are then empty."""
+    """What the pictures can show. Attributions at the inputs are drawn as they are. Token ids [n, L]
+    explained at a layer whose output is [n, L, ...] (the embeddings): one score per token [n, 2, L] (the
+    attribution summed over the embedding, `peering.render.token_scores`), drawn as coloured tokens. Other
+    attributions at a layer ([n, 2, *layer_output]) are summed over the layer's dimensions beyond the
+    input's, on blank inputs (ids are no intensities); the input tiles are then empty."""
     n, sample_shape = len(chosen), chosen.inputs.shape[1:]
     if attributions.shape[2:] == sample_shape and chosen.inputs.is_floating_point():
         return chosen, attributions
     lead = attributions.shape[2 : 2 + len(sample_shape)]
+    if is_token_ids(chosen.inputs) and lead == sample_shape:
+        return chosen, token_scores(attributions.reshape(n, 2, *sample_shape, -1))
     if lead == sample_shape and attributions.ndim > 2 + len(sample_shape):
         summed = attributions.reshape(n, 2, *sample_shape, -1).sum(-1)
     elif lead == sample_shape:
         summed = attributions
     else:  # a layer whose output does not follow the inputs' positions: one value per sample
         summed, sample_shape = attributions.reshape(n, 2, -1).sum(-1, keepdim=True), torch.Size([1])
-    if len(sample_shape) == 1:  # a row of tokens: a strip _STRIP rows high, so that it can be seen
+    if len(sample_shape) == 1:  # a row of values: a strip _STRIP rows high, so that it can be seen
         sample_shape = torch.Size([1, _STRIP, sample_shape[0]])
         summed = summed[:, :, None, None, :].expand(n, 2, *sample_shape)
     blank = torch.zeros((n, *sample_shape), dtype=summed.dtype)

@@ -31,7 +31,7 @@ from peering.lightning.sinks import (
     write_summary,
 )
 
-__all__ = ["stack_panels"]
+__all__ = ["is_token_ids", "stack_panels"]
 
 _FAILED = object()
 
@@ -61,9 +61,11 @@ class PictureOutput:
         drawing: Mapping[str, Any],
         background: bool,
         written: Callable[[str, int], None] = lambda stage, n: None,
+        tokenizer: Any = None,
     ) -> None:
         self.run_dir = run_dir
         self.drawing, self.background = dict(drawing), background  # drawing: confusion_panels' options
+        self.tokenizer = tokenizer  # token_panels' (for token ids)
         self.written = written  # (stage, n): n pictures of that stage reached at least one sink
         self.failed: dict[int, str] = {}
         self._failures: list[tuple[int, str, BaseException]] = []
@@ -241,17 +243,22 @@ class PictureJob:
         from peering.render import confusion_panels
 
         out, c = self.output, self.chosen
-        panels = confusion_panels(
-            c.inputs,
-            self.attributions[:, 0],
-            self.attributions[:, 1],
-            class_a=c.classes[:, 0],
-            class_b=c.classes[:, 1],
-            prob_a=self.probs[:, 0],
-            prob_b=self.probs[:, 1],
-            labels=c.labels,
-            **out.drawing,
-        ).numpy()
+        tokens = is_token_ids(c.inputs) and self.attributions.ndim == 3  # [n, 2, L] token scores
+        if tokens:
+            panels, extra = self._token_panels()
+        else:
+            panels = confusion_panels(
+                c.inputs,
+                self.attributions[:, 0],
+                self.attributions[:, 1],
+                class_a=c.classes[:, 0],
+                class_b=c.classes[:, 1],
+                prob_a=self.probs[:, 0],
+                prob_b=self.probs[:, 1],
+                labels=c.labels,
+                **out.drawing,
+            ).numpy()
+            extra = [{} for _ in range(len(panels))]
         # one tag for all (training, validation) or one tag per sample (tracked)
         groups = (
             [(self.tags[0], list(range(len(panels))))]
@@ -281,11 +288,59 @@ class PictureJob:
                         "height": int(panels.shape[1]),
                         "png": files[j] if files else None,
                         "box": boxes[j] if boxes else None,
+                        **extra[i],
                     }
                 )
         if written:
             out.written(self.stage, written)
         out.record(records)
+
+
+    def _token_panels(self) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The panels of token ids (`peering.render.token_panels`), and per sample the ``tokens`` and
+        per-class ``scores`` its index record keeps (padding left out), from which the report draws
+        the coloured text as HTML."""
+        from peering.render import token_panels
+        from peering.render.tokens import _converter
+
+        c, scores = self.chosen, self.attributions.float()
+        mask = c.kwargs.get("attention_mask")
+        if mask is not None and tuple(mask.shape) != tuple(c.inputs.shape):
+            mask = None
+        tokenizer = self.output.tokenizer
+        panels = token_panels(
+            scores,
+            c.inputs,
+            class_a=c.classes[:, 0],
+            class_b=c.classes[:, 1],
+            prob_a=self.probs[:, 0],
+            prob_b=self.probs[:, 1],
+            labels=c.labels,
+            tokenizer=tokenizer,
+            mask=mask,
+            output=self.output.drawing.get("output"),
+        ).numpy()
+        convert = _converter(tokenizer)
+        keep = (mask != 0) if mask is not None else torch.ones(c.inputs.shape, dtype=torch.bool)
+        extra = []
+        for i in range(len(c)):
+            ids = c.inputs[i][keep[i]].tolist()
+            words = [str(t) for t in convert(ids)] if convert is not None else [str(t) for t in ids]
+            extra.append(
+                {
+                    "tokens": words,
+                    "output": self.output.drawing.get("output"),
+                    "scores": [[float(f"{v:.4g}") for v in row[keep[i]].tolist()] for row in scores[i]],
+                }
+            )
+        return panels, extra
+
+
+def is_token_ids(inputs: Tensor) -> bool:
+    """True for integer inputs [B, L]: token ids, drawn as text when explained at their embeddings."""
+    return inputs.ndim == 2 and not inputs.is_floating_point() and not inputs.is_complex() and (
+        inputs.dtype != torch.bool
+    )
 
 
 STACK_ROWS = 8

@@ -38,6 +38,7 @@ class Options:
 
     max_per_epoch: int = 6
     dataset_samples: int = 8  # most and least confident samples shown of a dataset run
+    display: Any = None  # how the inputs the report draws itself are shown (peering.render.Display)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,39 @@ def _describe(p: Picture) -> str:
     return f"step {p.step}"
 
 
+def _tokens(p: Picture) -> Any:
+    """The coloured tokens of a text sample's picture as HTML (`peering.render.token_html`), from the
+    ``tokens`` and ``scores`` its index record keeps; None for other pictures or a malformed record."""
+    r = p.record
+    tokens, scores = r.get("tokens"), r.get("scores")
+    if not (isinstance(tokens, list) and isinstance(scores, list) and len(scores) == 2):
+        return None
+    if not all(isinstance(row, list) and len(row) == len(tokens) for row in scores):
+        return None
+    try:
+        import torch
+
+        from peering.render import token_html
+
+        a, b = int(r["class_a"]), int(r["class_b"])
+        probabilities = torch.zeros(1, max(a, b) + 1)
+        probabilities[0, a], probabilities[0, b] = float(r["prob_a"]), float(r["prob_b"])
+        return token_html(
+            torch.tensor([scores], dtype=torch.float32),
+            [[str(t) for t in tokens]],
+            targets=torch.tensor([[a, b]]),
+            probabilities=probabilities,
+            output=r.get("output"),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _figure(p: Picture, alt: str, caption: str) -> dict[str, Any]:
+    """What the ``figure`` macro of the templates shows: the picture, or a text sample's coloured tokens."""
+    return {"picture": p, "alt": alt, "caption": caption, "tokens": _tokens(p)}
+
+
 def _confused(run: RunData, options: Options) -> dict[str, Any] | None:
     if run.dataset_only:  # a folder of dataset attributions has no training run to show
         return None
@@ -212,10 +246,7 @@ def _confused(run: RunData, options: Options) -> dict[str, Any] | None:
             note = (
                 f" (the {len(shown)} most confused of {len(pictures)})" if len(shown) < len(pictures) else ""
             )
-            figures = [
-                {"picture": p, "alt": f"{label} confused sample, {_describe(p)}", "caption": _describe(p)}
-                for p in shown
-            ]
+            figures = [_figure(p, f"{label} confused sample, {_describe(p)}", _describe(p)) for p in shown]
             groups.append({"heading": label + note, "figures": figures})
         epochs.append({"heading": f"Epoch {epoch}" if epoch is not None else "Epoch ?", "groups": groups})
     return {"epochs": epochs, "no_pictures": run.no_pictures}
@@ -349,7 +380,7 @@ def _tracked(run: RunData, options: Options) -> dict[str, Any] | None:
         figures = []
         for p in pictures:
             when = f"epoch {p.epoch}" if p.epoch is not None else f"step {p.step}"
-            figures.append({"picture": p, "alt": f"tracked sample {i}, {when}", "caption": when})
+            figures.append(_figure(p, f"tracked sample {i}, {when}", when))
         heading = f"Sample {i}" + (f" (label {label})" if isinstance(label, int) and label >= 0 else "")
         samples.append({"heading": heading, "figures": figures})
     return {"samples": samples}
@@ -477,7 +508,7 @@ def _sample_rows(d: Any, positions: Any) -> list[dict[str, str]]:
     return rows
 
 
-def _sample_picture(d: Any, positions: Any) -> tuple[_Drawn | None, str]:
+def _sample_picture(d: Any, positions: Any, display: Any = None) -> tuple[_Drawn | None, str]:
     """One row per sample (input and its maps, `explanation_image`), or None and why not."""
     from types import SimpleNamespace
 
@@ -498,7 +529,7 @@ def _sample_picture(d: Any, positions: Any) -> tuple[_Drawn | None, str]:
         probabilities=a.probabilities[positions],
     )
     zoom = max(1, -(-64 // max(inputs.shape[-1], 1)))
-    return _png(explanation_image(exp, inputs, zoom=zoom, max_samples=None)), ""
+    return _png(explanation_image(exp, inputs, zoom=zoom, max_samples=None, display=display)), ""
 
 
 def _dataset(run: RunData, options: Options) -> dict[str, Any] | None:
@@ -519,7 +550,7 @@ def _dataset(run: RunData, options: Options) -> dict[str, Any] | None:
         ("Most confident", order[:k]),
         ("Least confident", order.flip(0)[:k]),
     ):
-        picture, why = _sample_picture(d, positions) if k else (None, "no samples")
+        picture, why = _sample_picture(d, positions, options.display) if k else (None, "no samples")
         rows = _sample_rows(d, positions)
         groups.append({"heading": heading, "picture": picture, "why": why, "rows": rows})
     means = None
