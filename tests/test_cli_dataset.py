@@ -195,6 +195,23 @@ def test_report_of_a_dataset_run(checkpoint, digits, tmp_path):
     confidence = run.probabilities.max(1).values
     assert f"{float(confidence.min()):.1%}" in text and f"{float(confidence.max()):.1%}" in text
 
+    # --mean/--std: the inputs the report draws are shown as x * std + mean; the maps are unchanged
+    shown = tmp_path / "shown.html"
+    result = invoke("report", out, "--mean", "0.5", "--std", "0.5", "-o", shown)
+    assert result.exit_code == 0, result.output
+
+    def most_confident(path) -> np.ndarray:
+        src = parse(path).all("img")[0]["src"]
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            return np.asarray(im.convert("RGB")).astype(np.float64)
+
+    plain, normalised = most_confident(out / "report.html"), most_confident(shown)
+    assert plain.shape == normalised.shape
+    changed = (plain != normalised).any(axis=2)
+    assert 0.05 < changed.mean() < 0.5  # the input tiles, not the maps or the captions
+    np.testing.assert_allclose(normalised[changed], plain[changed] * 0.5 + 127.5, atol=1.0)
+    assert_bad_input(invoke("report", out, "--mean", "0.5"), "--mean and --std go together")
+
     shard = sorted((out / "shards").glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:200])
     assert_bad_input(invoke("report", out), shard.name, "corrupt")

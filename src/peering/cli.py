@@ -1075,8 +1075,20 @@ def report(
         Path | None, typer.Option("--out", "-o", help="Where to write (default RUN_DIR/report.html).")
     ] = None,
     max_per_epoch: Annotated[int, typer.Option(min=1, help="Training pictures shown per epoch.")] = 6,
+    mean: Annotated[
+        str | None,
+        typer.Option(
+            "--mean",
+            help="Undo this normalisation (per channel) when drawing a dataset run's inputs; give --std too.",
+            show_default=False,
+        ),
+    ] = None,
+    std: StdOption = None,
 ) -> None:
     """(Re)build RUN_DIR/report.html from the run's event files and PNGs, or from dataset attributions.
+
+    --mean/--std show inputs the report draws itself (a dataset run's) as x * std + mean; a training run's
+    pictures were drawn by the callback (its display=) and are embedded as they are.
 
     Example: peering report runs/demo
     """
@@ -1084,8 +1096,14 @@ def report(
     from peering.report import build_report, find_log_dir
 
     with _bad_input():
+        display = None
+        if mean is not None or std is not None:
+            channels = max(len(text.split(",")) for text in (mean or "0", std or "1"))
+            normalisation = _normalisation(mean, std, channels)
+            assert normalisation is not None
+            display = (normalisation[0].flatten().tolist(), normalisation[1].flatten().tolist())
         try:
-            path = build_report(run_dir, out, max_per_epoch=max_per_epoch)
+            path = build_report(run_dir, out, max_per_epoch=max_per_epoch, display=display)
         except OSError as err:
             _fail(f"cannot write the report of {run_dir}: {err.strerror or err}")
     log_dir = find_log_dir(run_dir)

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from peering._files import atomic_write
+from peering.render import Display
 from peering.report.run import RunData, find_log_dir, read_run
 from peering.report.sections import _ALL, SECTIONS, Options
 
@@ -76,6 +77,7 @@ def build_report(
     *,
     max_per_epoch: int = 6,
     title: str | None = None,
+    display: Display = None,
 ) -> Path:
     """(Re)build the static HTML report of a run; returns the path written.
 
@@ -86,6 +88,10 @@ def build_report(
             renamed, so a reader never sees half a page.
         max_per_epoch: training pictures shown per epoch (the most confused ones).
         title: the page title; default from ``run.json`` or the folder name.
+        display: how the inputs the report draws itself (a dataset run's samples) are shown: None (images
+            in [0, 1]), ``(mean, std)`` to undo a normalisation, or a function (see
+            `peering.render.Display`). The pictures of a training run were drawn by the callback, with
+            its own ``display=``, and are embedded as they are.
 
     Raises:
         ReportError: ``run_dir`` is missing or holds no run (no event files, no pictures, no run.json).
@@ -112,7 +118,7 @@ def build_report(
             f"{root} holds no run: no TensorBoard event files, no peering/ pictures and no run.json "
             "(pass the folder that `peering demo` wrote, or a Lightning log folder)"
         )
-    page = _render(run, Options(max_per_epoch=max_per_epoch), title)
+    page = _render(run, Options(max_per_epoch=max_per_epoch, display=display), title)
     target = Path(output) if output is not None else root / REPORT_FILE
     data = page.encode("utf-8")
 
