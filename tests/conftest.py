@@ -20,6 +20,11 @@ from peering.models import DigitCNN, DigitLeNet, DigitMLP, train_classifier
 
 torch.set_num_threads(2)
 
+# Resolve the data folder once, before any test changes directory (doctests and CLI tests run elsewhere):
+# `PEERING_DATA_DIR=../shared/datasets/mnist make test` must work like the absolute path.
+if os.environ.get(DATA_DIR_ENV):
+    os.environ[DATA_DIR_ENV] = str(Path(os.environ[DATA_DIR_ENV]).expanduser().resolve())
+
 MNIST_SKIP = (
     "MNIST not found: set PEERING_DATA_DIR to the folder with the IDX files "
     "(CI uses ../shared/datasets/mnist)"

@@ -44,8 +44,11 @@ from peering.lightning import (
     read_index,
     read_scalars,
 )
+from peering.lightning.pictures import STACK_PAD
 from peering.lightning.sinks import image_sinks
 from peering.render import confusion_panels
+
+from ._chromium import evaluate, find_chromium
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}
 ALWAYS = {"max_logit_difference": 1e9, "min_logit_value": None}  # every sample counts as confused
@@ -111,8 +114,9 @@ def trainer(tmp_path, callbacks, logger, **kwargs) -> pl.Trainer:
     return pl.Trainer(logger=logger, callbacks=callbacks, **options)
 
 
-def panel_size(data) -> tuple[int, int]:
-    """(width, height) of one confusion panel for these inputs, as render draws it."""
+def panel_height(data) -> int:
+    """The height of a confusion panel for these inputs, as render draws it (its width depends on the
+    captions: the scale printed under each class)."""
     x = data[0][:1]
     one = torch.tensor([0])
     panel = confusion_panels(
@@ -126,7 +130,19 @@ def panel_size(data) -> tuple[int, int]:
         labels=one,
         projection_factor=1.0,
     )
-    return panel.shape[2], panel.shape[1]
+    return panel.shape[1]
+
+
+def stacked_size(records: list[dict]) -> tuple[int, int]:
+    """(width, height) of the loggers' picture of a check with these index records' panels: one column,
+    6 px of grey around each."""
+    width, height = records[0]["width"], records[0]["height"]
+    assert all((r["width"], r["height"]) == (width, height) for r in records)
+    return width + 2 * STACK_PAD, len(records) * (height + STACK_PAD) + STACK_PAD
+
+
+def records_at(run_dir, tag: str, step: int) -> list[dict]:
+    return [r for r in read_index(run_dir) if r["tag"] == tag and r["step"] == step]
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -173,23 +189,27 @@ def test_tensorboard_event_files(tb_run, data):
     assert set(acc.PluginTagToContent("images")) == picture_tags
     assert {"peering/confused_fraction", "peering/val/confused_fraction"} <= set(tags["scalars"])
 
-    # training: checks at batches 1, 3, 5, 7 of each epoch; 3 pictures each until the cap of 10 per epoch
+    # training: checks at batches 1, 3, 5, 7 of each epoch; 3 samples each until the cap of 10 per epoch,
+    # all of a check's samples in ONE picture (one card in TensorBoard, its step slider a time-lapse)
     events = acc.Tensors("peering/confused")
     steps = [e.step for e in events]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
-    counts = [len(e.tensor_proto.string_val) - 2 for e in events]
-    assert counts == [3, 3, 3, 1] * EPOCHS
-    width, height = panel_size(data)
-    for e in events:
+    assert all(len(e.tensor_proto.string_val) - 2 == 1 for e in events)
+    for e, n in zip(events, [3, 3, 3, 1] * EPOCHS, strict=True):
+        records = records_at(logdir, "peering/confused", e.step)
+        assert len(records) == n and records[0]["height"] == panel_height(data)
+        width, height = stacked_size(records)
         assert e.tensor_proto.string_val[:2] == [str(width).encode(), str(height).encode()]
-        for png in e.tensor_proto.string_val[2:]:
-            assert png_size(png) == (width, height)
+        assert png_size(e.tensor_proto.string_val[2]) == (width, height)
     fractions = acc.Scalars("peering/confused_fraction")
     assert [(s.step, s.value) for s in fractions] == [(s, 1.0) for s in steps]
 
     # validation (inference mode): once per epoch at the epoch's last step, never in the sanity check
     val = acc.Tensors("peering/val/confused")
-    assert [(e.step, len(e.tensor_proto.string_val) - 2) for e in val] == [(8, 3), (16, 3)]
+    assert [(e.step, png_size(e.tensor_proto.string_val[2])) for e in val] == [
+        (s, stacked_size(records_at(logdir, "peering/val/confused", s))) for s in (8, 16)
+    ]
+    assert all(len(records_at(logdir, "peering/val/confused", s)) == 3 for s in (8, 16))
     assert [s.step for s in acc.Scalars("peering/val/confused_fraction")] == [8, 16]
     # tracked samples: one picture per validation run each
     for i in range(2):
@@ -212,10 +232,8 @@ def test_readers_match_event_files(tb_run, data):
         "peering/val/confused",
     ]
     pictures = read_images(logdir, "peering/confused")
-    assert [(step, len(pngs)) for step, pngs in pictures] == list(
-        zip([2, 4, 6, 8, 10, 12, 14, 16], [3, 3, 3, 1] * EPOCHS, strict=True)
-    )
-    assert png_size(pictures[0][1][0]) == panel_size(data)
+    assert [(step, len(pngs)) for step, pngs in pictures] == [(s, 1) for s in [2, 4, 6, 8, 10, 12, 14, 16]]
+    assert png_size(pictures[0][1][0]) == stacked_size(records_at(logdir, "peering/confused", 2))
     assert read_scalars(logdir, "peering/val/confused_fraction") == [(8, 1.0), (16, 1.0)]
 
     index = read_index(logdir)
@@ -224,6 +242,15 @@ def test_readers_match_event_files(tb_run, data):
     assert [(r["step"], r["index"]) for r in train[:4]] == [(2, 0), (2, 1), (2, 2), (4, 0)]
     for r in index:
         assert r["png"] is None  # everything went to TensorBoard
+        height = r["height"]
+        assert r["box"] == [STACK_PAD, STACK_PAD + r["index"] * (height + STACK_PAD), r["width"], height]
+    # the report cuts the samples back out of the stacked pictures: one picture per sample again
+    from peering.report.run import read_run
+
+    run = read_run(logdir)
+    assert len(run.train) == 20 and len(run.val) == 6 and [len(v) for v in run.tracked.values()] == [2, 2]
+    for picture in run.train + run.val:
+        assert png_size(picture.png) == (picture.record["width"], picture.record["height"])
         assert 0 <= r["class_a"] < 10 and 0 <= r["class_b"] < 10 and r["class_a"] != r["class_b"]
         assert 0 <= r["label"] < 10 and r["prob_a"] >= r["prob_b"] - 1e-6
     for step in {r["step"] for r in train}:  # most confused first
@@ -240,6 +267,40 @@ def _free_port() -> int:
 def _get(url: str, timeout: float = 10.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
+
+
+# every image card of TensorBoard's Images dashboard (a tf-image-loader, inside shadow roots), once each
+# shows its loaded picture: [{tag, run, sample, loaded}, ...], or "" while the page is still building
+IMAGE_CARDS = """(function () {
+  var cards = [];
+  function walk(root, into) {
+    root.querySelectorAll('*').forEach(function (el) {
+      if (el.localName === 'tf-image-loader') {
+        var card = {tag: el.tag, run: el.run, sample: el.sample, loaded: false};
+        cards.push(card);
+        if (el.shadowRoot) walk(el.shadowRoot, card);
+      } else if (into && el.localName === 'img' && el.complete && el.naturalWidth > 0) {
+        into.loaded = true;
+      }
+      if (el.shadowRoot && el.localName !== 'tf-image-loader') walk(el.shadowRoot, into);
+    });
+  }
+  walk(document, null);
+  var ready = cards.length > 0 && cards.every(function (c) { return c.loaded; });
+  return ready ? JSON.stringify(cards) : '';
+})()"""
+
+
+def image_cards(chromium: str, url: str, tmp_path: Path) -> list[str]:
+    """The tag of each card in TensorBoard's Images dashboard, as a browser shows it (bounded wait);
+    saves a screenshot as test-artifacts/tensorboard.png."""
+    shot = Path(__file__).resolve().parents[1] / "test-artifacts" / "tensorboard.png"
+    shot.unlink(missing_ok=True)
+    pytest.importorskip("websocket", reason="websocket-client (the dev extra) talks to chromium's DevTools")
+    cards = evaluate(chromium, url, IMAGE_CARDS, tmp_path / "chromium", timeout=40, screenshot=shot)
+    assert cards is not None, "TensorBoard's Images dashboard showed no loaded picture within 40 s"
+    assert shot.is_file() and shot.stat().st_size > 5_000
+    return [card["tag"] for card in cards]
 
 
 def test_tensorboard_server_serves_the_pictures(tb_run, data, tmp_path):
@@ -277,17 +338,25 @@ def test_tensorboard_server_serves_the_pictures(tb_run, data, tmp_path):
                     break
             time.sleep(0.5)
         assert "peering/confused" in tags.get(run, {}), tags
-        assert tags[run]["peering/confused"]["samples"] == TOP_K
-        assert tags[run]["peering/tracked/0"]["samples"] == 1
-
+        # one picture per step and tag: one card each, whose step slider walks through training
+        assert {tag: info["samples"] for tag, info in tags[run].items()} == {
+            "peering/confused": 1,
+            "peering/val/confused": 1,
+            "peering/tracked/0": 1,
+            "peering/tracked/1": 1,
+        }
         query = urllib.parse.urlencode({"run": run, "tag": "peering/confused", "sample": 0})
         entries = json.loads(_get(f"{base}/images?{query}"))
         assert [e["step"] for e in entries] == [2, 4, 6, 8, 10, 12, 14, 16]
         png = _get(f"{base}/individualImage?{entries[-1]['query']}")
-        assert png_size(png) == panel_size(data)
-        # the second sample exists for the full checks only (the capped ones had one picture)
-        query = urllib.parse.urlencode({"run": run, "tag": "peering/confused", "sample": 2})
-        assert [e["step"] for e in json.loads(_get(f"{base}/images?{query}"))] == [2, 4, 6, 10, 12, 14]
+        assert png_size(png) == stacked_size(records_at(logdir, "peering/confused", 16))  # capped: one
+
+        # TensorBoard's own page, in a real headless browser: one card per tag in the Images dashboard
+        chromium = find_chromium()
+        if chromium is None:
+            pytest.skip("chromium not found: install Debian's chromium package to check TensorBoard's page")
+        cards = image_cards(chromium, f"http://127.0.0.1:{port}/?darkMode=false#images", tmp_path)
+        assert sorted(cards) == sorted(tags[run]), cards
     finally:
         server.terminate()
         try:
@@ -446,9 +515,10 @@ def test_png_fallback_without_an_image_logger(data, tmp_path, kind):
         "val/confused/step_4_0.png",
         "val/confused/step_4_1.png",
     ]
-    width_height = panel_size(data)
-    for step, pngs in read_images(run_dir, "peering/confused"):
-        assert step in (2, 4) and [png_size(p) for p in pngs] == [width_height] * 2
+    for step, pngs in read_images(run_dir, "peering/confused"):  # the PNG folder: one file per sample
+        records = records_at(run_dir, "peering/confused", step)
+        assert step in (2, 4) and [png_size(p) for p in pngs] == [(r["width"], r["height"]) for r in records]
+        assert len(pngs) == 2 and all(r["box"] is None for r in records)
     assert read_scalars(run_dir, "peering/confused_fraction") == [(2, 1.0), (4, 1.0)]
     assert image_tags(run_dir) == ["peering/confused", "peering/tracked/0", "peering/val/confused"]
     index = read_index(run_dir)
@@ -530,12 +600,11 @@ def test_image_api_logger_gets_the_pictures(data, tmp_path):
     callback = ConfusedLogitCallback(top_k=2, logging_batch_interval=2, **ALWAYS)
     train, val = loaders(data, n_train=128)
     trainer(tmp_path, [callback], logger, limit_train_batches=4).fit(tiny(data), train, val)
-    width, height = panel_size(data)
-    assert logger.images == [
-        ("peering/confused", 2, [(height, width, 3)] * 2),
-        ("peering/confused", 4, [(height, width, 3)] * 2),
-        ("peering/val/confused", 4, [(height, width, 3)] * 2),
-    ]
+    shapes = []  # one picture per check and tag, its two panels stacked
+    for tag, step in (("peering/confused", 2), ("peering/confused", 4), ("peering/val/confused", 4)):
+        width, height = stacked_size(records_at(tmp_path, tag, step))
+        shapes.append((tag, step, [(height, width, 3)]))
+    assert logger.images == shapes
     assert [(k, s) for k, s, _ in logger.scalars] == [
         ("peering/confused_fraction", 2),
         ("peering/confused_fraction", 4),
@@ -711,6 +780,49 @@ def test_three_channel_and_flat_inputs(tmp_path):
     assert png_size(pictures[0][1][0])[1] > 8 * 4  # a flat 64-vector is drawn as an 8x8 image
 
 
+def _bar_pixels(png: bytes) -> int:
+    from peering.render import features
+
+    colours = features._lut_np()[[features._POSITIVE, features._NEGATIVE]]
+    a = np.array(Image.open(io.BytesIO(png)).convert("RGB"))
+    return int(sum((a == c).all(axis=2).sum() for c in colours))
+
+
+def test_tabular_inputs_are_bar_charts_and_display_undoes_normalisation(tmp_path):
+    class Table(TinyNet):
+        def __init__(self, d: int):
+            super().__init__()
+            self.features = nn.Identity()
+            self.head = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    torch.manual_seed(0)
+    table = DataLoader(TensorDataset(torch.randn(32, 30), torch.randint(0, 10, (32,))), batch_size=16)
+    names = [f"feature_{i}" for i in range(30)]
+
+    def run(folder: str, data, model, **kwargs) -> list[bytes]:
+        callback = ConfusedLogitCallback(
+            top_k=2, logging_batch_interval=1, on="train", background=False, **ALWAYS, **kwargs
+        )
+        trainer(tmp_path / folder, [callback], False, limit_train_batches=1).fit(model, data)
+        return read_images(tmp_path / folder, "peering/confused")[0][1]
+
+    bars = run("bars", table, Table(30), feature_names=names)
+    assert len(bars) == 2 and all(_bar_pixels(p) > 1000 for p in bars)  # 30 features: named bars
+    strips = run("strip", table, Table(30), input_kind="image")  # forced: a 1 x 30 strip, as before
+    assert all(_bar_pixels(p) < _bar_pixels(bars[0]) / 10 for p in strips)  # a map's few pixels of them
+    assert png_size(strips[0])[1] < png_size(bars[0])[1] / 2
+
+    x = torch.rand(32, 3, 12, 12)
+    labels = torch.randint(0, 10, (32,))
+    normalised = DataLoader(TensorDataset((x - 0.5) / 0.25, labels), batch_size=16)
+    torch.manual_seed(1)
+    shown = run("display", normalised, TinyNet(channels=3, size=12), display=(0.5, 0.25))
+    torch.manual_seed(1)
+    clamped = run("clamped", normalised, TinyNet(channels=3, size=12))
+    # without display= the inputs in [-2, 2] are clamped and the panel says so in a note under it
+    assert png_size(clamped[0])[1] > png_size(shown[0])[1]
+
+
 # ------------------------------------------------------------------------------------ choosing the samples
 
 
@@ -777,6 +889,9 @@ def test_bolts_positional_arguments():
         {"max_pictures_per_epoch": 0},
         {"track": -1},
         {"zoom": 0},
+        {"display": "imagenet"},
+        {"input_kind": "table"},
+        {"feature_names": "age"},
         {"unpack": "x"},
         {"min_logit_value": float("nan")},
     ],

@@ -121,9 +121,9 @@ def test_ddp_two_cpu_processes(tmp_path):
         tag: [(e.step, len(e.tensor_proto.string_val) - 2) for e in acc.Tensors(tag)]
         for tag in acc.PluginTagToContent("images")
     }
-    assert counts == {
-        "peering/confused": [(2, TOP_K), (4, TOP_K)],
-        "peering/val/confused": [(4, TOP_K)],
+    assert counts == {  # one picture per trigger and tag, holding all of the trigger's samples
+        "peering/confused": [(2, 1), (4, 1)],
+        "peering/val/confused": [(4, 1)],
         "peering/tracked/0": [(4, 1)],
         "peering/tracked/1": [(4, 1)],
     }
@@ -131,5 +131,15 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert read_scalars(logdir, "peering/val/confused_fraction") == [(4, 0.5)]
     index = read_index(logdir)
     assert len(index) == 2 * TOP_K + TOP_K + 2
+    samples: dict[tuple[str, int], int] = {}
+    for r in index:
+        samples[(r["tag"], r["step"])] = samples.get((r["tag"], r["step"]), 0) + 1
+    assert samples == {
+        ("peering/confused", 2): TOP_K,
+        ("peering/confused", 4): TOP_K,
+        ("peering/val/confused", 4): TOP_K,
+        ("peering/tracked/0", 4): 1,
+        ("peering/tracked/1", 4): 1,
+    }
     assert {r["label"] for r in index} == {7}
     assert {(r["class_a"], r["class_b"]) for r in index} <= {(0, 1), (1, 0)}

@@ -26,6 +26,7 @@ from peering.checkpoints import CheckpointError, load_model
 from peering.cli import app, read_image
 from peering.data import load_digits
 from peering.models import DigitCNN
+from tests._close import assert_close
 
 PEERING = Path(sys.executable).parent / "peering"
 
@@ -388,7 +389,11 @@ def bad_files(tmp_path_factory, checkpoint):
         "def pair():\n    return Pair()\n\n"
         "def broken():\n    raise RuntimeError('no GPU here')\n\n"
         "def mlp():\n"
-        "    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+        "    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n\n"
+        "class Normalised(DigitCNN):\n"
+        "    # cnn8 for inputs normalised with mean 0.5 and std 0.25: the same function of the image\n"
+        "    def forward(self, z):\n        return super().forward(z * 0.25 + 0.5)\n\n"
+        "def normalised8():\n    return Normalised(image_size=8)\n"
     )
     files["module"] = module
     sys.path.insert(0, str(folder))
@@ -493,6 +498,65 @@ def test_flat_user_model(bad_files, images, tmp_path):
     assert morph.exit_code == 0, morph.output
 
 
+def test_normalised_model_with_mean_and_std(bad_files, images, tmp_path):
+    """A model that takes (image - 0.5) / 0.25: with --mean/--std it sees what cnn8 sees of the raw image
+    (same probabilities), its pictures show the image as read (no clamping note), and it morphs."""
+    common = (bad_files["state_dict"], images["digit0"])
+
+    def explain(factory: str, *extra: str) -> tuple[str, Image.Image]:
+        out = tmp_path / f"{factory}{len(extra)}.png"
+        result = invoke("explain", *common, "--model", f"user_models:{factory}", "-o", out, *extra)
+        assert result.exit_code == 0, result.output
+        table = [ln for ln in result.stdout.splitlines() if ln.startswith(images["digit0"].name)]
+        with Image.open(out) as im:
+            return table[0], im.copy()
+
+    plain_table, plain = explain("cnn8")
+    table, picture = explain("normalised8", "--mean", "0.5", "--std", "0.25")
+    assert table == plain_table  # the model saw the same thing
+    assert picture.size == plain.size  # no note: the image is shown as read, not clamped
+    # the input tile (the left-most 96 px of the tiles) is the same as without any normalisation
+    assert np.array_equal(np.array(picture)[-98:, :100], np.array(plain)[-98:, :100])
+    raw_table, _ = explain("normalised8")  # without the options the model sees another input
+    assert raw_table != plain_table
+    norm = ("--mean", "0.5", "--std", "0.25")
+    morph = invoke(
+        "morph",
+        *common,
+        "--model",
+        "user_models:normalised8",
+        *norm,
+        "--target",
+        "4",
+        "-o",
+        tmp_path / "m.png",
+        "--no-progress",
+    )
+    same = invoke(
+        "morph",
+        *common,
+        "--model",
+        "user_models:cnn8",
+        "--target",
+        "4",
+        "-o",
+        tmp_path / "p.png",
+        "--no-progress",
+    )
+    assert morph.exit_code == 0 and same.exit_code == 0, morph.output + same.output
+    assert morph.stdout.splitlines()[0] == same.stdout.splitlines()[0]  # "predicted k (p=...)" before
+    assert (tmp_path / "m.png").is_file()
+    assert_bad_input(
+        invoke("explain", *common, "--model", "user_models:cnn8", "--mean", "0.5"),
+        "--mean and --std go together",
+    )
+    assert_bad_input(
+        invoke("explain", *common, "--model", "user_models:cnn8", "--mean", "0.5,0.5", "--std", "0.2"),
+        "--mean has 2 values",
+        "1 channels",
+    )
+
+
 @pytest.mark.parametrize("target", ["10", "-1", "99"])
 @pytest.mark.parametrize("command", ["explain", "morph"])
 def test_target_out_of_range(checkpoint, images, tmp_path, command, target):
@@ -512,8 +576,61 @@ def test_unreadable_images(checkpoint, images, tmp_path, command, kind):
 def test_unwritable_output(checkpoint, images, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = invoke("explain", checkpoint, images["digit0"], "-o", blocker / "out.png")
-    assert_bad_input(result, "cannot write")
+    result = invoke("explain", checkpoint, images["digit0"], "-o", blocker / "sub" / "out.png")
+    assert_bad_input(result, "cannot write", f"{blocker} is a file, not a folder")
+
+
+def test_output_into_a_missing_folder_is_created_and_said(checkpoint, images, tmp_path):
+    out = tmp_path / "new" / "deeper" / "x.png"
+    result = invoke("explain", checkpoint, images["digit0"], "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    assert f"note: created folder {tmp_path / 'new'}" in result.stderr
+
+
+VIT_FACTORY = """
+from transformers import ViTConfig, ViTForImageClassification
+
+
+def build():
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64, num_labels=10)
+    return ViTForImageClassification(config)
+"""
+
+
+def test_hugging_face_model_with_output_fn(images, tmp_path):
+    """A ViT state_dict (its forward returns an ImageClassifierOutput): the error names --output-fn
+    logits, which then works for explain and morph, run as the installed command."""
+    pytest.importorskip("transformers")
+    if not PEERING.exists():
+        pytest.skip(f"console script not installed at {PEERING} (pip install -e .)")
+    (tmp_path / "vit_model.py").write_text(VIT_FACTORY)
+    from peering.checkpoints import import_factory
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(import_factory(f"{tmp_path / 'vit_model.py'}:build")().state_dict(), tmp_path / "vit.pt")
+    model = ["--model", "vit_model.py:build", "--channels", "1", "--image-size", "8"]
+
+    def run(*args):
+        return subprocess.run(
+            [str(PEERING), *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+        )
+
+    bare = run("explain", "vit.pt", images["digit0"], *model)
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr, bare.stderr
+    assert "ImageClassifierOutput" in bare.stderr and "--output-fn logits" in bare.stderr
+    wrong = run("explain", "vit.pt", images["digit0"], *model, "--output-fn", "scores")
+    assert wrong.returncode == 2 and "has no part 'scores'; it has: logits" in wrong.stderr, wrong.stderr
+    done = run("explain", "vit.pt", images["digit0"], images["digit1"], *model, "--output-fn", "logits",
+               "-o", "vit.png")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "vit.png").stat().st_size > 0 and images["digit1"].name in done.stdout
+    morphed = run("morph", "vit.pt", images["digit0"], "--target", "3", "--steps", "5", *model,
+                  "--output-fn", "logits", "--no-progress", "-o", "m.png")
+    assert morphed.returncode == 0, morphed.stderr
+    assert (tmp_path / "m.png").stat().st_size > 0
 
 
 def test_report_command(demo_run, tmp_path):
@@ -536,7 +653,7 @@ def test_read_image_conversions(tmp_path):
     Image.fromarray(grey).save(tmp_path / "grey.png")
     x, notes = read_image(tmp_path / "grey.png", 1, (8, 8))
     assert notes == [] and x.shape == (1, 8, 8)
-    assert torch.allclose(x[0], torch.from_numpy(grey / 255.0).float())
+    assert_close(x[0], torch.from_numpy(grey / 255.0).float())
 
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[2:6, 3:5] = (0, 0, 0, 255)  # a black stroke on a transparent background

@@ -11,6 +11,7 @@ from torch import nn
 
 import peering
 from peering._guard import transform
+from tests._close import assert_close
 from tests._state import assert_same_state, snapshot
 
 OUTPUTS = ["probability", "log_probability", "logit"]
@@ -61,7 +62,7 @@ def test_gradient_equals_per_sample_reference(model_and_batch, output, strategy)
     assert exp.targets.shape == (x.shape[0], 3)
     assert torch.equal(exp.targets, model(x).topk(3, dim=1).indices)
     ref = reference(model, x, exp.targets, output)
-    assert (exp.attributions - ref).abs().max() < 1e-5
+    assert_close(exp.attributions, ref)
     assert exp.attributions.abs().max() > 1e-4  # not trivially zero
 
 
@@ -71,7 +72,7 @@ def test_input_x_gradient_equals_reference(model_and_batch):
     exp = peering.explain(model, x, targets, method="input_x_gradient", output="logit")
     ref = reference(model, x, targets, "logit", combine=lambda b, g: x[b] * g)
     assert torch.equal(exp.targets, targets)
-    assert (exp.attributions - ref).abs().max() < 1e-5
+    assert_close(exp.attributions, ref)
 
 
 def test_integrated_gradients_equals_reference(model_and_batch):
@@ -89,7 +90,7 @@ def test_integrated_gradients_equals_reference(model_and_batch):
         points_fn=lambda b: baseline + alphas.view(-1, *[1] * (x.ndim - 1)) * (x[b] - baseline),
         combine=lambda b, g: (x[b] - baseline) * g,
     )
-    assert (exp.attributions - ref).abs().max() < 1e-5
+    assert_close(exp.attributions, ref)
 
 
 def test_integrated_gradients_completeness(trained_cnn, cnn_batch):
@@ -114,12 +115,12 @@ def test_smoothgrad_equals_reference_with_the_same_noise(model_and_batch):
                           chunk_size=10_000)
     ref = reference(model, x, exp.targets, "probability",
                     points_fn=lambda b: x[b] + sigma[b] * noise[:, b])
-    assert (exp.attributions - ref).abs().max() < 1e-5
+    assert_close(exp.attributions, ref)
     # own generator: same seed, same result, whatever the chunking; another seed differs
     again = peering.explain(model, x, 2, method="smoothgrad", n_samples=n, noise_level=level, seed=seed,
                             chunk_size=3)
     other = peering.explain(model, x, 2, method="smoothgrad", n_samples=n, noise_level=level, seed=8)
-    assert (again.attributions - exp.attributions).abs().max() < 1e-5
+    assert_close(again.attributions, exp.attributions)
     assert (other.attributions - exp.attributions).abs().max() > 1e-4
 
 
@@ -128,7 +129,7 @@ def test_smoothgrad_without_noise_is_the_gradient(trained_cnn, cnn_batch):
     sg = peering.explain(trained_cnn, x, method="smoothgrad", noise_level=0.0, n_samples=3)
     g = peering.explain(trained_cnn, x)
     assert torch.equal(sg.targets, g.targets)
-    assert (sg.attributions - g.attributions).abs().max() < 1e-6
+    assert_close(sg.attributions, g.attributions)
 
 
 def test_probability_gradient_step_raises_that_probability(trained_cnn, mnist_split):
@@ -170,14 +171,14 @@ def test_explains_three_channel_images():
     exp = peering.explain(model, x, top_k=2)
     assert exp.attributions.shape == (6, 2, 3, 8, 8)
     ref = reference(model, x, exp.targets, "probability")
-    assert (exp.attributions - ref).abs().max() < 1e-6
+    assert_close(exp.attributions, ref)
 
 
 def test_vmap_and_per_class_agree_for_many_classes(trained_cnn, cnn_batch):
     x = cnn_batch[0]
     auto = peering.explain(trained_cnn, x, top_k=6)  # auto -> vmap for K > 4
     loop = peering.explain(trained_cnn, x, top_k=6, grad_strategy="per_class")
-    assert (auto.attributions - loop.attributions).abs().max() < 1e-6
+    assert_close(auto.attributions, loop.attributions)
 
 
 def test_chunking_does_not_change_the_result(trained_cnn, mnist_split):
@@ -185,8 +186,8 @@ def test_chunking_does_not_change_the_result(trained_cnn, mnist_split):
     whole = peering.explain(trained_cnn, x, chunk_size=1000)
     chunked = peering.explain(trained_cnn, x, chunk_size=16)
     assert torch.equal(whole.targets, chunked.targets)
-    assert (whole.attributions - chunked.attributions).abs().max() < 1e-6
-    assert (whole.logits - chunked.logits).abs().max() < 1e-5
+    assert_close(whole.attributions, chunked.attributions)
+    assert_close(whole.logits, chunked.logits)
 
 
 # ---------- state is left as it was ----------
@@ -293,7 +294,7 @@ def test_model_returning_a_tuple_needs_output_fn():
     with pytest.raises(TypeError, match=r"returned a tuple.*output_fn=lambda out: out\[0\]"):
         peering.explain(model, x)
     exp = peering.explain(model, x, output_fn=lambda out: out[0], output="logit", target=2)
-    assert torch.allclose(exp.attributions[:, 0], model.linear.weight[2].expand(3, 64))
+    assert_close(exp.attributions[:, 0], model.linear.weight[2].expand(3, 64))
 
 
 def test_nonfinite_skip_explains_the_rest(trained_cnn, cnn_batch):
@@ -305,7 +306,7 @@ def test_nonfinite_skip_explains_the_rest(trained_cnn, cnn_batch):
     keep = torch.tensor([i not in (1, 4) for i in range(12)])
     assert exp.valid.tolist() == keep.tolist()
     assert (exp.targets[~keep] == -1).all() and exp.attributions[~keep].isnan().all()
-    assert (exp.attributions[keep] - clean.attributions[keep]).abs().max() < 1e-6
+    assert_close(exp.attributions[keep], clean.attributions[keep])
 
 
 def test_empty_batch(trained_cnn):
@@ -321,4 +322,5 @@ def test_smoothgrad_noise_does_not_depend_on_chunking():
     x = torch.rand(7, 5)
     runs = [peering.explain(model, x, method="smoothgrad", n_samples=16, seed=3, chunk_size=c).attributions
             for c in (7, 28, 112)]
-    assert (runs[0] - runs[1]).abs().max() < 1e-7 and (runs[0] - runs[2]).abs().max() < 1e-7
+    assert_close(runs[1], runs[0])
+    assert_close(runs[2], runs[0])

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from torch.testing import assert_close
+from torch import nn
 
 import peering
+from tests._close import assert_close
 from tests._state import assert_same_state, snapshot
 
 
@@ -34,7 +35,7 @@ def test_morph_result_is_consistent(morphed):
     assert torch.equal(res.frame_steps, torch.arange(101))
     assert torch.equal(res.frames[0], x)
     assert torch.equal(res.frames[-1], res.inputs)
-    assert torch.allclose(res.distance, (res.inputs - x).flatten(1).norm(dim=1))
+    assert_close(res.distance, (res.inputs - x).flatten(1).norm(dim=1))
     assert res.inputs.min() >= 0 and res.inputs.max() <= 1
     assert ((res.steps >= 1) == res.success).all()  # none started as its target
     # early stop: a sample stops moving at the step it first reached its target
@@ -42,7 +43,7 @@ def test_morph_result_is_consistent(morphed):
         s = int(res.steps[b])
         assert torch.equal(res.frames[s, b], res.inputs[b])
         assert not torch.equal(res.frames[s - 1, b], res.inputs[b])
-    assert torch.allclose(res.probabilities, res.logits.softmax(1))
+    assert_close(res.probabilities, res.logits.softmax(1))
 
 
 def test_morph_without_early_stop_goes_further(trained_cnn, mnist_split):
@@ -75,8 +76,8 @@ def test_chunks_and_batch_are_independent(trained_cnn, mnist_split):
     b = peering.morph(trained_cnn, x, (y + 1) % 10, steps=20, chunk_size=7)
     one = peering.morph(trained_cnn, x[5:6], (y[5:6] + 1) % 10, steps=20)
     assert torch.equal(a.steps, b.steps)
-    assert (a.inputs - b.inputs).abs().max() < 1e-5
-    assert (a.inputs[5] - one.inputs[0]).abs().max() < 1e-5
+    assert_close(a.inputs, b.inputs)
+    assert_close(a.inputs[5], one.inputs[0])
 
 
 def test_morph_leaves_state_untouched(trained_cnn, mnist_split):
@@ -106,6 +107,37 @@ def test_morph_bad_input(trained_cnn, mnist_split):
         peering.morph(trained_cnn, (x * 255).to(torch.uint8), 1)
     with pytest.raises(ValueError, match="keep_every"):
         peering.morph(trained_cnn, x, 1, keep_every=0)
+
+
+def test_per_feature_bounds_for_standardised_tables(digits_mlp, digits_split):
+    """Standardised features each have their own valid range: bounds are tensors, one value per feature."""
+    train_x, _, test_x, test_y = digits_split
+    mean, std = train_x.flatten(1).mean(0), train_x.flatten(1).std(0).clamp_min(0.05)
+    model = nn.Sequential(Affine(std, mean), digits_mlp)  # takes standardised features
+    z = (test_x[:16].flatten(1) - mean) / std
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    res = peering.morph(model, z, (test_y[:16] + 1) % 10, bounds=(lo, hi), steps=60)
+    assert res.success.float().mean() >= 0.9
+    assert (res.inputs >= lo).all() and (res.inputs <= hi).all()
+    assert ((res.inputs == lo) | (res.inputs == hi)).any()  # the ranges were reached, and held
+    assert peering.morph(model, z, 1, bounds=(lo.min().item(), hi), steps=2).inputs.shape == z.shape
+    with pytest.raises(ValueError, match="do not broadcast to one sample"):
+        peering.morph(model, z, 1, bounds=(lo[:10], hi))
+    with pytest.raises(ValueError, match="low < high"):
+        peering.morph(model, z, 1, bounds=(hi, lo))
+    with pytest.raises(ValueError, match=r"outside bounds in 16 sample\(s\)"):
+        peering.morph(model, z, 1, bounds=(lo + 10, hi + 20))
+    with pytest.raises(TypeError, match="pair of numbers or of tensors"):
+        peering.morph(model, z, 1, bounds=(0.0,))
+
+
+class Affine(nn.Module):
+    def __init__(self, scale, shift):
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, z):
+        return z * self.scale + self.shift
 
 
 # ---------- the stopping rule, smoothing, ensembles ----------
@@ -145,8 +177,8 @@ def test_an_ensemble_of_one_model_twice_is_that_model(trained_cnn, mnist_split):
     x, y = mnist_split[2][:8], mnist_split[3][:8]
     one = peering.morph(trained_cnn, x, (y + 3) % 10, steps=30)
     twice = peering.morph([trained_cnn, trained_cnn], x, (y + 3) % 10, steps=30)
-    assert_close(twice.inputs, one.inputs, atol=1e-4, rtol=1e-4)
-    assert_close(twice.probabilities, one.probabilities, atol=1e-5, rtol=1e-4)
+    assert_close(twice.inputs, one.inputs)
+    assert_close(twice.probabilities, one.probabilities)
 
 
 def test_unreached_morphs_say_why(trained_cnn, mnist_split):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 import peering
 from peering.priors import Jitter, Noise, Prior, Prototypes, TotalVariation, smooth
+from tests._close import assert_close
 
 
 @pytest.fixture(scope="module")

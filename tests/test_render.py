@@ -9,19 +9,21 @@ import pytest
 import torch
 from PIL import Image
 
-from peering import render
 from peering.render import (
+    _draw,
     confusion_panels,
     diverging,
     explanation_image,
     film_strip,
     grid,
+    morphs,
     save_gif,
     save_png,
     to_rgb,
 )
 
-PAD = render._PAD
+PAD = _draw._PAD
+GAP = _draw._GAP
 
 
 def luminance(rgb: torch.Tensor) -> torch.Tensor:
@@ -33,9 +35,12 @@ def zoomed(x: torch.Tensor, zoom: int) -> torch.Tensor:
 
 
 def panel_tile(panels: torch.Tensor, t: int, n_tiles: int, h: int, w: int) -> torch.Tensor:
-    """Tile t of panels [N, H', W', 3] laid out by render: tiles at the bottom, centred in equal cells."""
-    cell_w = (panels.shape[2] - PAD) // n_tiles - PAD
-    x0 = PAD + t * (cell_w + PAD) + (cell_w - w) // 2
+    """Tile t of panels [N, H', W', 3] laid out by render (without notes): tiles at the bottom, centred in
+    equal cells ``GAP`` apart, ``PAD`` from the edges."""
+    gap = GAP if n_tiles > 1 else PAD
+    step = (panels.shape[2] - 2 * PAD + gap) // n_tiles
+    cell_w = step - gap
+    x0 = PAD + t * step + (cell_w - w) // 2
     y0 = panels.shape[1] - PAD - h
     return panels[:, y0 : y0 + h, x0 : x0 + w]
 
@@ -68,7 +73,7 @@ def morph_result(n_frames=20, batch=2, shape=(1, 28, 28)):
 
 
 def test_colour_ordering_and_middle():
-    lut = render._lut()
+    lut = _draw._lut()
     assert lut.shape == (256, 3) and lut.dtype == torch.uint8
     out = diverging(torch.tensor([[-1.0, 0.0, 1.0]]))  # one [H=1, W=3] map
     assert out.shape == (1, 3, 3) and out.dtype == torch.uint8
@@ -83,7 +88,7 @@ def test_colour_ordering_and_middle():
 
 
 def test_sign_symmetry():
-    lut = render._lut()
+    lut = _draw._lut()
     k = torch.arange(-128, 128, dtype=torch.float32)
     v = ((k + 0.5) / 128).reshape(16, 16)  # bin centres, away from quantisation edges
     pos, neg = diverging(v, scale=1.0), diverging(-v, scale=1.0)
@@ -101,7 +106,7 @@ def test_sign_symmetry():
 
 
 def test_all_zero_map_is_neutral_not_nan():
-    lut = render._lut()
+    lut = _draw._lut()
     out = diverging(torch.zeros(2, 1, 5, 5))
     assert torch.equal(out, lut[128].expand(2, 5, 5, 3))
     out = diverging(torch.zeros(5, 5), scale=0.0)
@@ -113,7 +118,7 @@ def test_all_zero_map_is_neutral_not_nan():
 
 
 def test_default_scale_is_per_map_and_explicit_scale_clips():
-    lut = render._lut()
+    lut = _draw._lut()
     a = torch.zeros(2, 1, 2)
     a[0, 0, 0], a[1, 0, 0] = 1.0, 100.0
     out = diverging(a)
@@ -137,7 +142,7 @@ def test_channels_are_summed_with_sign():
     assert torch.equal(diverging(a[0]), diverging(a[0].sum(0)))
     assert torch.equal(diverging(a[:, :1]), diverging(a[:, 0]))
     cancel = torch.stack([torch.ones(8, 8), -torch.ones(8, 8), torch.zeros(8, 8)])  # [3, 8, 8]: sums to 0
-    assert torch.equal(diverging(cancel), render._lut()[128].expand(8, 8, 3))
+    assert torch.equal(diverging(cancel), _draw._lut()[128].expand(8, 8, 3))
 
 
 # --------------------------------------------------------------------------------------------------- shapes
@@ -168,7 +173,7 @@ def test_to_rgb_values():
     rgb = torch.rand(3, 4, 4)
     assert torch.equal(to_rgb(rgb), (rgb * 255).round().to(torch.uint8).permute(1, 2, 0))
     with pytest.raises(ValueError, match="1 or 3 channels"):
-        render._rgb(torch.rand(2, 4, 5, 5), sample_ndim=3)
+        _draw._rgb(torch.rand(2, 4, 5, 5), sample_ndim=3)
 
 
 def test_grid_size_arithmetic_and_placement():
@@ -254,16 +259,17 @@ def test_explanation_image_layout():
 
 
 def test_frame_indices_keep_first_and_last():
-    idx = render._frame_indices(50, 12)
+    idx = morphs._frame_indices(50, 12)
     assert len(idx) == 12 and idx[0] == 0 and idx[-1] == 49 and idx == sorted(set(idx))
-    assert render._frame_indices(5, 12) == [0, 1, 2, 3, 4]
+    assert morphs._frame_indices(5, 12) == [0, 1, 2, 3, 4]
 
 
 def test_film_strip_and_save_png(tmp_path):
     res = morph_result(n_frames=20)
     strip = film_strip(res, 1, zoom=3, max_frames=12)
     assert strip.mode == "RGB"
-    assert (strip.width - PAD) % 12 == 0 and (strip.width - PAD) // 12 - PAD >= 84 and strip.height > 84
+    assert (strip.width - 2 * PAD + GAP) % 12 == 0 and (strip.width - 2 * PAD + GAP) // 12 - GAP >= 84
+    assert strip.height > 84
     path = save_png(strip, tmp_path / "nested" / "dir" / "strip.png")
     assert path == tmp_path / "nested" / "dir" / "strip.png"
     with Image.open(path) as im:
@@ -315,3 +321,154 @@ def test_save_png_replaces_existing_file(tmp_path):
     with Image.open(dest) as im:
         assert im.size == (5, 6)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+# ------------------------------------------------------------------------ pictures that tell the truth
+
+
+def lut_index(pixels: torch.Tensor) -> torch.Tensor:
+    """The colour-table entry nearest to each RGB pixel [..., 3]: the value a map pixel stands for."""
+    lut = _draw._lut().double()
+    d = ((pixels.double()[..., None, :] - lut) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def one_sample(attributions, probabilities, output=None):
+    b, k = attributions.shape[:2]
+    return SimpleNamespace(
+        attributions=attributions,
+        targets=torch.arange(k).expand(b, k),
+        probabilities=probabilities,
+        output=output,
+    )
+
+
+def rows_of(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img))[None]
+
+
+def test_channel_opposed_colour_evidence_is_visible_by_default():
+    a = torch.zeros(1, 1, 3, 16, 16)
+    a[0, 0, 0, 4:12, 4:12], a[0, 0, 1, 4:12, 4:12] = 1.0, -1.0  # more red, less green on a patch
+    exp = one_sample(a, torch.tensor([[0.7, 0.3]]))
+    x = torch.full((1, 3, 16, 16), 0.5)
+    tile = panel_tile(rows_of(explanation_image(exp, x, zoom=2)), 1, 2, 32, 32)[0].float()
+    patch, around = tile[8:24, 8:24].reshape(-1, 3), tile[:8].reshape(-1, 3)
+    assert (patch.mean(0) - around.mean(0)).abs().sum() > 200  # plainly visible
+    assert patch[:, 0].mean() > around[:, 0].mean() + 100  # redder
+    assert patch[:, 1].mean() < around[:, 1].mean() - 100  # less green
+    assert around.std(0).max() == 0  # zero attribution: one flat grey
+    # the signed sum cancels it: the map looks exactly like no attribution at all, and the picture says so
+    summed = explanation_image(exp, x, zoom=2, channels="sum")
+    nothing = explanation_image(one_sample(torch.zeros_like(a), exp.probabilities), x, zoom=2, channels="sum")
+    assert summed.height > nothing.height  # the note
+    top = np.array(summed)[: nothing.height, : nothing.width]
+    assert np.array_equal(top, np.array(nothing))
+    # one map per channel: red bright, green dark, blue neutral
+    each = rows_of(explanation_image(exp, x, zoom=2, channels="each"))
+    r, g, b = (lut_index(panel_tile(each, t, 4, 32, 32)[0, 8:24, 8:24]) for t in (1, 2, 3))
+    assert (r == 255).all() and (g == 0).all() and ((b - 127.5).abs() <= 1).all()
+    mag = rows_of(explanation_image(exp, x, zoom=2, channels="magnitude"))
+    m = lut_index(panel_tile(mag, 1, 2, 32, 32)[0])
+    assert (m[8:24, 8:24] == 255).all() and (m[:8] == 128).all()  # grey (zero) to bright
+
+
+@pytest.mark.parametrize("weaker", [10.0, 100.0])
+def test_a_weaker_class_looks_proportionally_fainter(weaker):
+    ramp = torch.linspace(-1, 1, 256).reshape(1, 16, 16)
+    a = torch.stack([ramp, ramp / weaker])[None]  # [1, 2, 1, 16, 16]
+    exp = one_sample(a, torch.tensor([[0.6, 0.4]]))
+    rows = rows_of(explanation_image(exp, torch.rand(1, 1, 16, 16), zoom=1))
+    strength = [(lut_index(panel_tile(rows, t, 3, 16, 16)) - 127.5).abs().mean() for t in (1, 2)]
+    ratio = float(strength[1] / strength[0])
+    # quantisation to 256 entries adds up to one entry of the 64 a full map averages
+    assert ratio == pytest.approx(1 / weaker, abs=1.2 / 64)
+    own = rows_of(explanation_image(exp, torch.rand(1, 1, 16, 16), zoom=1, shared_scale=False))
+    assert torch.equal(panel_tile(own, 1, 3, 16, 16), panel_tile(own, 2, 3, 16, 16))  # each to its own max
+
+
+def test_the_scale_is_written_on_the_picture():
+    a = torch.randn(2, 2, 1, 12, 12)
+    probs = torch.tensor([[0.6, 0.3], [0.5, 0.4]])
+    x = torch.rand(2, 1, 12, 12)
+    one = rows_of(explanation_image(one_sample(a, probs), x, zoom=3))
+    two = rows_of(explanation_image(one_sample(2 * a, probs), x, zoom=3))
+    assert one.shape == two.shape
+    tiles = one.shape[1] - PAD - 36
+    assert torch.equal(one[:, tiles:], two[:, tiles:])  # the same maps, to the pixel
+    assert not torch.equal(one[:, :tiles], two[:, :tiles])  # but their captions differ: the scale
+
+
+def test_captions_are_at_least_11_pixels_tall():
+    panels = confusion_panels(**confusion_inputs(n=1))
+    tiles_top = panels.shape[1] - PAD - 112
+    band = panels[0, :tiles_top, : panel_tile(panels, 1, 5, 112, 112).shape[2]]  # "label ..." over tile 0
+    dark_rows = (band < 100).any(dim=2).any(dim=1).nonzero().flatten()
+    assert int(dark_rows[-1] - dark_rows[0]) + 1 >= 11
+
+
+def test_saturated_probability_is_said_on_the_picture():
+    a = torch.randn(1, 2, 1, 10, 10)
+    x = torch.rand(1, 1, 10, 10)
+    sure = torch.tensor([[0.995, 0.004]])
+    plain = explanation_image(one_sample(a, sure, "logit"), x)
+    saturated = explanation_image(one_sample(a, sure, "probability"), x)
+    unsure = explanation_image(one_sample(a, torch.tensor([[0.6, 0.3]]), "probability"), x)
+    assert unsure.size == plain.size  # no note
+    assert saturated.height > plain.height  # the note, in a band under the row
+    note = np.array(saturated)[plain.height - PAD :]
+    assert (note < 100).any()
+    kw = confusion_inputs(n=2)
+    kw["prob_a"], kw["prob_b"] = torch.tensor([0.999, 0.5]), torch.tensor([0.0005, 0.4])
+    assert confusion_panels(**kw, output="probability").shape[1] > confusion_panels(**kw).shape[1]
+
+
+def test_display_undoes_a_normalisation():
+    x = torch.randint(0, 256, (2, 3, 8, 8)).float() / 255
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    normalised = (x - m) / s
+    exp = one_sample(torch.randn(2, 1, 3, 8, 8), torch.tensor([[0.6, 0.3], [0.6, 0.3]]))
+    for display in ((mean, std), lambda t: t * s + m):
+        img = explanation_image(exp, normalised, zoom=2, display=display)
+        rows = torch.from_numpy(np.array(img)).reshape(2, img.height // 2, img.width, 3)
+        assert torch.equal(panel_tile(rows, 0, 2, 16, 16), zoomed(to_rgb(x), 2))
+    clamped = explanation_image(exp, normalised, zoom=2)  # without it: clamped, and said so
+    assert clamped.height > img.height
+    with pytest.raises(ValueError, match="mean has 2 values"):
+        explanation_image(exp, normalised, display=((0.5, 0.5), (0.2,)))
+
+
+def test_film_strip_and_gif_end_where_the_sample_stopped(tmp_path):
+    frames = torch.rand(11, 2, 1, 8, 8) * 0.9
+    res = SimpleNamespace(
+        frames=frames,
+        frame_steps=torch.arange(11),
+        steps=torch.tensor([3, -1]),
+        targets=torch.tensor([5, 6]),
+        probabilities=torch.rand(2, 10).softmax(1),
+    )
+
+    def tiles_in(strip: Image.Image) -> int:
+        row = np.array(strip)[strip.height - PAD - 1]  # the bottom row of the tiles
+        filled = (row < 250).any(axis=1).astype(int)
+        return int((np.diff(np.concatenate([[0], filled])) == 1).sum())
+
+    assert tiles_in(film_strip(res, 0, zoom=2)) == 4  # steps 0 to 3, not 11 frames
+    assert tiles_in(film_strip(res, 1, zoom=2)) == 11  # never arrived: every frame
+    last = panel_tile(rows_of(film_strip(res, 0, zoom=2)), 3, 4, 16, 16)[0]
+    assert torch.equal(last, zoomed(to_rgb(frames[3, 0]), 2))
+    with Image.open(save_gif(res, 0, tmp_path / "a.gif")) as im:
+        assert im.n_frames == 4
+    with Image.open(save_gif(res, 1, tmp_path / "b.gif")) as im:
+        assert im.n_frames == 11
+    # frames kept every 5 steps: the strip ends at the first kept frame after the arrival (step 12 -> 15)
+    res.frames, res.frame_steps, res.steps = frames[:5], torch.arange(5) * 5, torch.tensor([12, -1])
+    assert tiles_in(film_strip(res, 0, zoom=2)) == 4
+    # the last caption says it: the one with the arrival differs from one without
+    unknown = SimpleNamespace(**{k: v for k, v in vars(res).items() if k != "steps"})
+    captioned, plain = (
+        np.array(film_strip(res, 0, zoom=2)),
+        np.array(film_strip(unknown, 0, zoom=2, max_frames=4)),
+    )
+    assert captioned.shape != plain.shape or not np.array_equal(captioned, plain)

@@ -90,24 +90,28 @@ def test_report_has_every_section_and_only_embedded_images(demo_run):
     assert ids == list(SECTIONS)
     images = page.all("img")
     summary = json.loads((demo_run / "run.json").read_text())
+    assert all(m.get("gif") for m in summary["morphs"])
     # training and validation pictures of 2 epochs, 2 tracked samples x 2 epochs, one strip per morph
     assert len(images) >= 2 + 2 * 2 + len(summary["morphs"])
+    formats = []
     for attrs in images:
         src = attrs["src"]
-        assert src.startswith("data:image/png;base64,")
+        assert src.startswith(("data:image/png;base64,", "data:image/gif;base64,"))
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
-            assert im.format == "PNG" and im.width > 0 and im.height > 0
+            assert im.format == src[11:14].upper() and im.width > 0 and im.height > 0
+            formats.append((im.format, getattr(im, "n_frames", 1)))
         assert attrs.get("alt")
+    # every morph's animation is embedded (the page is one file that can be mailed), and it moves
+    gifs = [frames for fmt, frames in formats if fmt == "GIF"]
+    assert len(gifs) == len(summary["morphs"]) and all(frames > 1 for frames in gifs)
     # no network and no server: nothing is fetched from anywhere; the CSP forbids it anyway
     html = report.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
     assert not re.search(r"<(script|link|iframe)\b", html)
     csp = [a for a in page.all("meta") if a.get("http-equiv") == "Content-Security-Policy"]
     assert csp and "default-src 'none'" in csp[0]["content"]
-    # GIF links point at files beside the report
-    for attrs in page.all("a"):
-        href = attrs["href"]
-        assert href.startswith("#") or (demo_run / href).is_file()
+    # no link leaves the page: the only links are to its own sections
+    assert all(attrs["href"].startswith("#") for attrs in page.all("a"))
     text = " ".join(page.text)
     assert "Test accuracy" in text and f"{summary['test_accuracy']:.2%}" in text
     assert re.search(r"Epoch 0.*Epoch 1", text, re.S)
@@ -145,11 +149,13 @@ def test_all_text_is_escaped(demo_run, tmp_path):
     (run / "run.json").write_text(json.dumps(summary))
     html = build_report(run).read_text()
     assert "<script" not in html
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    assert re.search(r"&lt;script&gt;alert\((&quot;|&#34;)x(&quot;|&#34;)\)&lt;/script&gt;", html)
     page = parse(run / "report.html")
     assert not page.all("script")
     assert not any("onerror" in attrs for _, attrs in page.tags)
-    assert all(a["src"].startswith("data:image/png;base64,") for a in page.all("img"))
+    assert all(
+        a["src"].startswith(("data:image/png;base64,", "data:image/gif;base64,")) for a in page.all("img")
+    )
     assert evil in " ".join(page.text)  # shown as text, exactly
 
 
@@ -213,7 +219,12 @@ window.addEventListener("load", function () {
   var out = document.createElement("pre");
   out.id = "peering-check";
   out.textContent = JSON.stringify({images: images.length, broken: broken, sections: sections,
-                                    width: document.documentElement.scrollWidth});
+                                    width: document.documentElement.scrollWidth,
+                                    window: window.innerWidth,
+                                    section: document.querySelector("section").getBoundingClientRect().width,
+                                    captions: Array.prototype.map.call(
+                                      document.querySelectorAll("figcaption"),
+                                      function (c) { return parseFloat(getComputedStyle(c).fontSize); })});
   document.body.appendChild(out);
 });
 </script>
@@ -236,9 +247,11 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
     report = demo_run / "report.html"
     expected_images = len(parse(report).all("img"))
 
-    # a copy beside the original (same folder, same relative links) whose CSP also allows one inline
-    # checking script; images stay restricted to data: URIs exactly as in the original
-    checked = demo_run / "report.check.html"
+    # a copy in another, empty folder (as if mailed on its own: nothing beside it) whose CSP also allows one
+    # inline checking script; images stay restricted to data: URIs exactly as in the original
+    alone = tmp_path / "mailed"
+    alone.mkdir()
+    checked = alone / "report.html"
     html = report.read_text(encoding="utf-8")
     html, found = re.subn(
         r'(<meta http-equiv="Content-Security-Policy" content=")([^"]*)(">)',
@@ -257,7 +270,12 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
     checked.write_text(html.replace("</body>", controls + _CHECK + "</body>", 1), encoding="utf-8")
     try:
         dom = _chromium(
-            binary, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()
+            binary,
+            tmp_path / "profile",
+            "--window-size=1400,1000",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            checked.as_uri(),
         )
     finally:
         checked.unlink()
@@ -267,6 +285,9 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
     assert result["images"] == expected_images + 2 > 2
     assert sorted(result["broken"]) == ["control: corrupt", "control: file"]  # and every real one loaded
     assert result["sections"] == list(SECTIONS)
+    # the full width of the window (less the page's 24 px padding), and captions of at least 11 px
+    assert result["section"] >= result["window"] - 2 * 24 - 1 and result["width"] <= result["window"]
+    assert result["captions"] and min(result["captions"]) >= 11
 
     # a screenshot of the report itself, as a person opening it sees it
     ARTIFACTS.mkdir(exist_ok=True)

@@ -7,7 +7,7 @@ and restores the same state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -19,19 +19,55 @@ OUTPUTS: tuple[str, ...] = ("probability", "log_probability", "logit")
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module, rng_devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
-    """Run `model` in eval mode, then restore each submodule's own ``training`` flag and the RNG state.
+    """Run `model` in eval mode and eagerly, then restore each submodule's own ``training`` flag and the
+    RNG state.
 
     Each flag is put back one by one (never a blanket `.train()`, which would unfreeze a submodule the
-    user froze). The CPU RNG is restored, and so is that of each device in ``rng_devices``.
+    user froze). The CPU RNG is restored, and so is that of each device in ``rng_devices``. Compiled code
+    runs eagerly inside (see `eager`).
     """
     modes = [(module, module.training) for module in model.modules()]
-    with torch.random.fork_rng(devices=list(rng_devices)):
+    with torch.random.fork_rng(devices=list(rng_devices)), eager(model):
         model.eval()
         try:
             yield
         finally:
             for module, training in modes:
                 module.training = training
+
+
+def _compiled_modules(model: nn.Module) -> list[str]:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return [name or "the model" for name, mod in model.named_modules() if isinstance(mod, OptimizedModule)]
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[None]:
+    """Run every ``torch.compile``d module and function eagerly, with the eager model's exact numbers.
+
+    Compiled graphs are not trusted for input gradients: with torch 2.13 a compiled batch-norm CNN gives
+    all-zero input gradients at some batch sizes, vmapped backward passes fail, and graphs compiled for
+    training refuse a retained graph. ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6) runs the
+    original Python code of every compiled module and function instead, whatever is nested where, and puts
+    the stance back afterwards, so nothing is recompiled and the caller's compiled model is untouched.
+    Unwrapping ``OptimizedModule._orig_mod`` would only reach a compiled *top-level* module, not a compiled
+    submodule or a compiled function called in ``forward``. Older torch: a clear error for a model that
+    holds a compiled module.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is not None:
+        with set_stance("force_eager"):
+            yield
+        return
+    compiled = _compiled_modules(model)
+    if compiled:
+        raise RuntimeError(
+            f"{compiled[0]} is torch.compile'd, and peering takes gradients through compiled graphs only "
+            "with torch >= 2.6 (torch.compiler.set_stance); upgrade torch, or pass the uncompiled module "
+            "(compiled._orig_mod)"
+        )
+    yield
 
 
 @contextlib.contextmanager
@@ -47,15 +83,21 @@ def detached_leaf(x: Tensor) -> Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
-def check_inputs(inputs: Any, *, allow_nonfinite: bool = False) -> Tensor:
-    """Validate a batch of model inputs: a floating-point tensor with a batch dimension."""
+def check_inputs(inputs: Any, *, allow_nonfinite: bool = False, allow_integer: bool = False) -> Tensor:
+    """Validate a batch of model inputs: a floating-point tensor with a batch dimension (integers, e.g.
+    token ids, only with ``allow_integer``: gradients are then taken at a layer)."""
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a torch.Tensor of shape [B, ...], got {type(inputs).__name__}")
+    if allow_integer and not inputs.is_floating_point() and not inputs.is_complex():
+        if inputs.ndim < 1:
+            raise ValueError(f"inputs must have a batch dimension [B, ...], got shape {list(inputs.shape)}")
+        return inputs
     if not inputs.is_floating_point():
         hint = " (e.g. images.float() / 255 for uint8 images)" if inputs.dtype == torch.uint8 else ""
         raise TypeError(
             f"inputs must be a floating-point tensor, got {inputs.dtype}; scale them to the model's input "
-            f"range as floats first{hint}"
+            f"range as floats first{hint}, or, for token ids, explain at the embedding layer with "
+            "layer=<the embedding module>"
         )
     if inputs.ndim < 2:
         raise ValueError(
@@ -75,9 +117,64 @@ def check_inputs(inputs: Any, *, allow_nonfinite: bool = False) -> Tensor:
 
 def nonfinite_rows(x: Tensor) -> Tensor:
     """Bool [B]: which samples of a batch contain NaN or Inf."""
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    if x.shape[0] == 0 or not x.is_floating_point():
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     return ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
+
+
+class ForwardKwargs:
+    """Extra keyword arguments of the model's forward that follow the samples of a batch.
+
+    A tensor whose first dimension is the batch size ``batch`` is per sample (an attention mask, token type
+    ids): it is indexed with the rows of every chunk, of every subset and of every repeated set of points
+    (SmoothGrad's noisy copies, integrated gradients' path points), so each point is run with its own
+    sample's values. Everything else (tensors of another size, numbers, flags) is passed unchanged.
+    Tensors are copied once, out of inference mode, so they can take part in a backward pass.
+
+    >>> import torch
+    >>> kw = ForwardKwargs({"mask": torch.tensor([[1, 0], [1, 1], [0, 1]]), "scale": 2.0}, batch=3)
+    >>> kw.rows(torch.tensor([2, 0]))["mask"].tolist(), kw.rows(slice(1, 2))["scale"]
+    ([[0, 1], [1, 0]], 2.0)
+    """
+
+    def __init__(self, values: Mapping[str, Any] | None, batch: int) -> None:
+        if values is not None and not isinstance(values, Mapping):
+            raise TypeError(
+                f"forward_kwargs must be a mapping of argument names to values, got {type(values).__name__}"
+            )
+        self.batch = batch
+        self.shared: dict[str, Any] = {}
+        self.per_sample: dict[str, Tensor] = {}
+        for name, value in (values or {}).items():
+            if not isinstance(name, str):
+                raise TypeError(f"forward_kwargs keys must be argument names (str), got {name!r}")
+            if isinstance(value, Tensor):
+                value = value.detach().clone()
+                if value.ndim >= 1 and value.shape[0] == batch:
+                    self.per_sample[name] = value
+                    continue
+            self.shared[name] = value
+
+    def __bool__(self) -> bool:
+        return bool(self.shared or self.per_sample)
+
+    def select(self, index: slice | Tensor) -> ForwardKwargs:
+        """The same arguments for a subset of the samples (a slice or an int64 tensor of batch indices)."""
+        picked = self.rows(index)
+        size = len(range(self.batch)[index]) if isinstance(index, slice) else index.numel()
+        sub = ForwardKwargs(None, size)
+        sub.shared = dict(self.shared)
+        sub.per_sample = {k: picked[k] for k in self.per_sample}
+        return sub
+
+    def rows(self, index: slice | Tensor) -> dict[str, Any]:
+        """The arguments for the samples ``index`` (a slice or an int64 tensor of batch indices)."""
+        if isinstance(index, Tensor):
+            return {
+                **self.shared,
+                **{k: v[index.to(v.device)] for k, v in self.per_sample.items()},
+            }
+        return {**self.shared, **{k: v[index] for k, v in self.per_sample.items()}}
 
 
 def check_output(output: str) -> None:
@@ -97,14 +194,18 @@ def _output_fn_hint(out: Any) -> str:
 
 
 def class_scores(
-    model: nn.Module, x: Tensor, output_fn: Callable[[Any], Tensor] | None = None
+    model: nn.Module,
+    x: Tensor,
+    output_fn: Callable[[Any], Tensor] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """Run the model and return its class scores [B, C] as a float tensor, or say clearly why not."""
+    """Run the model (``model(x, **kwargs)``) and return its class scores [B, C] as a float tensor, or say
+    clearly why not."""
     try:
-        out = model(x)
+        out = model(x, **(kwargs or {}))
     except RuntimeError as err:
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if param is not None and param.dtype != x.dtype:
+        if param is not None and x.is_floating_point() and param.dtype != x.dtype:
             raise TypeError(
                 f"the inputs are {x.dtype} but the model's parameters are {param.dtype}; convert one to "
                 f"the other (e.g. inputs.to({param.dtype})). The model said: {err}"
@@ -169,7 +270,12 @@ def check_targets(target: Any, batch: int, num_classes: int, *, name: str = "tar
     return t
 
 
-def num_classes(model: nn.Module, x: Tensor, output_fn: Callable[[Any], Tensor] | None = None) -> int:
+def num_classes(
+    model: nn.Module,
+    x: Tensor,
+    output_fn: Callable[[Any], Tensor] | None = None,
+    kwargs: ForwardKwargs | None = None,
+) -> int:
     """The number of classes, from a no-grad forward pass of one sample (or of the empty batch)."""
     with torch.no_grad():
-        return class_scores(model, x[:1], output_fn).shape[1]
+        return class_scores(model, x[:1], output_fn, kwargs.rows(slice(0, 1)) if kwargs else None).shape[1]

@@ -17,6 +17,7 @@ imported, a model that does not return class scores) raises `CheckpointError` wi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -33,7 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "LoadedModel", "class_scores_of", "import_factory", "load_model"]
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "class_scores_of",
+    "import_factory",
+    "load_model",
+    "output_picker",
+]
 
 
 class CheckpointError(ValueError):
@@ -51,6 +59,8 @@ class LoadedModel:
         size: (height, width) the model takes, or None when unknown (then the first image's size).
         flat: the model takes flat vectors [B, C * H * W] rather than images [B, C, H, W].
         num_classes: the number of class scores, or None until the model has been run once.
+        output_fn: picks the class scores out of the model's output (``--output-fn``), or None when the
+            model returns them as a tensor; pass it on as `peering.explain`'s ``output_fn``.
     """
 
     model: nn.Module
@@ -59,6 +69,7 @@ class LoadedModel:
     size: tuple[int, int] | None = None
     flat: bool = False
     num_classes: int | None = None
+    output_fn: Callable[[Any], Any] | None = None
 
     def batch(self, images: Tensor) -> Tensor:
         """Images [B, C, H, W] in the layout the model takes (flattened for a flat model).
@@ -76,6 +87,7 @@ def load_model(
     *,
     channels: int | None = None,
     image_size: int | None = None,
+    output: str | None = None,
 ) -> LoadedModel:
     """Load a classifier from a checkpoint file, checking that it returns class scores.
 
@@ -85,6 +97,8 @@ def load_model(
             ``nn.Module`` the weights belong to. None for the demo model.
         channels, image_size: the input the model takes, when it cannot be read from the model (the demo
             model knows; otherwise ``in_channels``/``image_size`` attributes or the first layer are used).
+        output: for a model that returns an object, a dict or a tuple: the attribute, key or index holding
+            the class scores (``"logits"`` for Hugging Face models). See `output_picker`.
 
     Returns:
         A `LoadedModel` in eval mode.
@@ -113,13 +127,52 @@ def load_model(
         loaded = _load_demo(file, content)
     else:
         loaded = _load_with_factory(file, content, model, channels, image_size)
+    if output is not None:
+        loaded = dataclasses.replace(loaded, output_fn=output_picker(output))
     if loaded.size is not None and (loaded.channels is not None or loaded.flat):
         probe = torch.zeros(1, loaded.channels or 1, *loaded.size)
         scores = class_scores_of(loaded, probe)
-        loaded = LoadedModel(
-            loaded.model, loaded.source, loaded.channels, loaded.size, loaded.flat, int(scores.shape[1])
-        )
+        loaded = dataclasses.replace(loaded, num_classes=int(scores.shape[1]))
     return loaded
+
+
+def output_picker(name: str) -> Callable[[Any], Any]:
+    """A function taking a model's output to the part named ``name``: an attribute (``logits`` of a
+    Hugging Face output), a key of a dict, or an index of a tuple (``"0"``). A part that is not there is a
+    `CheckpointError` listing the parts that are.
+
+    >>> from types import SimpleNamespace
+    >>> output_picker("logits")(SimpleNamespace(logits=1, loss=2)), output_picker("0")((3, 4))
+    (1, 3)
+    >>> output_picker("scores")({"logits": 1})
+    Traceback (most recent call last):
+    ...
+    peering.checkpoints.CheckpointError: --output-fn scores: the model's output (a dict) has no part ...
+    """
+
+    def pick(out: Any) -> Any:
+        if isinstance(out, Mapping) and name in out:
+            return out[name]
+        indexable = isinstance(out, (tuple, list)) and name.lstrip("-").isdigit()
+        if indexable and -len(out) <= int(name) < len(out):
+            return out[int(name)]
+        if not isinstance(out, (Mapping, tuple, list)) and hasattr(out, name):
+            return getattr(out, name)
+        raise CheckpointError(
+            f"--output-fn {name}: the model's output (a {type(out).__name__}) has no part {name!r}; it has: "
+            f"{', '.join(_parts(out)) or 'nothing that can be named'}"
+        )
+
+    return pick
+
+
+def _parts(out: Any) -> list[str]:
+    """The names `output_picker` can take for this output."""
+    if isinstance(out, Mapping):
+        return [str(k) for k in out]
+    if isinstance(out, (tuple, list)):
+        return [str(i) for i in range(len(out))]
+    return [k for k in vars(out) if not k.startswith("_")] if hasattr(out, "__dict__") else []
 
 
 def class_scores_of(loaded: LoadedModel, images: Tensor) -> Tensor:
@@ -137,10 +190,20 @@ def class_scores_of(loaded: LoadedModel, images: Tensor) -> Tensor:
         raise CheckpointError(
             f"{loaded.source} failed on an input of shape {list(x.shape)}: {_one_line(err)}"
         ) from err
-    if not isinstance(out, Tensor):
+    if loaded.output_fn is not None:
+        out = loaded.output_fn(out)
+    elif not isinstance(out, Tensor):
+        parts = _parts(out)
+        known = ("logits", "scores", "output", "0")
+        best = next((p for p in known if p in parts), parts[0] if parts else None)
+        hint = f"; pass --output-fn {best} (the part holding the class scores)" if best else ""
         raise CheckpointError(
             f"{loaded.source} does not return class scores: its output is a {type(out).__name__}, "
-            "not a tensor [B, C]"
+            f"not a tensor [B, C]{hint}"
+        )
+    if not isinstance(out, Tensor):
+        raise CheckpointError(
+            f"{loaded.source}: --output-fn picked a {type(out).__name__}, not a tensor of class scores [B, C]"
         )
     if out.ndim != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 2 or not out.is_floating_point():
         raise CheckpointError(

@@ -18,6 +18,7 @@ traceback. An interrupted ``peering demo`` exits with 130 and leaves no file tha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from peering.checkpoints import LoadedModel
+    from peering.morph import MorphResult
 
 __all__ = ["ImageError", "app", "main", "read_image"]
 
@@ -236,13 +238,21 @@ def _load_images(
         if notes:
             _note(f"{path}: {'; '.join(notes)}")
         images.append(image)
+    if size is None:
+        _fail("no image given")
     return torch.stack(images), size
 
 
-def _load(checkpoint: Path, model: str | None, channels: int | None, image_size: int | None) -> LoadedModel:
+def _load(
+    checkpoint: Path,
+    model: str | None,
+    channels: int | None,
+    image_size: int | None,
+    output_fn: str | None = None,
+) -> LoadedModel:
     from peering.checkpoints import load_model
 
-    return load_model(checkpoint, model, channels=channels, image_size=image_size)
+    return load_model(checkpoint, model, channels=channels, image_size=image_size, output=output_fn)
 
 
 def _check_target(target: int | None, num_classes: int) -> None:
@@ -261,7 +271,15 @@ def _class_count(loaded: LoadedModel, images: Tensor) -> int:
 
 
 def _save(write: Callable[[Path], Any], path: Path) -> None:
+    """Write ``path`` with ``write``, creating its missing folders (and saying so), or fail in one line."""
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        _fail(f"cannot write {path}: {blocker} is a file, not a folder")
+    missing = next((p for p in reversed(path.parents) if not p.exists()), None)
     try:
+        if missing is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _note(f"created folder {missing}")
         write(path)
     except OSError as err:
         _fail(f"cannot write {path}: {err.strerror or err}")
@@ -280,10 +298,71 @@ ChannelsOption = Annotated[
 SizeOption = Annotated[
     int | None, typer.Option("--image-size", min=1, help="Input height and width of a --model.")
 ]
+OutputFnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--output-fn",
+        help="For models that return an object, dict or tuple: the attribute, key or index holding the "
+        "class scores (e.g. logits for Hugging Face models).",
+        show_default=False,
+    ),
+]
 InvertOption = Annotated[bool, typer.Option("--invert", help="Invert the images (for dark digits on white).")]
 ZoomOption = Annotated[
     int | None, typer.Option("--zoom", min=1, help="Magnification (default: ~96 px tiles).")
 ]
+_NORMALISE_HELP = (
+    "The model takes normalised images (image - MEAN) / STD, e.g. 0.485,0.456,0.406 (one number, or one per "
+    "channel); give --std too. The images are normalised for the model and shown as read."
+)
+MeanOption = Annotated[str | None, typer.Option("--mean", help=_NORMALISE_HELP, show_default=False)]
+StdOption = Annotated[
+    str | None,
+    typer.Option(
+        "--std", help="The STD of --mean's normalisation, e.g. 0.229,0.224,0.225.", show_default=False
+    ),
+]
+
+
+def _normalisation(mean: str | None, std: str | None, channels: int) -> tuple[Tensor, Tensor] | None:
+    """(mean, std) as [C, 1, 1] tensors from the --mean/--std options, or None without them."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        _fail("--mean and --std go together: give both, or neither")
+
+    def parse(text: str, name: str) -> Tensor:
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            _fail(f"{name} must be numbers separated by commas, got {text!r}")
+        if len(values) not in (1, channels):
+            _fail(
+                f"{name} has {len(values)} values; the images have {channels} channels (give 1 or {channels})"
+            )
+        return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
+
+    m, s = parse(mean, "--mean"), parse(std, "--std")
+    if not bool((s > 0).all()):
+        _fail(f"--std must be positive, got {std}")
+    return m, s
+
+
+class _Normalising(torch.nn.Module):
+    """The model behind a normalisation: takes images in [0, 1] (in the model's layout), normalises them."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: torch.nn.Module, mean: Tensor, std: Tensor, image_shape: torch.Size) -> None:
+        super().__init__()
+        self.model, self.image_shape = model, image_shape
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: Tensor) -> Any:
+        images = x.reshape(-1, *self.image_shape)
+        return self.model(((images - self.mean) / self.std).reshape(x.shape))
 
 
 @app.command()
@@ -359,8 +438,11 @@ def explain(
     model: ModelOption = None,
     channels: ChannelsOption = None,
     image_size: SizeOption = None,
+    output_fn: OutputFnOption = None,
     invert: InvertOption = False,
     zoom: ZoomOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
 ) -> None:
     """The images and their input gradients toward the top two (or the given) classes, as one picture.
 
@@ -370,35 +452,40 @@ def explain(
     from peering.render import explanation_image, save_png
 
     with _bad_input():
-        loaded = _load(checkpoint, model, channels, image_size)
+        loaded = _load(checkpoint, model, channels, image_size, output_fn)
         x, size = _load_images(images, loaded.channels, loaded.size, invert)
+        normalisation = _normalisation(mean, std, x.shape[1])
+        display = None
+        if normalisation is not None:  # the model sees normalised images; the pictures undo it
+            x = (x - normalisation[0]) / normalisation[1]
+            display = (normalisation[0].flatten().tolist(), normalisation[1].flatten().tolist())
         n_classes = _class_count(loaded, x)
         _check_target(target, n_classes)
         if target is None and top_k > n_classes:
             _fail(f"--top-k {top_k} is more than the model's {n_classes} classes")
         try:
             exp = peering.explain(
-                loaded.model, loaded.batch(x), target, top_k=top_k, method=method.value, output=output.value
+                loaded.model,
+                loaded.batch(x),
+                target,
+                top_k=top_k,
+                method=method.value,
+                output=output.value,
+                output_fn=loaded.output_fn,
             )
         except (ValueError, TypeError) as err:
             _fail(f"cannot explain {loaded.source}: {err}")
-        picture_exp = exp
+        picture_exp: Any = exp
         if loaded.flat:  # draw flat inputs as the images they came from
-            picture_exp = _Reshaped(exp, x.shape[1:])
-        picture = explanation_image(picture_exp, x, zoom=zoom or _auto_zoom(max(size)), max_samples=None)
+            shape = (*exp.attributions.shape[:2], *x.shape[1:])
+            picture_exp = dataclasses.replace(exp, attributions=exp.attributions.reshape(shape))
+        picture = explanation_image(
+            picture_exp, x, zoom=zoom or _auto_zoom(max(size)), max_samples=None, display=display
+        )
         _print_probabilities(images, exp)
         _save(lambda p: save_png(picture, p), out)
     what = f"class {target}" if target is not None else f"top {min(top_k, n_classes)} classes"
     typer.echo(f"wrote {out} ({method.value} of the {output.value} of the {what})")
-
-
-class _Reshaped:
-    """An Explanation whose flat attributions [B, K, D] are viewed as images [B, K, C, H, W]."""
-
-    def __init__(self, exp: object, shape: torch.Size) -> None:
-        self.attributions = exp.attributions.reshape(*exp.attributions.shape[:2], *shape)  # type: ignore[attr-defined]
-        self.targets = exp.targets  # type: ignore[attr-defined]
-        self.probabilities = exp.probabilities  # type: ignore[attr-defined]
 
 
 def _print_probabilities(paths: list[Path], exp: object) -> None:
@@ -446,21 +533,31 @@ def morph(
     model: ModelOption = None,
     channels: ChannelsOption = None,
     image_size: SizeOption = None,
+    output_fn: OutputFnOption = None,
     invert: InvertOption = False,
     zoom: ZoomOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Change the image step by step until the model predicts --target; film strip and distance.
 
+    With --mean/--std the morph still walks the image itself (the normalisation is put in front of the
+    model), so the pixel range and --budget are in image units.
+
     Example: peering morph runs/demo/model.ckpt five.png --target 8 --gif morph.gif
     """
     import peering
-    from peering.demo import morph_view
     from peering.render import film_strip, save_gif, save_png
 
     with _bad_input():
-        loaded = _load(checkpoint, model, channels, image_size)
+        loaded = _load(checkpoint, model, channels, image_size, output_fn)
         x, size = _load_images([image], loaded.channels, loaded.size, invert)
+        normalisation = _normalisation(mean, std, x.shape[1])
+        if normalisation is not None:
+            loaded = dataclasses.replace(
+                loaded, model=_Normalising(loaded.model, *normalisation, x.shape[1:]).eval()
+            )
         n_classes = _class_count(loaded, x)
         _check_target(target, n_classes)
         if step_size is not None and step_size <= 0:
@@ -478,11 +575,11 @@ def morph(
                 step_size=step_size,
                 norm=norm.value,
                 progress=progress,
+                output_fn=loaded.output_fn,
             )
         except (ValueError, TypeError) as err:
             _fail(f"cannot morph with {loaded.source}: {err}")
-        if loaded.flat:
-            result = _unflatten(result, x.shape[1:])
+        shown = _unflatten(result, x.shape[1:]) if loaded.flat else result
         predicted = int(before.argmax())
         typer.echo(
             f"{image.name}: predicted {predicted} (p={float(before[predicted]):.2f}); "
@@ -503,27 +600,20 @@ def morph(
                 f"did not flip to {target} in {steps} steps{limit}: still predicted {now}, "
                 f"p({target})={p_after:.2f}, {norm.value} distance {distance:.3f}"
             )
-        view = morph_view(result, 0)
-        z = zoom or _auto_zoom(max(size))
-        _save(lambda p: save_png(film_strip(view, 0, zoom=z), p), out)
+        z = zoom or _auto_zoom(max(size))  # the strip and the GIF end where the image reached the target
+        _save(lambda p: save_png(film_strip(shown, 0, zoom=z), p), out)
         typer.echo(f"wrote {out}")
         if gif is not None:
-            _save(lambda p: save_gif(view, 0, p, zoom=z), gif)
+            _save(lambda p: save_gif(shown, 0, p, zoom=z), gif)
             typer.echo(f"wrote {gif}")
 
 
-def _unflatten(result: object, shape: torch.Size) -> object:
-    from types import SimpleNamespace
-
-    r = result
-    return SimpleNamespace(
-        frames=r.frames.reshape(*r.frames.shape[:2], *shape),  # type: ignore[attr-defined]
-        frame_steps=r.frame_steps,  # type: ignore[attr-defined]
-        targets=r.targets,  # type: ignore[attr-defined]
-        steps=r.steps,  # type: ignore[attr-defined]
-        success=r.success,  # type: ignore[attr-defined]
-        distance=r.distance,  # type: ignore[attr-defined]
-        probabilities=r.probabilities,  # type: ignore[attr-defined]
+def _unflatten(result: MorphResult, shape: torch.Size) -> MorphResult:
+    """A morph of flat inputs [B, D] viewed as the images [B, C, H, W] they came from."""
+    return dataclasses.replace(
+        result,
+        inputs=result.inputs.reshape(-1, *shape),
+        frames=result.frames.reshape(*result.frames.shape[:2], *shape),
     )
 
 

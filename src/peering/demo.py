@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 from torch import Tensor
@@ -209,7 +209,7 @@ def _run(
         TensorDataset(train_x, train_y), batch_size=32, shuffle=True, generator=generator
     )
     val_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=256)
-    callback_settings = {
+    callback_settings: dict[str, Any] = {
         "top_k": 4,
         "projection_factor": 0.15,  # logit gradients here reach 4-6 per pixel: keep x + f * g readable
         "logging_batch_interval": 5,
@@ -327,8 +327,12 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     >>> write_json_atomic(Path(tempfile.mkdtemp()) / "x.json", {"a": 1}).read_text()
     '{\\n  "a": 1\\n}\\n'
     """
-    text = json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    encoded = (json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
+
+    def write(f: IO[bytes]) -> None:
+        f.write(encoded)
+
+    return atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------------------------------ private
@@ -566,10 +570,11 @@ def morph_view(
 ) -> SimpleNamespace:
     """One sample of a `MorphResult` as a one-sample result whose frames end at ``last_frame``.
 
-    For `peering.render.film_strip` / `save_gif`, which draw all of a result's frames: a sample that
-    early-stopped at step 20 of 100 would otherwise show 80 identical frames. ``last_frame`` defaults
-    to the frame of the step where the sample was first predicted as its target (all frames if never);
-    ``probabilities`` [C] are those of that last frame (default: the result's final ones).
+    For `peering.render.film_strip` / `save_gif`, which draw all of a view's frames (a view has no
+    ``steps``): the demo morphs without early stop and ends each strip at a confident frame, later than the
+    arrival step where `film_strip` would end a `MorphResult`. ``last_frame`` defaults to the frame of the
+    step where the sample was first predicted as its target (all frames if never); ``probabilities`` [C]
+    are those of that last frame (default: the result's final ones).
 
     >>> import torch
     >>> from types import SimpleNamespace

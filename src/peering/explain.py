@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,13 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from peering._guard import (
+    ForwardKwargs,
     check_inputs,
     check_output,
     check_targets,
-    class_scores,
     gradient_context,
     nonfinite_rows,
-    num_classes,
 )
 from peering.methods import AttributionMethod, ClassGradients, GradStrategy, make_method, top_classes
 
@@ -29,8 +28,9 @@ class Explanation:
     """What `explain` returns.
 
     Attributes:
-        attributions: float [B, K, *input_shape]: for each sample and each explained class, where adding
-            intensity raises the class's output (positive) and where removing it does (negative).
+        attributions: float [B, K, *input_shape] (or [B, K, *layer_output_shape[1:]] when explained at a
+            ``layer``): for each sample and each explained class, where adding intensity raises the
+            class's output (positive) and where removing it does (negative).
         targets: int64 [B, K]: the classes explained, best first when they were the model's top-k.
         logits: [B, C]: the model's class scores for the inputs.
         probabilities: [B, C]: their softmax.
@@ -63,6 +63,8 @@ def explain(
     chunk_size: int = 64,
     grad_strategy: GradStrategy = "auto",
     nonfinite: Literal["raise", "skip"] = "raise",
+    forward_kwargs: Mapping[str, Any] | None = None,
+    layer: nn.Module | None = None,
     **method_options: Any,
 ) -> Explanation:
     """Input attributions of K classes for every sample of a batch, in one batched autograd computation.
@@ -70,7 +72,8 @@ def explain(
     Args:
         model: any classifier mapping inputs [B, ...] to class scores [B, C] (see ``output_fn``). It is
             run in eval mode; its mode, parameters' ``.grad`` and ``requires_grad`` are left as they were.
-        inputs: float tensor [B, ...]: images [B, C, H, W], flat features [B, D], anything the model takes.
+        inputs: float tensor [B, ...]: images [B, C, H, W], flat features [B, D], anything the model takes
+            (with ``layer``, also integer token ids).
         target: None for the model's own top ``top_k`` classes per sample; an int for one class for all
             samples; an int64 tensor [B] (one class each) or [B, K] (K classes each).
         top_k: how many classes to explain when ``target`` is None.
@@ -86,18 +89,44 @@ def explain(
             (one vmapped backward for all classes) or "auto" (per_class for K <= 4, which measured faster).
         nonfinite: "raise" (default) rejects inputs with NaN/Inf; "skip" explains the other samples and
             marks those (and any whose logits are not finite) as not ``valid``, with one warning.
+        forward_kwargs: extra keyword arguments of the model: it is called as
+            ``model(x, **forward_kwargs)``. Tensors whose first dimension is B (an attention mask) are per
+            sample: they follow each sample through chunking, SmoothGrad's noisy copies and integrated
+            gradients' path points. Other values are passed unchanged.
+        layer: a submodule of the model (e.g. ``bert.embeddings.word_embeddings``): take the attributions
+            with respect to its output instead of the inputs (a forward hook swaps the output for a leaf
+            tensor). SmoothGrad perturbs, and integrated gradients walks, the layer's output (the baseline
+            lives there); input x gradient multiplies by it. The inputs may then be integer ids.
         **method_options: options of the named method.
 
     Returns:
         An `Explanation`.
 
     Works under ``torch.no_grad()`` and ``torch.inference_mode()``, and leaves the global RNG untouched.
+    ``torch.compile``d models (or submodules) are run eagerly, so the numbers are the eager model's.
 
     >>> import torch, peering
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     >>> exp = peering.explain(model, torch.rand(5, 1, 8, 8), top_k=2)
     >>> exp.attributions.shape, exp.targets.shape
     (torch.Size([5, 2, 1, 8, 8]), torch.Size([5, 2]))
+
+    A text model, explained at its embeddings, with a padding mask per sample:
+
+    >>> class Text(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed, self.head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+    ...     def forward(self, ids, mask):
+    ...         e = self.embed(ids) * mask[..., None]
+    ...         return self.head(e.sum(1) / mask.sum(1, keepdim=True))
+    >>> model, ids = Text(), torch.randint(0, 50, (4, 6))
+    >>> mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 6, [1] * 2 + [0] * 4]).float()
+    >>> exp = peering.explain(model, ids, forward_kwargs={"mask": mask}, layer=model.embed)
+    >>> exp.attributions.shape  # [B, K, tokens, hidden]
+    torch.Size([4, 2, 6, 8])
+    >>> bool((exp.attributions[3, :, 2:] == 0).all())  # padded tokens get nothing
+    True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -110,21 +139,31 @@ def explain(
         raise ValueError(f"grad_strategy must be 'auto', 'per_class' or 'vmap', got {grad_strategy!r}")
     if target is None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    check_inputs(inputs, allow_nonfinite=nonfinite == "skip")
+    if layer is not None and not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a submodule of the model (an nn.Module), got {type(layer).__name__}")
+    if layer is not None and not any(m is layer for m in model.modules()):
+        raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model")
+    check_inputs(inputs, allow_nonfinite=nonfinite == "skip", allow_integer=layer is not None)
     attribution_method = make_method(method, method_options)
-    gradients = ClassGradients(model, output, output_fn, chunk_size, grad_strategy)
 
     with gradient_context(model):
         x = inputs.detach().clone()
+        kwargs = ForwardKwargs(forward_kwargs, x.shape[0])
+        layer_inputs = x if layer is not None else None
+        gradients = ClassGradients(
+            model, output, output_fn, chunk_size, grad_strategy, kwargs, layer, layer_inputs
+        )
         valid = ~nonfinite_rows(x)
         if valid.all():
+            points = gradients.layer_values(x) if layer is not None else x
             targets: Tensor | int = top_k
             if target is not None:
-                targets = check_targets(target, x.shape[0], num_classes(model, x, output_fn))
+                with torch.no_grad():  # one sample tells the number of classes
+                    classes = gradients.forward(points[:1], slice(0, min(1, x.shape[0]))).shape[1]
+                targets = check_targets(target, x.shape[0], classes)
             elif x.shape[0] == 0:
-                with torch.no_grad():
-                    targets = top_classes(class_scores(model, x, output_fn), top_k)
-            attributions, logits, targets = attribution_method.attribute(gradients, x, targets)
+                targets = top_classes(gradients.scores(points), top_k)
+            attributions, logits, targets = attribution_method.attribute(gradients, points, targets)
             valid = torch.isfinite(logits).all(dim=1)
             if valid.all():
                 return Explanation(
@@ -147,7 +186,7 @@ def explain(
             _warn_skipped(int((~valid).sum()), "inputs")
         # Explain the finite samples on their own: a non-finite sample in the same batch can poison the
         # others' gradients through batch-wide operations (0 * inf in a backward pass is NaN).
-        return _explain_subset(model, x, valid, target, top_k, attribution_method, gradients)
+        return _explain_subset(model, x, valid, target, top_k, attribution_method, gradients, kwargs, output)
 
 
 def _explain_subset(
@@ -158,9 +197,12 @@ def _explain_subset(
     top_k: int,
     method: AttributionMethod,
     gradients: ClassGradients,
+    kwargs: ForwardKwargs,
+    output: Literal["probability", "log_probability", "logit"],
 ) -> Explanation:
     """Explain the ``valid`` samples only; the others get NaN attributions and targets -1."""
     keep = valid.nonzero().flatten()
+    sub_kwargs = {**kwargs.shared, **{k: v[keep.to(v.device)] for k, v in kwargs.per_sample.items()}}
     sub_target = target
     if isinstance(target, Tensor) and target.ndim >= 1:
         sub_target = target[keep.to(target.device)]
@@ -172,14 +214,16 @@ def _explain_subset(
             sub_target,
             top_k=top_k,
             method=method,
-            output=gradients.output,
+            output=output,
             output_fn=gradients.output_fn,
             chunk_size=gradients.chunk_size,
             grad_strategy=gradients.strategy,
             nonfinite="skip",
+            forward_kwargs=sub_kwargs,
+            layer=gradients.layer,
         )
     b, k = x.shape[0], sub.targets.shape[1]
-    attributions = x.new_full((b, k, *x.shape[1:]), float("nan"))
+    attributions = sub.attributions.new_full((b, k, *sub.attributions.shape[2:]), float("nan"))
     attributions[keep] = sub.attributions
     targets = torch.full((b, k), -1, dtype=torch.int64, device=x.device)
     targets[keep] = sub.targets

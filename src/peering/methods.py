@@ -19,15 +19,16 @@ faster for small K, so ``"auto"`` uses it for K <= 4 and vmap above that.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from peering._guard import class_scores, transform
+from peering._guard import ForwardKwargs, class_scores, transform
 
 __all__ = [
     "AttributionMethod",
@@ -43,13 +44,20 @@ GradStrategy = Literal["auto", "per_class", "vmap"]
 
 @dataclass
 class ClassGradients:
-    """Batched input gradients of K classes per sample, computed in chunks of ``chunk_size`` points.
+    """Batched gradients of K classes per sample, computed in chunks of ``chunk_size`` points.
 
     Call it with points [N, ...] and targets [N, K] (or an int K: each point's own top-K classes, chosen
     from the same forward pass); it returns gradients [N, K, ...], the class scores [N, C] at those points
     and the targets [N, K]. The model must already be in eval mode with gradients enabled (`explain` sees
     to that). Chunking matters on CPU: activations over ~32 MiB are re-mapped by the allocator on every
     call, so four batches of 64 are faster than one of 256.
+
+    The points are the model's inputs, or, with ``layer``, values of that submodule's output: the model is
+    then run on ``model_inputs`` and a forward hook swaps the layer's output for the points (a leaf that
+    requires grad), so the gradients are taken at the layer. With B samples in the batch (``forward_kwargs``'
+    or ``model_inputs``' first dimension), N may be a multiple of B (stacked sets of points, as SmoothGrad
+    and integrated gradients make): point i belongs to sample i mod B, and is run with that sample's
+    ``forward_kwargs`` rows and model inputs.
 
     >>> import torch
     >>> model = torch.nn.Linear(3, 4).eval()
@@ -65,6 +73,20 @@ class ClassGradients:
     output_fn: Callable[[Any], Tensor] | None = None
     chunk_size: int = 64
     strategy: GradStrategy = "auto"
+    forward_kwargs: ForwardKwargs | None = None
+    layer: nn.Module | None = None
+    model_inputs: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and self.model_inputs is None:
+            raise ValueError("ClassGradients with a layer needs the model_inputs the model is run on")
+
+    @property
+    def batch(self) -> int | None:
+        """The number of samples the points belong to, when the engine knows it."""
+        if self.model_inputs is not None:
+            return self.model_inputs.shape[0]
+        return self.forward_kwargs.batch if self.forward_kwargs else None
 
     def __call__(self, points: Tensor, targets: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         n = points.shape[0]
@@ -75,19 +97,70 @@ class ClassGradients:
         for start in range(0, n, self.chunk_size):
             stop = min(start + self.chunk_size, n)
             t = targets if isinstance(targets, int) else targets[start:stop]
-            g, s, t = self._chunk(points[start:stop], t)
+            g, s, t = self._chunk(points[start:stop], self._rows(start, stop, n), t)
             grads[start:stop] = g
             if scores is None:
                 scores = s.new_empty((n, s.shape[1]))
             scores[start:stop] = s
             chosen[start:stop] = t
         if scores is None:  # an empty batch still needs the number of classes
-            scores = class_scores(self.model, points.detach(), self.output_fn).detach()
+            with torch.no_grad():
+                scores = self.forward(points.detach(), slice(0, 0)).detach()
         return grads, scores, chosen
 
-    def _chunk(self, points: Tensor, targets: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
+    def scores(self, points: Tensor) -> Tensor:
+        """Class scores [N, C] at the points: no-grad forward passes, chunked."""
+        n = points.shape[0]
+        with torch.no_grad():
+            chunks = [
+                self.forward(points[i : i + self.chunk_size], self._rows(i, min(i + self.chunk_size, n), n))
+                for i in range(0, n, self.chunk_size)
+            ]
+            return torch.cat(chunks) if chunks else self.forward(points, slice(0, 0))
+
+    def layer_values(self, inputs: Tensor) -> Tensor:
+        """The layer's output [B, ...] for model inputs [B, ...] (no-grad forward passes, chunked)."""
+        if self.layer is None:
+            raise ValueError("layer_values needs a layer")
+        b = inputs.shape[0]
+        values: list[Tensor] = []
+        with torch.no_grad():
+            for start in range(0, max(b, 1), self.chunk_size):
+                rows = slice(start, min(start + self.chunk_size, b))
+                with _layer_hook(self.layer) as seen:
+                    class_scores(self.model, inputs[rows], self.output_fn, self._kwargs(rows))
+                values.append(_the_output(self.layer, seen, inputs[rows].shape[0]).detach())
+        return torch.cat(values)
+
+    def forward(self, points: Tensor, rows: slice | Tensor) -> Tensor:
+        """Class scores for points that belong to the samples ``rows`` of the batch."""
+        kwargs = self._kwargs(rows)
+        if self.layer is None:
+            return class_scores(self.model, points, self.output_fn, kwargs)
+        assert self.model_inputs is not None
+        with _layer_hook(self.layer, points) as seen:
+            scores = class_scores(self.model, self.model_inputs[rows], self.output_fn, kwargs)
+        _the_output(self.layer, seen, points.shape[0])
+        return scores
+
+    def _kwargs(self, rows: slice | Tensor) -> dict[str, Any] | None:
+        return self.forward_kwargs.rows(rows) if self.forward_kwargs else None
+
+    def _rows(self, start: int, stop: int, n: int) -> slice | Tensor:
+        """The batch rows of points start..stop out of n: themselves, or i mod B for stacked sets."""
+        b = self.batch
+        if b is None or n == b:
+            return slice(start, stop)
+        if b == 0 or n % b:
+            raise ValueError(f"{n} points do not make whole sets of the batch's {b} samples")
+        device = self.model_inputs.device if self.model_inputs is not None else None
+        return torch.arange(start, stop, device=device) % b
+
+    def _chunk(
+        self, points: Tensor, rows: slice | Tensor, targets: Tensor | int
+    ) -> tuple[Tensor, Tensor, Tensor]:
         x = points.detach().clone().requires_grad_(True)
-        scores = class_scores(self.model, x, self.output_fn)
+        scores = self.forward(x, rows)
         if isinstance(targets, int):
             targets = top_classes(scores.detach(), targets)
         selected = transform(scores, self.output).gather(1, targets)  # [n, K]
@@ -106,6 +179,55 @@ class ClassGradients:
         if self.strategy == "auto":
             return k > 4
         return self.strategy == "vmap"
+
+
+@contextlib.contextmanager
+def _layer_hook(layer: nn.Module, replacement: Tensor | None = None) -> Iterator[list[Tensor]]:
+    """Record the layer's outputs during a forward pass, and swap the first for ``replacement``."""
+    seen: list[Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Tensor | None:
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"layer {type(module).__name__} returns a {type(output).__name__}, not a tensor; pass a "
+                "submodule whose output is one tensor [B, ...] (e.g. the embedding module itself)"
+            )
+        seen.append(output)
+        if replacement is None or len(seen) > 1:
+            return None
+        if output.shape != replacement.shape:
+            raise ValueError(
+                f"layer {type(module).__name__} returned shape {list(output.shape)}, but the attribution "
+                f"points have shape {list(replacement.shape)}; the layer's output must have the batch first"
+            )
+        return replacement
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _the_output(layer: nn.Module, seen: list[Tensor], batch: int) -> Tensor:
+    """The layer's one output of a forward pass, or a clear error when it ran zero or several times."""
+    name = type(layer).__name__
+    if not seen:
+        raise ValueError(
+            f"layer {name} was not called by the model's forward; pass a submodule of the model that runs "
+            "on every forward pass"
+        )
+    if len(seen) > 1:
+        raise ValueError(
+            f"layer {name} ran {len(seen)} times in one forward pass (a shared module?); attributions at it "
+            "would be ambiguous: pass a submodule that runs once"
+        )
+    if seen[0].ndim < 1 or seen[0].shape[0] != batch:
+        raise ValueError(
+            f"layer {name}'s output has shape {list(seen[0].shape)}, which does not start with the batch "
+            f"size {batch}; pass a layer whose output is [B, ...]"
+        )
+    return seen[0]
 
 
 def top_classes(scores: Tensor, k: int) -> Tensor:
@@ -186,12 +308,7 @@ def _scores_and_targets(
     gradients: ClassGradients, inputs: Tensor, targets: Tensor | int
 ) -> tuple[Tensor, Tensor]:
     """Class scores at the inputs (one no-grad forward, chunked) and the resolved targets."""
-    with torch.no_grad():
-        chunks = [
-            class_scores(gradients.model, inputs[i : i + gradients.chunk_size], gradients.output_fn)
-            for i in range(0, inputs.shape[0], gradients.chunk_size)
-        ]
-    scores = torch.cat(chunks) if chunks else class_scores(gradients.model, inputs, gradients.output_fn)
+    scores = gradients.scores(inputs)
     if isinstance(targets, int):
         targets = top_classes(scores, targets)
     return scores.detach(), targets

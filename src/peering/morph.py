@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from peering._guard import (
+    ForwardKwargs,
     check_inputs,
     check_output,
     check_targets,
@@ -72,13 +73,14 @@ def morph(
     output: Literal["probability", "log_probability", "logit"] = "log_probability",
     norm: Literal["l2", "linf"] = "l2",
     budget: float | None = None,
-    bounds: tuple[float, float] | None = (0.0, 1.0),
+    bounds: tuple[float | Tensor, float | Tensor] | None = (0.0, 1.0),
     early_stop: bool = True,
     keep_every: int = 1,
     output_fn: Callable[[Any], Tensor] | None = None,
     chunk_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> MorphResult:
     """Change inputs by gradient-ascent steps until the model is confident they are ``target``.
 
@@ -111,18 +113,22 @@ def morph(
             on other images (1.5 * min(H, W) / 28), none for inputs that are not [B, C, H, W].
         prior: a `peering.priors.Prior` or a list of them, e.g. ``Prototypes(train_images, train_labels)``.
         step_size: the length of each step in ``norm``. Default: for "l2", 0.005 * sqrt(numel per sample)
-            * (hi - lo) (0.14 for 28x28 images in [0, 1]); for "linf", 0.01 * (hi - lo).
+            * (hi - lo) (0.14 for 28x28 images in [0, 1]); for "linf", 0.01 * (hi - lo); with per-element
+            bounds, (hi - lo) is their mean finite span.
         output: the quantity ascended: "log_probability" (default, does not vanish when the target's
             probability is tiny), "probability" or "logit".
         norm: "l2" or "linf": the step's normalisation and the budget's ball.
         budget: the largest distance from the original (in ``norm``), or None for no limit.
-        bounds: the valid input range (lo, hi), or None for no clamping.
+        bounds: the valid input range (lo, hi), or None for no clamping. Each end is a number or a tensor
+            broadcastable to one sample (standardised tabular features each have their own range).
         early_stop: stop moving each sample once it meets the stopping rule.
         keep_every: keep a frame every this many steps (the first and the final frame are always kept).
         output_fn: picks the class scores from a model output that is not a plain tensor.
         chunk_size: samples morphed together; the chunks run one after another.
         seed: seed of the priors' random draws (`peering.priors.Jitter`); the global RNG is never used.
         progress: show a tqdm progress bar over the chunks' steps.
+        forward_kwargs: extra keyword arguments of the model, as in `peering.explain`: tensors whose
+            first dimension is B follow their samples through chunks and early stops.
 
     >>> import torch, peering
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -157,9 +163,11 @@ def morph(
         )
     sigma = _check_smoothing(smoothing, inputs)
     priors = _check_priors(prior)
-    lo, hi = _check_bounds(bounds, inputs)
+    clamp = _check_bounds(bounds, inputs)
     if step_size is None:
-        span = (hi - lo) if bounds is not None else 1.0
+        spans = (clamp[1] - clamp[0]) if clamp is not None else torch.ones(1)
+        spans = spans[torch.isfinite(spans)]
+        span = float(spans.mean()) if spans.numel() else 1.0
         numel = math.prod(inputs.shape[1:])
         step_size = 0.005 * math.sqrt(numel) * span if norm == "l2" else 0.01 * span
     if not (step_size > 0 and math.isfinite(step_size)):
@@ -171,14 +179,15 @@ def morph(
         frame_steps.append(steps)
     with gradient_context(nn.ModuleList(members)):
         x0 = inputs.detach().clone()
-        n_classes = _num_classes(members, x0, output_fn)
+        kwargs = ForwardKwargs(forward_kwargs, b)
+        n_classes = _num_classes(members, x0, output_fn, kwargs)
         targets = check_targets(target, b, n_classes)
         if targets.shape[1] != 1:
             raise ValueError(
                 f"morph takes one target per sample (an int or a [B] tensor), got shape {list(targets.shape)}"
             )
         targets = targets[:, 0].to(x0.device)
-        walker = _Walker(members, output, output_fn, step_size, norm, budget, bounds, early_stop, confidence,
+        walker = _Walker(members, output, output_fn, step_size, norm, budget, clamp, early_stop, confidence,
                          sigma, priors, seed)
         frames = x0.new_empty((len(frame_steps), *x0.shape))
         logits = x0.new_empty((b, n_classes))
@@ -188,6 +197,7 @@ def morph(
             for start in range(0, b, chunk_size):
                 stop = min(start + chunk_size, b)
                 walker.run(
+                    kwargs.select(slice(start, stop)),
                     x0[start:stop],
                     targets[start:stop],
                     start,
@@ -243,11 +253,13 @@ def _arrived(scores: Tensor, targets: Tensor, confidence: float | None) -> Tenso
     return hit
 
 
-def _scores(members: list[nn.Module], x: Tensor, output_fn: Callable[[Any], Tensor] | None) -> Tensor:
+def _scores(
+    members: list[nn.Module], x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: dict[str, Any]
+) -> Tensor:
     """Class scores [B, C]: the model's, or for an ensemble the log of the members' mean probability."""
     if len(members) == 1:
-        return class_scores(members[0], x, output_fn)
-    log_probs = torch.stack([class_scores(m, x, output_fn).log_softmax(dim=1) for m in members])
+        return class_scores(members[0], x, output_fn, kwargs)
+    log_probs = torch.stack([class_scores(m, x, output_fn, kwargs).log_softmax(dim=1) for m in members])
     return torch.logsumexp(log_probs, dim=0) - math.log(len(members))
 
 
@@ -260,8 +272,10 @@ def _check_models(model: Any) -> list[nn.Module]:
     return members
 
 
-def _num_classes(members: list[nn.Module], x: Tensor, output_fn: Callable[[Any], Tensor] | None) -> int:
-    counts = [num_classes(m, x, output_fn) for m in members]
+def _num_classes(
+    members: list[nn.Module], x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: ForwardKwargs
+) -> int:
+    counts = [num_classes(m, x, output_fn, kwargs) for m in members]
     if len(set(counts)) != 1:
         raise ValueError(f"the models of an ensemble must have the same classes, got {counts} classes")
     return counts[0]
@@ -302,7 +316,7 @@ class _Walker:
     step_size: float
     norm: str
     budget: float | None
-    bounds: tuple[float, float] | None
+    bounds: tuple[Tensor, Tensor] | None
     early_stop: bool
     confidence: float | None
     smoothing: float
@@ -311,6 +325,7 @@ class _Walker:
 
     def run(
         self,
+        kwargs: ForwardKwargs,
         x0: Tensor,
         targets: Tensor,
         offset: int,
@@ -336,11 +351,12 @@ class _Walker:
             rows = torch.arange(x.shape[0], device=x.device) if everyone else moving.nonzero().flatten()
             xa = (x if everyone else x[rows]).clone().requires_grad_(True)
             ta = targets if everyone else targets[rows]
+            xa_kwargs = kwargs.rows(slice(None) if everyone else rows)
             if transforms:
                 with torch.no_grad():
-                    scores = _scores(self.models, xa, self.output_fn)
+                    scores = _scores(self.models, xa, self.output_fn, xa_kwargs)
             else:
-                scores = _scores(self.models, xa, self.output_fn)
+                scores = _scores(self.models, xa, self.output_fn, xa_kwargs)
             hit = _arrived(scores.detach(), ta, self.confidence)
             if everyone:
                 logits.copy_(scores.detach())
@@ -367,7 +383,7 @@ class _Walker:
                 noise = Noise(self.seed, t, rows + offset)
                 for p in self.priors:
                     seen = p.model_input(seen, noise)
-                scores = _scores(self.models, seen, self.output_fn)
+                scores = _scores(self.models, seen, self.output_fn, xa_kwargs)
             (grad,) = torch.autograd.grad(transform(scores, self.output).gather(1, ta[:, None]).sum(), xa)
             sub = states if everyone else [tuple(s[rows] for s in state) for state in states]
             new = self._step(xa.detach(), grad, x0 if everyone else x0[rows], sub)
@@ -404,25 +420,42 @@ class _Walker:
                 delta = delta.clamp(-self.budget, self.budget)
             new = x0 + delta
         if self.bounds is not None:
-            new = new.clamp(*self.bounds)
+            new = torch.minimum(torch.maximum(new, self.bounds[0]), self.bounds[1])
         return new
 
 
-def _check_bounds(bounds: tuple[float, float] | None, inputs: Tensor) -> tuple[float, float]:
+def _check_bounds(bounds: Any, inputs: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(lo, hi) as tensors broadcastable to one sample, checked against each other and the inputs."""
     if bounds is None:
-        return (-math.inf, math.inf)
+        return None
+    sample = inputs.shape[1:]
     try:
-        lo, hi = (float(v) for v in bounds)
-    except (TypeError, ValueError):
-        raise TypeError(f"bounds must be a (low, high) pair of numbers or None, got {bounds!r}") from None
-    if not lo < hi:
-        raise ValueError(f"bounds must have low < high, got {bounds!r}")
-    if inputs.numel() and (inputs.min() < lo or inputs.max() > hi):
+        lo, hi = bounds
+        ends = [torch.as_tensor(v, dtype=inputs.dtype, device=inputs.device) for v in (lo, hi)]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"bounds must be a (low, high) pair of numbers or of tensors broadcastable to one sample "
+            f"{list(sample)}, or None; got {bounds!r}"
+        ) from None
+    try:
+        lo_t, hi_t = (torch.broadcast_to(e, sample) for e in ends)
+    except RuntimeError:
         raise ValueError(
-            f"inputs lie outside bounds {bounds!r} (min {float(inputs.min()):.3g}, max "
-            f"{float(inputs.max()):.3g}); scale them into the range or pass bounds=None"
-        )
-    return lo, hi
+            f"bounds of shapes {[list(e.shape) for e in ends]} do not broadcast to one sample "
+            f"{list(sample)}"
+        ) from None
+    if not bool((lo_t < hi_t).all()):
+        raise ValueError(f"bounds must have low < high everywhere, got {bounds!r}")
+    if inputs.numel():
+        outside = (inputs < lo_t) | (inputs > hi_t)
+        if bool(outside.any()):
+            rows = outside.flatten(1).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"inputs lie outside bounds in {len(rows)} sample(s) (batch indices {rows[:10]}; min "
+                f"{float(inputs.min()):.3g}, max {float(inputs.max()):.3g}); scale them into the range "
+                "or pass bounds=None"
+            )
+    return lo_t, hi_t
 
 
 def _progress_bar(enabled: bool, total: int) -> Any:

@@ -3,10 +3,15 @@
 Every ``logging_batch_interval`` batches the callback runs the model itself, in eval mode and without
 gradients, on a detached copy of the batch; picks the samples whose two highest logits are within
 ``max_logit_difference`` (the ``top_k`` *most* confused, over all DDP ranks); explains them with
-`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and logs one
-picture per sample (`peering.render.confusion_panels`) plus the fraction of confused samples. Drawing,
+`peering.explain` (input gradients toward both classes, through ``torch.autograd.grad`` only); and draws
+one panel per sample (`peering.render.confusion_panels`: images, or bar charts for tabular inputs, each
+with its scale), logged to the loggers as ONE picture per check and tag (the panels stacked, most confused
+first) and to the PNG folder as one file per sample, plus the fraction of confused samples. Drawing,
 PNG encoding and writing happen on a background thread. Tags, the PNG layout and the readers are
 described in `peering.lightning.sinks`.
+
+This module holds the Lightning hooks and the argument checks; what chooses the samples lives in
+`peering.lightning.selection`, what draws and writes the pictures in `peering.lightning.pictures`.
 
 Training is never changed: every submodule's own ``training`` flag, the parameters' ``.grad`` and
 ``requires_grad``, and the global RNG are left exactly as they were, so the trained weights are
@@ -15,33 +20,23 @@ bit-identical with and without the callback.
 
 from __future__ import annotations
 
-import functools
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from peering._guard import OUTPUTS, class_scores, eval_mode
-from peering.confusion import select_confused
 from peering.explain import explain
-from peering.lightning.sinks import (
-    BackgroundWriter,
-    PictureIndex,
-    PNGFolderSink,
-    Sink,
-    encode_png,
-    image_sinks,
-)
+from peering.lightning.pictures import PictureOutput
+from peering.lightning.selection import Candidates, Shape, Stats, Thresholds, choose, gather
 from peering.methods import AttributionMethod, make_method
+from peering.render import Display
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
 
@@ -88,63 +83,6 @@ def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
     raise TypeError(f"cannot take inputs and labels from a batch of type {type(batch).__name__}")
 
 
-@dataclass
-class _Candidates:
-    """Samples chosen for pictures: inputs [n, ...], labels [n] (-1: unknown), classes [n, 2], margins [n]."""
-
-    inputs: Tensor
-    labels: Tensor
-    classes: Tensor
-    margins: Tensor
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
-
-    def merge(self, other: _Candidates | None, capacity: int) -> _Candidates:
-        """The ``capacity`` smallest margins of both, ties broken by order (self first)."""
-        if other is None or len(other) == 0:
-            joined = self
-        elif len(self) == 0:
-            joined = other
-        else:
-            dev = self.inputs.device
-            joined = _Candidates(
-                torch.cat([self.inputs, other.inputs.to(dev, self.inputs.dtype)]),
-                torch.cat([self.labels, other.labels.to(dev)]),
-                torch.cat([self.classes, other.classes.to(dev)]),
-                torch.cat([self.margins, other.margins.to(dev)]),
-            )
-        order = torch.sort(joined.margins, stable=True).indices[:capacity]
-        return joined.select(order)
-
-    def select(self, index: Tensor) -> _Candidates:
-        return _Candidates(self.inputs[index], self.labels[index], self.classes[index], self.margins[index])
-
-    def to(self, device: str | torch.device) -> _Candidates:
-        """On ``device``, as ordinary tensors (never inference tensors, which could not be kept as state)."""
-        with torch.inference_mode(False):
-            return _Candidates(
-                *(
-                    t.detach().to(device).clone() if t.is_inference() else t.detach().to(device)
-                    for t in (self.inputs, self.labels, self.classes, self.margins)
-                )
-            )
-
-
-@dataclass
-class _Stats:
-    samples: int = 0
-    confused: int = 0
-
-    def add(self, samples: int, confused: int) -> None:
-        self.samples += samples
-        self.confused += confused
-
-    @property
-    def fraction(self) -> float:
-        return self.confused / self.samples if self.samples else 0.0
-
-
 class ConfusedLogitCallback(Callback):
     """Log, while a classifier trains, the inputs its top two classes nearly tie on and the input gradients
     toward both.
@@ -178,6 +116,13 @@ class ConfusedLogitCallback(Callback):
             looks at every batch, not only every ``logging_batch_interval``-th.
         output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
         zoom: integer magnification of the pictures.
+        display: how the inputs are shown: None (they are images in [0, 1]), ``(mean, std)`` to undo the
+            normalisation of a data pipeline (shown ``x * std + mean`` per channel), or any function from
+            a batch of inputs to images in [0, 1]. Without it, inputs outside [0, 1] are clamped and the
+            pictures say so.
+        input_kind: "auto" (flat inputs [B, D] are tabular unless D = s * s with s >= 8, see
+            `peering.render.input_kind`), "image" or "features" (bar charts of the top features).
+        feature_names: the names of the D features of tabular inputs.
         background: draw, encode and write pictures on a background thread (False: on the training
             thread, e.g. for debugging).
 
@@ -222,6 +167,9 @@ class ConfusedLogitCallback(Callback):
         track: int = 0,
         output_fn: Callable[[Any], Tensor] | None = None,
         zoom: int = 4,
+        display: Display = None,
+        input_kind: Literal["auto", "image", "features"] = "auto",
+        feature_names: Sequence[str] | None = None,
         background: bool = True,
     ) -> None:
         super().__init__()
@@ -265,6 +213,18 @@ class ConfusedLogitCallback(Callback):
             raise ValueError(f"track must be an int >= 0, got {track!r}")
         if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
             raise ValueError(f"zoom must be a positive int, got {zoom!r}")
+        if (
+            display is not None
+            and not callable(display)
+            and not (isinstance(display, (tuple, list)) and len(display) == 2)
+        ):
+            raise TypeError(f"display must be None, (mean, std) or a function of the inputs, got {display!r}")
+        if input_kind not in ("auto", "image", "features"):
+            raise ValueError(f"input_kind must be 'auto', 'image' or 'features', got {input_kind!r}")
+        if feature_names is not None and (
+            isinstance(feature_names, str) or not all(isinstance(n, str) for n in feature_names)
+        ):
+            raise TypeError("feature_names must be a sequence of strings (one per feature), or None")
 
         self.top_k = top_k
         self.projection_factor = float(projection_factor)
@@ -281,6 +241,9 @@ class ConfusedLogitCallback(Callback):
         self.track = track
         self.output_fn = output_fn
         self.zoom = zoom
+        self.display = display
+        self.input_kind = input_kind
+        self.feature_names = None if feature_names is None else list(feature_names)
         self.background = background
 
         # counters (state_dict); identical on every rank, since they only depend on gathered results
@@ -289,24 +252,18 @@ class ConfusedLogitCallback(Callback):
         self._triggers = {s: 0 for s in _STAGES}  # checks (validation runs) that produced pictures
         self._epoch_pictures = {s: 0 for s in _STAGES}
         self._count_epoch = {s: -1 for s in _STAGES}
-        self._seen = {s: _Stats() for s in _STAGES}
-        self._tracked: _Candidates | None = None
+        self._seen = {s: Stats() for s in _STAGES}
+        self._tracked: Candidates | None = None
         self._tracking_chosen = False
         self._tracked_pictures = 0
         # per-run (not state)
         self._disabled: set[str] = set()
-        self._val_pool: _Candidates | None = None
-        self._val_stats = _Stats()
-        self._val_shape: tuple[torch.Size, torch.dtype] | None = None
-        self._track_pool: _Candidates | None = None
+        self._val_pool: Candidates | None = None
+        self._val_stats = Stats()
+        self._val_shape: Shape | None = None
+        self._track_pool: Candidates | None = None
         self._run_dir: str | None = None
-        self._sinks: list[Sink] = []
-        self._fallback: PNGFolderSink | None = None
-        self._index: PictureIndex | None = None
-        self._writer: BackgroundWriter | None = None
-        self._failed: dict[int, str] = {}
-        self._failures: list[tuple[int, str, BaseException]] = []
-        self._failure_lock = threading.Lock()
+        self._output: PictureOutput | None = None  # global rank zero only
         self._collectives: list[tuple[str, int]] = []  # (what, global step): the collectives called
 
     # ---------------------------------------------------------------------------------------- Lightning
@@ -347,12 +304,12 @@ class ConfusedLogitCallback(Callback):
             self._triggers[s] = int(state_dict.get("triggers", {}).get(s, 0))
             self._epoch_pictures[s] = int(state_dict.get("epoch_pictures", {}).get(s, 0))
             self._count_epoch[s] = int(state_dict.get("count_epoch", {}).get(s, -1))
-            self._seen[s] = _Stats(
+            self._seen[s] = Stats(
                 int(state_dict.get("samples_checked", {}).get(s, 0)),
                 int(state_dict.get("confused_seen", {}).get(s, 0)),
             )
         tracked = state_dict.get("tracked")
-        self._tracked = None if tracked is None else _Candidates(**tracked)
+        self._tracked = None if tracked is None else Candidates(**tracked)
         self._tracking_chosen = bool(state_dict.get("tracking_chosen", False))
         self._tracked_pictures = int(state_dict.get("tracked_pictures", 0))
 
@@ -367,19 +324,20 @@ class ConfusedLogitCallback(Callback):
         self._run_dir = str(run_dir if run_dir is not None else trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        self._failed = {}
-        self._failures = []
-        self._sinks = image_sinks(trainer.loggers)
-        self._fallback = None
-        if not self._sinks:
-            self._fallback = PNGFolderSink(self._run_dir)
-            names = ", ".join(type(lg).__name__ for lg in trainer.loggers) or "no logger"
-            rank_zero_info(
-                f"peering: ConfusedLogitCallback found no logger that takes images ({names}); its pictures "
-                f"go to PNG files under {self._fallback.root / 'peering'} (see peering.lightning.sinks)"
-            )
-        self._index = PictureIndex(self._run_dir)
-        self._writer = BackgroundWriter(threaded=self.background)
+        self._close_writer()
+        self._output = PictureOutput(
+            trainer.loggers,
+            self._run_dir,
+            drawing={
+                "projection_factor": self.projection_factor,
+                "zoom": self.zoom,
+                "output": self.output,
+                "display": self.display,
+                "kind": self.input_kind,
+                "feature_names": self.feature_names,
+            },
+            background=self.background,
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -413,7 +371,7 @@ class ConfusedLogitCallback(Callback):
             shape = (inputs.shape[1:], inputs.dtype)
             logits = self._safe_scores("train", pl_module, inputs)
             if logits is not None:
-                local, stats = self._select(inputs, labels, logits, quota, thresholds=True)
+                local, stats = self._select(inputs, labels, logits, quota, self._thresholds())
         chosen, (samples, confused) = self._gather(trainer, local, quota, "train", stats, shape)
         self._checks["train"] += 1
         self._seen["train"].add(samples, confused)
@@ -427,7 +385,7 @@ class ConfusedLogitCallback(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_pool, self._val_stats, self._track_pool, self._val_shape = None, _Stats(), None, None
+        self._val_pool, self._val_stats, self._track_pool, self._val_shape = None, Stats(), None, None
         if not trainer.sanity_checking:
             self._new_epoch("validation", self._count_epoch["validation"] + 1)
 
@@ -459,11 +417,11 @@ class ConfusedLogitCallback(Callback):
         if check:
             self._checks["validation"] += 1
             quota = self._quota("validation")
-            local, stats = self._select(inputs, labels, logits, quota, thresholds=True)
+            local, stats = self._select(inputs, labels, logits, quota, self._thresholds())
             self._val_stats.add(*stats)
             self._val_pool = local if self._val_pool is None else self._val_pool.merge(local, quota)
         if choose_tracked:
-            local, _ = self._select(inputs, labels, logits, self.track, thresholds=False)
+            local, _ = self._select(inputs, labels, logits, self.track, self._thresholds().by_margin_alone())
             self._track_pool = (
                 local if self._track_pool is None else self._track_pool.merge(local, self.track)
             )
@@ -501,12 +459,8 @@ class ConfusedLogitCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_writer=None, _sinks=[], _fallback=None, _index=None, _failure_lock=None, _failures=[])
+        state.update(_output=None)
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._failure_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -580,105 +534,38 @@ class ConfusedLogitCallback(Callback):
             )
             return None
 
+    def _thresholds(self) -> Thresholds:
+        return Thresholds(self.max_logit_difference, self.margin, self.min_logit_value)
+
     def _select(
-        self, inputs: Tensor, labels: Tensor | None, logits: Tensor, capacity: int, *, thresholds: bool
-    ) -> tuple[_Candidates, tuple[int, int]]:
-        logits = logits.float()
-        bad = ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1) | ~torch.isfinite(logits).all(dim=1)
-        if bad.any():
-            logits = logits.masked_fill(bad.unsqueeze(1), float("nan"))
-            if "nonfinite" not in self._disabled:
-                self._disabled.add("nonfinite")  # warn once per run
-                rank_zero_warn(
-                    f"peering: ConfusedLogitCallback skips samples whose inputs or logits contain NaN or "
-                    f"Inf ({int(bad.sum())} in this batch; later ones are skipped silently)"
-                )
-        if thresholds:
-            sel = select_confused(
-                logits,
-                max_difference=self.max_logit_difference,
-                margin=self.margin,
-                top_n=capacity,
-                min_top_value=self.min_logit_value,
+        self, inputs: Tensor, labels: Tensor | None, logits: Tensor, capacity: int, thresholds: Thresholds
+    ) -> tuple[Candidates, tuple[int, int]]:
+        chosen, stats, skipped = choose(inputs, labels, logits, capacity, thresholds)
+        if skipped and "nonfinite" not in self._disabled:
+            self._disabled.add("nonfinite")  # warn once per run
+            rank_zero_warn(
+                f"peering: ConfusedLogitCallback skips samples whose inputs or logits contain NaN or "
+                f"Inf ({skipped} in this batch; later ones are skipped silently)"
             )
-        else:
-            sel = select_confused(logits, max_difference=math.inf, margin=self.margin, top_n=capacity)
-        with torch.inference_mode(False):  # validation batches are inference tensors: copy them out
-            idx = sel.indices.to(inputs.device)
-            chosen_labels = (
-                labels.detach()[idx.to(labels.device)].to(torch.int64).clone()
-                if labels is not None
-                else torch.full((len(idx),), -1, dtype=torch.int64)
-            )
-            chosen = _Candidates(
-                inputs.detach()[idx].clone(),
-                chosen_labels.to(inputs.device),
-                sel.classes.clone().to(inputs.device),
-                sel.margins.clone().to(inputs.device),
-            )
-        return chosen, (inputs.shape[0], sel.num_confused)
+        return chosen, stats
 
     def _gather(
         self,
         trainer: pl.Trainer,
-        local: _Candidates | None,
+        local: Candidates | None,
         capacity: int,
         what: str,
         stats: tuple[int, int],
-        shape: tuple[torch.Size, torch.dtype] | None,
-    ) -> tuple[_Candidates, tuple[int, int]]:
-        """The ``capacity`` most confused candidates of all ranks, and the summed (samples, confused).
-
-        Under DDP this is two ``all_gather`` calls (a header, then the candidates padded to ``capacity``),
-        made by every rank at the same hooks and steps: ``capacity`` and the decision to gather depend only
-        on counters that are identical on all ranks. The result is identical on all ranks too.
-        """
-        samples, confused = stats
-        if trainer.world_size <= 1:
-            chosen = _empty_candidates(shape) if local is None else local.merge(None, capacity)
-            return chosen, (samples, confused)
-
-        device = trainer.strategy.root_device
-        self._collectives.append((what, trainer.global_step))
-        # 1) what each rank has: its flattened sample size (0 = no inputs seen), float64 or not, its counts
-        width = int(np.prod(shape[0])) if shape is not None else 0
-        wide = shape is not None and shape[1] == torch.float64
-        header = torch.tensor([width, int(wide), samples, confused], dtype=torch.float64, device=device)
-        headers = trainer.strategy.all_gather(header).reshape(-1, 4)
-        widths = headers[:, 0].long()
-        samples, confused = int(headers[:, 2].sum()), int(headers[:, 3].sum())
-        width = int(widths.max())
-        if width == 0 or capacity == 0:
-            return _empty_candidates(shape), (samples, confused)
-        if bool(((widths != width) & (widths != 0)).any()):
-            rank_zero_warn(
-                "peering: the ranks' inputs differ in size, so they cannot be compared; no pictures"
-            )
-            return _empty_candidates(shape), (samples, confused)
-        dtype = torch.float64 if bool(headers[:, 1].any()) else torch.float32
-        # 2) the candidates, one row each: inputs, margin, class a, class b, label, valid
-        buf = torch.zeros(capacity, width + 5, dtype=dtype, device=device)
-        if local is not None and len(local):
-            n = min(len(local), capacity)
-            buf[:n, :width] = local.inputs[:n].reshape(n, width).to(device, dtype)
-            buf[:n, width] = local.margins[:n].to(device, dtype)
-            buf[:n, width + 1 : width + 3] = local.classes[:n].to(device, dtype)
-            buf[:n, width + 3] = local.labels[:n].to(device, dtype)
-            buf[:n, width + 4] = 1
-        rows = trainer.strategy.all_gather(buf).reshape(-1, width + 5)
-        rows = rows[rows[:, width + 4] > 0.5]
-        sample_shape, in_dtype = shape if shape is not None else (torch.Size([width]), dtype)
-        merged = _Candidates(
-            rows[:, :width].reshape(-1, *sample_shape).to(in_dtype),
-            rows[:, width + 3].round().long(),
-            rows[:, width + 1 : width + 3].round().long(),
-            rows[:, width].float(),
-        )
-        return merged.merge(None, capacity), (samples, confused)
+        shape: Shape | None,
+    ) -> tuple[Candidates, tuple[int, int]]:
+        """`peering.lightning.selection.gather`, recording the collectives it calls (for the DDP tests)."""
+        if trainer.world_size > 1:
+            self._collectives.append((what, trainer.global_step))
+        return gather(trainer, local, capacity, stats, shape)
 
     # ------------------------------------------------------------------------------------ output (rank 0)
 
-    def _explain(self, pl_module: pl.LightningModule, chosen: _Candidates) -> tuple[Tensor, Tensor]:
+    def _explain(self, pl_module: pl.LightningModule, chosen: Candidates) -> tuple[Tensor, Tensor]:
         """Attributions [n, 2, ...] toward each sample's two classes, and their probabilities [n, 2]."""
         exp = explain(
             pl_module,
@@ -694,7 +581,7 @@ class ConfusedLogitCallback(Callback):
         return exp.attributions, probs
 
     def _emit(
-        self, pl_module: pl.LightningModule, chosen: _Candidates, tag: str, step: int, stage: str, epoch: int
+        self, pl_module: pl.LightningModule, chosen: Candidates, tag: str, step: int, stage: str, epoch: int
     ) -> None:
         if "pictures" in self._disabled:
             return
@@ -703,17 +590,10 @@ class ConfusedLogitCallback(Callback):
         except Exception as err:
             self._explain_failed(err)
             return
-        job = _PictureJob(
-            self,
-            [tag],
-            chosen.to("cpu"),
-            attributions.detach().cpu(),
-            probs.detach().cpu(),
-            step,
-            stage,
-            epoch,
-        )
-        self._submit(job)
+        if self._output is not None:
+            self._output.pictures(
+                [tag], chosen.to("cpu"), attributions.detach().cpu(), probs.detach().cpu(), step, stage, epoch
+            )
 
     def _explain_failed(self, err: Exception) -> None:
         self._disabled.add("pictures")
@@ -738,85 +618,26 @@ class ConfusedLogitCallback(Callback):
         logits = self._scores(pl_module, inputs).float()
         classes = logits.topk(2, dim=1).indices
         margins = (logits.gather(1, classes)[:, 0] - logits.gather(1, classes)[:, 1]).cpu()
-        now = _Candidates(inputs, tracked.labels.to(device), classes, margins)
+        now = Candidates(inputs, tracked.labels.to(device), classes, margins)
         attributions, probs = self._explain(pl_module, now)
         tags = [f"{TAG_TRACKED}/{i}" for i in range(len(now))]
-        cpu = _Candidates(tracked.inputs, tracked.labels, classes.cpu(), margins)
-        self._submit(
-            _PictureJob(
-                self, tags, cpu, attributions.detach().cpu(), probs.detach().cpu(), step, "tracked", epoch
+        cpu = Candidates(tracked.inputs, tracked.labels, classes.cpu(), margins)
+        if self._output is not None:
+            self._output.pictures(
+                tags, cpu, attributions.detach().cpu(), probs.detach().cpu(), step, "tracked", epoch
             )
-        )
-
-    def _submit(self, job: Callable[[], None]) -> None:
-        if self._writer is None:
-            self._writer = BackgroundWriter(threaded=self.background)
-        self._writer.submit(job)
 
     def _log_scalar(self, trainer: pl.Trainer, tag: str, value: float, step: int) -> None:
-        for logger in trainer.loggers:
-            if id(logger) in self._failed:
-                continue
-            try:
-                logger.log_metrics({tag: value}, step=step)
-            except Exception as err:
-                self._record_failure(id(logger), type(logger).__name__, err)
-        if self._fallback is not None:
-            fallback = self._fallback
-            self._submit(lambda: self._guarded(fallback, lambda: fallback.log_scalar(tag, value, step)))
-        self._report_failures()
-
-    # ------------------------------------------------------------------------------ failures and writer
-
-    def _guarded(self, sink: Sink, call: Callable[[], Any]) -> Any:
-        key = id(sink.logger) if sink.logger is not None else id(sink)
-        if key in self._failed:
-            return None
-        try:
-            return call()
-        except Exception as err:
-            self._record_failure(key, sink.name, err)
-            return None
-
-    def _record_failure(self, key: int, name: str, err: BaseException) -> None:
-        lock = self._failure_lock or threading.Lock()
-        with lock:
-            if key in self._failed:
-                return
-            self._failed[key] = name
-            self._failures.append((key, name, err))
-            live = [
-                s
-                for s in self._sinks
-                if (id(s.logger) if s.logger is not None else id(s)) not in self._failed
-            ]
-            if not live and self._fallback is None and self._run_dir is not None:
-                self._fallback = PNGFolderSink(self._run_dir)
+        if self._output is not None:
+            self._output.scalar(trainer.loggers, tag, value, step)
 
     def _report_failures(self) -> None:
-        if self._writer is not None:
-            for err in self._writer.pop_errors():  # a job that failed outside the sinks (drawing)
-                self._record_failure(id(self._writer), "the picture writer", err)
-        if not self._failures:
-            return
-        lock = self._failure_lock or threading.Lock()
-        with lock:
-            failures, self._failures = self._failures, []
-        for _, name, err in failures:
-            where = ""
-            if self._fallback is not None and name != self._fallback.name:
-                where = f"; pictures now go to PNG files under {self._fallback.root / 'peering'}"
-            rank_zero_warn(
-                f"peering: ConfusedLogitCallback could not log to {name} ({type(err).__name__}: {err}); it "
-                f"stops using it for this run{where}. Training goes on."
-            )
+        if self._output is not None:
+            self._output.report_failures()
 
     def _close_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._report_failures()
-            self._writer = None
-        self._report_failures()
+        if self._output is not None:
+            self._output.close()
 
 
 def _as_model_dtype(pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
@@ -825,99 +646,3 @@ def _as_model_dtype(pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point and inputs.dtype != dtype:
         return inputs.to(dtype)
     return inputs
-
-
-def _empty_candidates(shape: tuple[torch.Size, torch.dtype] | None) -> _Candidates:
-    sample_shape, dtype = shape if shape is not None else (torch.Size([0]), torch.float32)
-    return _Candidates(
-        torch.zeros((0, *sample_shape), dtype=dtype),
-        torch.zeros(0, dtype=torch.int64),
-        torch.zeros((0, 2), dtype=torch.int64),
-        torch.zeros(0),
-    )
-
-
-class _PictureJob:
-    """Draw, encode and write one batch of pictures (runs on the writer thread)."""
-
-    def __init__(
-        self,
-        callback: ConfusedLogitCallback,
-        tags: list[str],
-        chosen: _Candidates,
-        attributions: Tensor,
-        probs: Tensor,
-        step: int,
-        stage: str,
-        epoch: int,
-    ) -> None:
-        self.callback, self.tags, self.chosen = callback, tags, chosen
-        self.attributions, self.probs = attributions, probs
-        self.step, self.stage, self.epoch = step, stage, epoch
-
-    def __call__(self) -> None:
-        from peering.render import confusion_panels
-
-        cb, c = self.callback, self.chosen
-        panels = confusion_panels(
-            c.inputs,
-            self.attributions[:, 0],
-            self.attributions[:, 1],
-            class_a=c.classes[:, 0],
-            class_b=c.classes[:, 1],
-            prob_a=self.probs[:, 0],
-            prob_b=self.probs[:, 1],
-            labels=c.labels,
-            projection_factor=cb.projection_factor,
-            zoom=cb.zoom,
-        ).numpy()
-        pngs = [encode_png(p) for p in panels]
-        # one tag for all (training, validation) or one tag per sample (tracked)
-        groups = (
-            [(self.tags[0], list(range(len(pngs))))]
-            if len(self.tags) == 1
-            else [(tag, [i]) for i, tag in enumerate(self.tags)]
-        )
-        records = []
-        for tag, rows in groups:
-            files = self._write(tag, [panels[i] for i in rows], [pngs[i] for i in rows])
-            for j, i in enumerate(rows):
-                records.append(
-                    {
-                        "tag": tag,
-                        "step": int(self.step),
-                        "index": j,
-                        "stage": self.stage,
-                        "epoch": int(self.epoch),
-                        "label": int(c.labels[i]),
-                        "class_a": int(c.classes[i, 0]),
-                        "class_b": int(c.classes[i, 1]),
-                        "prob_a": float(self.probs[i, 0]),
-                        "prob_b": float(self.probs[i, 1]),
-                        "margin": float(c.margins[i]),
-                        "width": int(panels.shape[2]),
-                        "height": int(panels.shape[1]),
-                        "png": files[j] if files else None,
-                    }
-                )
-        if cb._index is not None:
-            index = cb._index
-            cb._guarded(_IndexSink(index), lambda: index.append(records))
-
-    def _write(self, tag: str, images: list[np.ndarray], pngs: list[bytes]) -> list[str] | None:
-        """Hand the pictures of one tag to every live sink; the files written by the PNG folder, if any."""
-        cb, step = self.callback, self.step
-        for sink in list(cb._sinks):
-            cb._guarded(sink, functools.partial(sink.log_images, tag, images, pngs, step))
-        fallback = cb._fallback
-        if fallback is None:
-            return None
-        return cb._guarded(fallback, functools.partial(fallback.log_images, tag, images, pngs, step))
-
-
-class _IndexSink(Sink):
-    name = "the picture index"
-
-    def __init__(self, index: PictureIndex) -> None:
-        self.index = index
-        self.logger = index  # one failure key per index file

@@ -1,7 +1,9 @@
 """Where `ConfusedLogitCallback`'s pictures go, and how to read them back.
 
-The callback draws its pictures once (`peering.render.confusion_panels`, uint8 RGB arrays) and hands them
-to *sinks*: one adapter per Lightning logger that takes images, or a PNG folder when none does. Everything
+The callback draws one panel per sample once (`peering.render.confusion_panels`, uint8 RGB arrays) and
+hands them to *sinks*: one adapter per Lightning logger that takes images, or a PNG folder when none does.
+Loggers get ONE picture per check and tag, the panels stacked in it (`peering.lightning.pictures.
+stack_panels`, most confused first); the PNG folder gets one file per panel. Everything
 here runs on global rank zero only, normally on the callback's background writer thread.
 
 Tags
@@ -19,11 +21,12 @@ Tags
 TensorBoard
 -----------
 The pictures of one write go into ONE summary of TensorBoard's image plugin (the plugin's own format: a
-string tensor ``[width, height, png_0, png_1, ...]``), so a tag holds N samples per step. TensorBoard's
-image dashboard then shows one card per sample index with a step slider on each; its server keeps
-``--samples_per_plugin images=K`` steps per tag (10 by default), each with all of its samples, whereas one
-``add_image`` per sample would make the server keep only K pictures in all. Scalars are ordinary
-``add_scalar`` values written through the logger's ``log_metrics``.
+string tensor ``[width, height, png_0, png_1, ...]``). The callback writes one picture per check and tag,
+holding all of the check's samples, so TensorBoard's image dashboard shows ONE card per tag, and that
+card's step slider is a time-lapse of training (several pictures per step would make one card per sample
+index, each with its own slider, showing different steps side by side). The server keeps
+``--samples_per_plugin images=K`` steps per tag (10 by default); pass a larger K to keep more. Scalars
+are ordinary ``add_scalar`` values written through the logger's ``log_metrics``.
 
 PNG folder (no logger that takes images: `CSVLogger`, ``logger=False``, or all image loggers failed)
 -----------------------------------------------------------------------------------------------------
@@ -43,7 +46,9 @@ Index (always, whatever the sinks)
 ``<run>/peering/index.jsonl``: one JSON object per picture, in writing order: ``tag``, ``step``,
 ``index`` (i), ``stage`` ("train" / "validation" / "tracked"), ``epoch``, ``label`` (-1 unknown),
 ``class_a``, ``class_b`` (the model's top two), ``prob_a``, ``prob_b``, ``margin``, ``width``, ``height``
-and ``png`` (the PNG file relative to ``<run>``, or null when the picture went only to a logger).
+(of the sample's panel), ``png`` (its PNG file relative to ``<run>``, or null when it went only to
+loggers) and ``box`` (``[x, y, width, height]`` of the panel in the loggers' picture of that step and tag,
+or null when no logger took it): the report cuts the samples back out with it.
 
 Reading back
 ------------
@@ -63,7 +68,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -91,6 +96,10 @@ __all__ = [
 INDEX_FILE = "peering/index.jsonl"
 SCALARS_FILE = "peering/scalars.csv"
 _PNG_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
+
+
+def _write_bytes(f: IO[bytes], data: bytes) -> None:
+    f.write(data)
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
@@ -333,7 +342,7 @@ class PNGFolderSink(Sink):
         written = []
         for i, png in enumerate(pngs):
             relative = Path(*tag.split("/")) / f"step_{int(step)}_{i}.png"
-            atomic_write(self.root / relative, lambda f, png=png: f.write(png))
+            atomic_write(self.root / relative, functools.partial(_write_bytes, data=png))
             written.append(relative.as_posix())
         return written
 

@@ -1,6 +1,6 @@
 """Make the README's pictures: a held-out MNIST 5 morphed into an 8, before and after the priors.
 
-    PEERING_DATA_DIR=../shared/datasets/mnist .venv/bin/python docs/make_images.py
+    PEERING_DATA_DIR=../shared/datasets/mnist .venv/bin/python docs/make_morph_pictures.py
 
 Trains the demo CNN as the benchmarks do (the first 8,000 MNIST t10k digits, seed 0, about 30 s on two
 cores), takes the first 5 among the held-out digits 8000-9999, and writes to docs/img/:

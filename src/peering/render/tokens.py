@@ -1,0 +1,285 @@
+"""Pictures of attributions on text: one score per token, drawn as the tokens on coloured backgrounds.
+
+Text models are explained at a layer (the token embeddings, ``layer=`` in `peering.explain`), so their
+attributions are [B, K, L, H]: per sample, class, token and hidden unit. `token_scores` reduces them to
+one score per token; `token_image` draws the tokens as coloured text (a PNG, e.g. for TensorBoard) and
+`token_html` as HTML (for a report). Colours are those of the image maps: dark blue where the token
+speaks against the class, bright yellow where it speaks for it, grey for nothing, on one scale per sample
+(shared by its K classes and stated in the caption: "scale ±0.52").
+
+Tokens come as strings (``tokens=[["the", "movie", ...], ...]``) or as ids with a Hugging Face tokenizer
+(its ``convert_ids_to_tokens``; padding dropped). WordPiece continuations ("##ing") are drawn joined to
+the token before them, and the word-start marks of SentencePiece ("▁") and byte-level BPE ("Ġ") are
+dropped.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from peering.render._draw import (
+    _BACKGROUND,
+    _band_height,
+    _font,
+    _lut_np,
+    _wrap,
+    saturation_note,
+    scale_caption,
+)
+
+__all__ = ["token_html", "token_image", "token_scores"]
+
+_TOKEN_PAD = 3  # pixels of colour around a token's text
+_TOKEN_GAP = 4  # pixels between words (none between the pieces of one word)
+
+
+def token_scores(attributions: Tensor, *, reduce: Literal["sum", "norm"] = "sum") -> Tensor:
+    """One score per token from layer attributions [..., L, H]: [..., L].
+
+    ``reduce="sum"`` (the default) adds the hidden units with their signs. With input x gradient (or
+    integrated gradients) at the embedding layer, that sum is the first-order estimate (for integrated
+    gradients, the exact share) of how much the token's embedding adds to the class's output compared
+    with a zero embedding: a signed, additive contribution, so tokens for and against the class are told
+    apart and the scores of a sentence add up. ``"norm"`` is the L2 norm over the hidden units: how
+    sensitive the output is to the token at all, without a sign; use it for plain gradients, whose sum
+    over hidden units means nothing in particular.
+
+    >>> import torch
+    >>> from peering.render import token_scores
+    >>> token_scores(torch.ones(2, 1, 5, 8)).shape, float(token_scores(torch.ones(5, 8))[0])
+    (torch.Size([2, 1, 5]), 8.0)
+    """
+    if attributions.ndim < 2:
+        raise ValueError(f"attributions must be [..., L, H], got shape {tuple(attributions.shape)}")
+    a = attributions.detach().float()
+    if reduce == "sum":
+        return a.sum(dim=-1)
+    if reduce == "norm":
+        return a.norm(dim=-1)
+    raise ValueError(f"reduce must be 'sum' or 'norm', got {reduce!r}")
+
+
+def _token_strings(tokens: Sequence[Sequence[str]] | Tensor, tokenizer: Any, batch: int) -> list[list[str]]:
+    """Per sample, its token strings (ids converted with the tokenizer, padding dropped)."""
+    if isinstance(tokens, Tensor):
+        if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+            raise TypeError(
+                "token ids need tokenizer= (an object with convert_ids_to_tokens, e.g. Hugging Face's)"
+            )
+        ids = tokens.detach().cpu().reshape(tokens.shape[0], -1).tolist()
+        pad = getattr(tokenizer, "pad_token_id", None)
+        out = [[str(t) for t in tokenizer.convert_ids_to_tokens([i for i in row if i != pad])] for row in ids]
+    else:
+        out = [[str(t) for t in row] for row in tokens]
+    if len(out) < batch:
+        raise ValueError(f"tokens for {len(out)} samples, scores for {batch}")
+    return out[:batch]
+
+
+def _pieces(token: str) -> tuple[str, bool]:
+    """(text to draw, True when it starts a new word)."""
+    if token.startswith("##") and len(token) > 2:
+        return token[2:], False
+    if token[:1] in ("▁", "Ġ") and len(token) > 1:
+        return token[1:], True
+    return token, True
+
+
+def _prepare(
+    scores: Tensor,
+    tokens: Sequence[Sequence[str]] | Tensor,
+    tokenizer: Any,
+    targets: Tensor | None,
+    probabilities: Tensor | None,
+    output: str | None,
+    max_samples: int | None,
+) -> tuple[np.ndarray, list[list[str]], list[list[str]], np.ndarray, list[str]]:
+    """(scores [n, K, L], tokens per sample, caption heads [n][K], scale [n], notes [n])."""
+    if scores.ndim == 4:
+        scores = token_scores(scores)
+    if scores.ndim != 3:
+        raise ValueError(
+            f"scores must be [B, K, L] (or layer attributions [B, K, L, H]), got shape {tuple(scores.shape)}"
+        )
+    b, k, length = scores.shape
+    n = b if max_samples is None else min(b, max_samples)
+    if n < 1:
+        raise ValueError("no samples to draw")
+    s = np.nan_to_num(scores[:n].detach().cpu().float().numpy(), nan=0.0)
+    words = _token_strings(tokens, tokenizer, n)
+    for i, row in enumerate(words):
+        if len(row) > length:
+            raise ValueError(f"sample {i} has {len(row)} tokens but only {length} scores")
+    used = np.zeros_like(s, dtype=bool)
+    for i, row in enumerate(words):
+        used[i, :, : len(row)] = True
+    scale = np.where(used, np.abs(s), 0.0).reshape(n, -1).max(axis=1, initial=0.0)
+    heads: list[list[str]] = [[f"class {c}" if k > 1 else "" for c in range(k)] for _ in range(n)]
+    notes = [""] * n
+    if targets is not None:
+        t = targets.detach().cpu().to(torch.int64).reshape(b, -1)[:n]
+        if t.shape[1] != k:
+            raise ValueError(f"targets {tuple(targets.shape)} do not match scores {tuple(scores.shape)}")
+        if probabilities is not None:
+            p = probabilities.detach().cpu().float()[:n].gather(1, t.clamp_min(0))
+            heads = [
+                [f"→{c} p={q:.2f}" for c, q in zip(cs, qs, strict=True)]
+                for cs, qs in zip(t.tolist(), p.tolist(), strict=True)
+            ]
+            notes = [saturation_note(cs, qs, output) for cs, qs in zip(t.tolist(), p.tolist(), strict=True)]
+        else:
+            heads = [[f"→{c}" for c in cs] for cs in t.tolist()]
+    return s, words, heads, scale, notes
+
+
+def _colours(values: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(background uint8 [L, 3], text uint8 [L, 3]) of scores on the diverging colour table."""
+    safe = max(scale, float(np.finfo(np.float32).tiny))
+    v = np.clip(values / safe, -1.0, 1.0)
+    idx = np.clip(np.floor((v + 1.0) * 128.0).astype(np.intp), 0, 255)
+    back = _lut_np()[idx]
+    luminance = back.astype(np.float32) @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+    text = np.where((luminance > 110)[:, None], 0, 255).astype(np.uint8) * np.ones((1, 3), dtype=np.uint8)
+    return back, text
+
+
+def token_image(
+    scores: Tensor,
+    tokens: Sequence[Sequence[str]] | Tensor,
+    *,
+    tokenizer: Any = None,
+    targets: Tensor | None = None,
+    probabilities: Tensor | None = None,
+    output: str | None = None,
+    max_samples: int | None = 16,
+    width: int = 720,
+) -> Image.Image:
+    """The tokens of each sample as coloured text, one paragraph per explained class: a PIL image.
+
+    Args:
+        scores: per-token scores [B, K, L], or layer attributions [B, K, L, H] (reduced by
+            `token_scores` with its default, the signed sum over the hidden units).
+        tokens: per sample, its token strings (may be shorter than L: padding left out), or token ids
+            [B, L] with ``tokenizer``.
+        tokenizer: converts ids to strings (``convert_ids_to_tokens``; its ``pad_token_id`` is dropped).
+        targets: int [B, K], the classes explained (for the captions); probabilities: [B, C].
+        output: what was differentiated; with "probability", saturated classes get a note.
+        max_samples: draw at most this many samples; None for all.
+        width: wrap the text at this many pixels.
+
+    Each paragraph is captioned with its class, probability and the sample's scale (shared by its
+    classes: the |score| drawn at full colour).
+
+    >>> import torch
+    >>> from peering.render import token_image
+    >>> image = token_image(torch.tensor([[[1.0, -0.5, 0.0]]]), [["good", "not", "film"]])
+    >>> image.mode, image.width
+    ('RGB', 720)
+    """
+    s, words, heads, scale, notes = _prepare(
+        scores, tokens, tokenizer, targets, probabilities, output, max_samples
+    )
+    font, unicode_ok = _font()
+    line = _band_height(font) + 2 * _TOKEN_PAD + 2
+    blocks: list[tuple[str, list[tuple[float, int, str, np.ndarray, np.ndarray]]]] = []
+    layout: list[tuple[str, int]] = []  # (kind, height) in drawing order
+    for i, row in enumerate(words):
+        for c in range(s.shape[1]):
+            back, text = _colours(s[i, c, : len(row)], float(scale[i]))
+            placed, x, y = [], 0.0, 0
+            for j, token in enumerate(row):
+                piece, new_word = _pieces(token)
+                if not unicode_ok:
+                    piece = piece.encode("ascii", "replace").decode()
+                w = font.getlength(piece) + 2 * _TOKEN_PAD
+                gap = _TOKEN_GAP if new_word and x > 0 else 0
+                if x > 0 and x + gap + w > width - 8:
+                    x, y, gap = 0.0, y + line, 0
+                placed.append((x + gap, y, piece, back[j], text[j]))
+                x += gap + w
+            caption = ", ".join(t for t in (heads[i][c], scale_caption(float(scale[i]))) if t)
+            blocks.append((caption, placed))
+            layout.append(("block", y + line))
+        if notes[i]:
+            layout.append(("note", i))
+    band = _band_height(font)
+    wrapped = [_wrap(note, font, width - 8) if note else [] for note in notes]
+    total = 4 + sum(band + h + 6 for kind, h in layout if kind == "block")
+    total += sum(band * len(wrapped[i]) + 6 for kind, i in layout if kind == "note")
+    image = Image.new("RGB", (width, total), (_BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(image)
+    y0, b = 4, 0
+    for kind, value in layout:
+        if kind == "note":
+            for k, text_line in enumerate(wrapped[value]):
+                draw.text((4, y0 + k * band), text_line, fill=(0, 0, 0), font=font)
+            y0 += band * len(wrapped[value]) + 6
+            continue
+        caption, placed = blocks[b]
+        b += 1
+        draw.text((4, y0), caption, fill=(0, 0, 0), font=font)
+        y0 += band
+        for x, y, piece, back, text in placed:
+            w = font.getlength(piece) + 2 * _TOKEN_PAD
+            box = (4 + x, y0 + y, 4 + x + w, y0 + y + line - 2)
+            draw.rectangle(box, fill=tuple(int(v) for v in back))
+            draw.text(
+                (4 + x + _TOKEN_PAD, y0 + y + _TOKEN_PAD), piece, fill=tuple(int(v) for v in text), font=font
+            )
+        y0 += value + 6
+    return image
+
+
+def token_html(
+    scores: Tensor,
+    tokens: Sequence[Sequence[str]] | Tensor,
+    *,
+    tokenizer: Any = None,
+    targets: Tensor | None = None,
+    probabilities: Tensor | None = None,
+    output: str | None = None,
+    max_samples: int | None = None,
+) -> str:
+    """The same as `token_image`, as an HTML fragment (inline styles only, every token escaped): one
+    ``<div class="peering-tokens">`` per sample and class, each token a ``<span>`` whose ``title`` is its
+    score. Returned as ``markupsafe.Markup``, so a Jinja2 template inserts it as HTML.
+
+    >>> import torch
+    >>> from peering.render import token_html
+    >>> fragment = token_html(torch.tensor([[[1.0, -0.5]]]), [["<good>", "film"]])
+    >>> "&lt;good&gt;" in fragment and fragment.count("<span") == 2
+    True
+    """
+    from markupsafe import Markup
+
+    s, words, heads, scale, notes = _prepare(
+        scores, tokens, tokenizer, targets, probabilities, output, max_samples
+    )
+    out = []
+    for i, row in enumerate(words):
+        for c in range(s.shape[1]):
+            back, text = _colours(s[i, c, : len(row)], float(scale[i]))
+            spans = []
+            for j, token in enumerate(row):
+                piece, new_word = _pieces(token)
+                gap = " " if new_word and j > 0 else ""
+                spans.append(
+                    f'{gap}<span style="background:#{bytes(back[j].tolist()).hex()};'
+                    f'color:#{bytes(text[j].tolist()).hex()};padding:1px 2px;border-radius:2px" '
+                    f'title="{s[i, c, j]:+.3g}">{html.escape(piece)}</span>'
+                )
+            caption = ", ".join(t for t in (heads[i][c], scale_caption(float(scale[i]))) if t)
+            out.append(
+                f'<div class="peering-tokens"><p class="peering-tokens-caption">{html.escape(caption)}</p>'
+                f'<p class="peering-tokens-text" style="line-height:1.9">{"".join(spans)}</p></div>'
+            )
+        if notes[i]:
+            out.append(f'<p class="peering-tokens-note">{html.escape(notes[i])}</p>')
+    return Markup("\n".join(out))

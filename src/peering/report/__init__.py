@@ -1,0 +1,156 @@
+"""A static HTML report of a training run watched by `ConfusedLogitCallback`: one self-contained page.
+
+`build_report(run_dir)` reads the run's TensorBoard event files (or the callback's PNG folder, through the
+readers of `peering.lightning.sinks`), the demo's ``run.json`` and its morph film strips when they are
+there, and writes ``<run_dir>/report.html`` with these sections:
+
+- ``#summary``: what was run, the accuracy and the fraction of confused samples per epoch (a table and a
+  small inline SVG chart);
+- ``#confused``: per epoch, the pictures of the most confused training and validation samples;
+- ``#tracked``: the tracked samples' time-lapse, one row per sample, one picture per epoch;
+- ``#morph``: the morph film strips, each with its animation.
+
+Every picture and animation is embedded as a ``data:`` URI and the page carries a Content-Security-Policy
+that allows nothing else, so the one file opens anywhere (mailed on its own, too), with no server and no
+network. The page uses the window's full width; the captions drawn in the pictures are 16 px type
+(digits 12 px tall), so they read at 100% zoom. The page is rendered by
+Jinja2 from the templates in ``peering/report/templates/`` (package data), with autoescaping on: all text
+is HTML-escaped.
+
+Layout of the package:
+
+- `peering.report.run`: reading a run folder into one `RunData` (`find_log_dir`, `read_run`);
+- `peering.report.sections`: one `Section` per section, in page order: what its template gets;
+- ``templates/report.html.j2``: the page (head, navigation, one ``<section>`` per section);
+  ``templates/sections/<id>.html.j2``: one section's body; ``templates/macros.html.j2``: shared pieces
+  (a captioned ``figure``); ``templates/report.css``: the style sheet, inlined.
+
+How to add a section (say ``atlas``):
+
+1. If it needs something from the run that `RunData` does not hold yet, add a field to `RunData` and fill
+   it in `read_run` (``peering/report/run.py``).
+2. Write a builder in ``peering/report/sections.py``, ``def _atlas(run, options) -> dict | None``, that
+   returns the variables its template needs (numbers already formatted, pictures as objects with a
+   ``.png``), or None when the run has no such data: the section and its link are then left out, so an
+   optional section costs nothing on runs without it.
+3. Add ``Section("atlas", "Confusion atlas per epoch", "Atlas", _atlas)`` to ``_ALL`` there, where it
+   should appear in the page.
+4. Write ``peering/report/templates/sections/atlas.html.j2``: the section's body; its variables are
+   ``s.<name>``; embed a picture with ``{{ figure(picture, alt, caption) }}`` (import it from
+   ``macros.html.j2``) or ``{{ bytes | data_uri }}``. The ``<section id="atlas"><h2>`` wrapper comes from
+   the page template.
+5. Any new template file ships automatically (``[tool.setuptools.package-data]`` takes
+   ``templates/**``); a new option of the report goes into `Options`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from peering._files import atomic_write
+from peering.report.run import RunData, find_log_dir, read_run
+from peering.report.sections import _ALL, SECTIONS, Options
+
+__all__ = ["SECTIONS", "ReportError", "build_report", "find_log_dir"]
+
+REPORT_FILE = "report.html"
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+class ReportError(ValueError):
+    """The folder is not a run that a report can be built from (the message says why, in one line)."""
+
+
+def build_report(
+    run_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    max_per_epoch: int = 6,
+    title: str | None = None,
+) -> Path:
+    """(Re)build the static HTML report of a run; returns the path written.
+
+    Args:
+        run_dir: a `peering demo` run folder, or any folder with a Lightning run watched by
+            `ConfusedLogitCallback` (TensorBoard event files or the PNG-folder layout).
+        output: where to write; default ``<run_dir>/report.html``. Written to a temp file first, then
+            renamed, so a reader never sees half a page.
+        max_per_epoch: training pictures shown per epoch (the most confused ones).
+        title: the page title; default from ``run.json`` or the folder name.
+
+    Raises:
+        ReportError: ``run_dir`` is missing or holds no run (no event files, no pictures, no run.json).
+
+    >>> import tempfile
+    >>> from peering.lightning.sinks import PNGFolderSink, encode_png
+    >>> import numpy as np
+    >>> run = tempfile.mkdtemp()
+    >>> picture = np.zeros((8, 12, 3), np.uint8)
+    >>> _ = PNGFolderSink(run).log_images("peering/confused", [picture], [encode_png(picture)], 5)
+    >>> build_report(run).name
+    'report.html'
+    """
+    root = Path(run_dir)
+    if not root.exists():
+        raise ReportError(f"run folder not found: {root}")
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a folder")
+    if max_per_epoch < 1:
+        raise ValueError(f"max_per_epoch must be >= 1, got {max_per_epoch}")
+    run = read_run(root)
+    if run.empty:
+        raise ReportError(
+            f"{root} holds no run: no TensorBoard event files, no peering/ pictures and no run.json "
+            "(pass the folder that `peering demo` wrote, or a Lightning log folder)"
+        )
+    page = _render(run, Options(max_per_epoch=max_per_epoch), title)
+    target = Path(output) if output is not None else root / REPORT_FILE
+    data = page.encode("utf-8")
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    atomic_write(target, write)
+    return target
+
+
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
+    """``data:`` URI of some bytes (base64 uses only characters that need no HTML escaping)."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> Any:  # a jinja2.Environment; imported lazily: only the report needs Jinja2
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("peering.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters["data_uri"] = _data_uri
+    return env
+
+
+def _render(run: RunData, options: Options, title: str | None) -> str:
+    page_title = title or str(run.summary.get("title") or f"peering report: {run.root.resolve().name}")
+    sections = []
+    for section in _ALL:
+        variables = section.build(run, options)
+        if variables is not None:
+            sections.append(
+                {
+                    "id": section.id,
+                    "heading": section.heading,
+                    "nav": section.nav,
+                    "template": section.template,
+                    "variables": variables,
+                }
+            )
+    template = _environment().get_template("report.html.j2")
+    return str(template.render(title=page_title, csp=_CSP, sections=sections))
