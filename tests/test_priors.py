@@ -29,7 +29,7 @@ def test_prototypes_are_the_mean_of_the_k_nearest_references_of_each_class(refer
     assert (tau > 0).all() and torch.equal(targets, (y + 1) % 10)
     # scaled so that the pull's length at the start is about `weight`
     length = prior.pull(x, (protos, tau, targets, scale)).flatten(1).norm(dim=1)
-    assert ((length > 0.3) & (length <= 1.0 + 1e-4)).all()
+    assert ((length > 0.5) & (length < 1.5)).all()
 
 
 def test_prototype_pull_fades_once_the_morph_is_nearest_to_the_target(references):

@@ -109,8 +109,7 @@ def morph(
         confidence: the target probability to reach (the stopping rule and ``success``), or None to stop
             as soon as the target is the top class.
         smoothing: standard deviation in pixels of the Gaussian blur of each step's gradient, for images
-            [B, C, H, W]; 0 for none. "auto": 1.5 pixels on 28x28 images, in proportion to the smaller side
-            on other images (1.5 * min(H, W) / 28), none for inputs that are not [B, C, H, W].
+            [B, C, H, W]; 0 for none. "auto": 1.5 pixels for images [B, C, H, W], none for other inputs.
         prior: a `peering.priors.Prior` or a list of them, e.g. ``Prototypes(train_images, train_labels)``.
         step_size: the length of each step in ``norm``. Default: for "l2", 0.005 * sqrt(numel per sample)
             * (hi - lo) (0.14 for 28x28 images in [0, 1]); for "linf", 0.01 * (hi - lo); with per-element
@@ -283,7 +282,7 @@ def _num_classes(
 
 def _check_smoothing(smoothing: Any, inputs: Tensor) -> float:
     if smoothing == "auto":
-        return 1.5 * min(inputs.shape[-2:]) / 28 if inputs.ndim == 4 else 0.0
+        return 1.5 if inputs.ndim == 4 else 0.0
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
         smoothing >= 0 and math.isfinite(smoothing)
     ):

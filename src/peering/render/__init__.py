@@ -5,7 +5,7 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.images`: `diverging`, `to_rgb`, `explanation_image`, `confusion_panels`;
 - `peering.render.features`: tabular inputs as bar charts (drawn by the two above), `input_kind`;
 - `peering.render.tokens`: text: `token_scores`, `token_image`, `token_html`;
-- `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped);
+- `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped), `portrait_row`;
 - `peering.render.layout`: `grid`, `save_png`;
 - `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
 
@@ -36,7 +36,7 @@ from peering.render._draw import Display
 from peering.render.features import input_kind
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
-from peering.render.morphs import film_strip, save_gif
+from peering.render.morphs import film_strip, portrait_row, save_gif
 from peering.render.tokens import token_html, token_image, token_scores
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "film_strip",
     "grid",
     "input_kind",
+    "portrait_row",
     "save_gif",
     "save_png",
     "to_rgb",
