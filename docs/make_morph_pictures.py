@@ -7,7 +7,8 @@ cores), takes the first 5 among the held-out digits 8000-9999, and writes to doc
 
 - morph_5_to_8_plain.png: plain ascent that stops at the flip (`confidence=None, smoothing=0`, the old
   default);
-- morph_5_to_8_prior.png: `morph`'s defaults with `prior=Prototypes(train_x, train_y)`.
+- morph_5_to_8_prior.png: `morph`'s defaults with `prior=Prototypes(train_x, train_y)`;
+- morph_5_to_8_sure.png: the same with `confidence=0.9999` and up to 300 steps.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 
 import peering
 from peering.data import load_mnist
-from peering.demo import morph_view
 from peering.models import DigitCNN, train_classifier
 from peering.priors import Prototypes
 from peering.render import film_strip, save_png
@@ -44,9 +44,10 @@ def main() -> None:
     runs = {
         "plain": peering.morph(model, x, 8, confidence=None, smoothing=0),
         "prior": peering.morph(model, x, 8, prior=Prototypes(train_x, train_y)),
+        "sure": peering.morph(model, x, 8, prior=Prototypes(train_x, train_y), confidence=0.9999, steps=300),
     }
     for name, res in runs.items():
-        strip = film_strip(morph_view(res, 0), 0, zoom=3, max_frames=8)
+        strip = film_strip(res, 0, zoom=3, max_frames=8)  # ends where the morph stopped
         path = save_png(strip, OUT / f"morph_5_to_8_{name}.png")
         print(f"{path}: t10k digit {index}, {int(res.steps[0])} steps, L2 {float(res.distance[0]):.2f}, "
               f"p(8) = {float(res.probabilities[0, 8]):.3f}")

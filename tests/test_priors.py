@@ -151,7 +151,8 @@ def test_a_prior_of_ones_own_is_called_with_the_moving_samples_only(digits_cnn, 
             calls.append(state[0].clone())
             return None
 
-    res = peering.morph(digits_cnn, x, (y + 1) % 10, steps=40, prior=Recorder(), confidence=None)
+    plain = {"confidence": None, "smoothing": 0}
+    res = peering.morph(digits_cnn, x, (y + 1) % 10, steps=100, prior=Recorder(), **plain)
     assert res.success.all() and res.steps.min() < res.steps.max()
     assert len(calls) == int(res.steps.max())  # one call per step, until the last sample arrives
     for t, rows in enumerate(calls):  # at step t: the samples that had not arrived before t

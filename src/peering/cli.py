@@ -606,7 +606,7 @@ def morph(
     checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
     image: Annotated[Path, typer.Argument(help="A PNG or JPEG image.")],
     target: Annotated[int, typer.Option("--target", "-t", help="The class to morph the image into.")],
-    steps: Annotated[int, typer.Option(min=0, help="The most gradient-ascent steps.")] = 100,
+    steps: Annotated[int, typer.Option(min=0, help="The most gradient-ascent steps.")] = 300,
     confidence: ConfidenceOption = 0.99,
     reference: ReferenceOption = ReferenceName.run,
     data_dir: DataDirOption = None,
@@ -725,7 +725,7 @@ def portraits(
     start: Annotated[
         StartName, typer.Option(help="Start from the mean reference image, a blank or noise.")
     ] = StartName.mean,
-    steps: Annotated[int, typer.Option(min=0, help="The most gradient-ascent steps.")] = 200,
+    steps: Annotated[int, typer.Option(min=0, help="The most gradient-ascent steps.")] = 300,
     confidence: ConfidenceOption = 0.99,
     reference: ReferenceOption = ReferenceName.run,
     data_dir: DataDirOption = None,

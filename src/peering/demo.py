@@ -6,8 +6,8 @@ scikit-learn's bundled 8x8 digits (offline) or on MNIST, and writes one run fold
     <out>/<name>/
         logs/            TensorBoard event files (+ logs/peering/index.jsonl, the callback's picture index)
         model.ckpt       the trained model (a Lightning checkpoint; `peering explain` / `morph` read it)
-        morph/           film strips (PNG) and animations (GIF) of test digits morphed into other classes,
-                         and portraits.png: one class portrait per class
+        morph/           film strips (PNG) and animations (GIF) of test digits morphed into other classes
+        portraits.png    one class portrait per class, side by side
         run.json         what was run and measured (the report reads it)
         report.html      the static report (`peering.report.build_report`)
 
@@ -60,6 +60,7 @@ DEFAULT_EPOCHS: dict[str, int] = {"digits": 10, "mnist": 2}
 RUN_FILE = "run.json"
 REPORT_FILE = "report.html"
 CHECKPOINT_FILE = "model.ckpt"
+PORTRAITS_FILE = "portraits.png"
 LOG_DIR = "logs"
 MORPH_DIR = "morph"
 
@@ -428,7 +429,7 @@ def training_data(run_dir: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
 
 def _clear_previous(run_dir: Path) -> None:
     """Remove what an earlier run of the same name wrote (only the demo's own files and folders)."""
-    for file in (REPORT_FILE, RUN_FILE, CHECKPOINT_FILE):
+    for file in (REPORT_FILE, RUN_FILE, CHECKPOINT_FILE, PORTRAITS_FILE):
         (run_dir / file).unlink(missing_ok=True)
     for folder in (LOG_DIR, MORPH_DIR):
         if (run_dir / folder).is_dir():
@@ -609,6 +610,9 @@ JUDGE_EPOCHS: dict[str, tuple[int, int]] = {"digits": (30, 20), "mnist": (15, 5)
 JUDGED_MORPHS = 256
 """At most this many held-out digits are morphed for the judges."""
 
+JUDGED_STEPS = 300
+"""The fewest steps of the morphs and portraits shown to the judges."""
+
 
 def _judge(
     model: torch.nn.Module,
@@ -630,9 +634,10 @@ def _judge(
 
     The judges (`DigitMLP`, `DigitLeNet`, other seeds) learn from the ``judge_rows`` half of the test
     digits; up to `JUDGED_MORPHS` digits of the other half are morphed to (label + 1) mod 10 by plain
-    ascent that stops at the flip (morph's old default) and by morph's defaults with ``prior``; then one
-    portrait per class is drawn from the mean training digit with the same prior. Returns run.json's
-    "judges" record.
+    ascent that stops at the flip (morph's old default) and by morph's defaults with ``prior``, with at
+    least `JUDGED_STEPS` steps (a model trained for few epochs needs more to reach 0.99); then one portrait
+    per class is drawn from the mean training digit with the same prior. Returns run.json's "judges"
+    record.
     """
     import peering
     from peering.models import DigitLeNet, DigitMLP, accuracy, train_classifier
@@ -652,11 +657,13 @@ def _judge(
         "LeNet": train_classifier(lenet, jx, jy, epochs=lenet_epochs, batch_size=32, lr=2e-3, seed=seed + 2),
     }
     rows = morph_rows[:JUDGED_MORPHS]
+    steps = max(steps, JUDGED_STEPS)
     x, y = test_x[rows], test_y[rows]
     record: dict[str, Any] = {
         "names": list(judges),
         "trained_on": len(jx),
         "accuracy": {name: round(accuracy(j, x, y), 4) for name, j in judges.items()},
+        "steps": steps,
         "morphs": [],
     }
     stop.check()
@@ -668,7 +675,7 @@ def _judge(
     for method, options in methods.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = peering.morph(model, x, (y + 1) % 10, steps=steps, **options)
+            res = peering.morph(model, x, (y + 1) % 10, steps=steps, keep_every=steps, **options)
         stop.check()
         row: dict[str, Any] = {
             "method": method,
@@ -685,8 +692,8 @@ def _judge(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = train_x.mean(0, keepdim=True)
-        portraits = peering.portraits(model, start, prior=prior, steps=max(steps, 200))
-    picture = f"{MORPH_DIR}/portraits.png"
+        portraits = peering.portraits(model, start, prior=prior, steps=steps)
+    picture = PORTRAITS_FILE
     save_png(portrait_row(portraits, zoom=zoom), run_dir / picture)
     record["portraits"] = {
         "picture": picture,
@@ -700,8 +707,12 @@ def _judge(
             n: round(float(v), 4) for n, v in zip(check.names, check.morphs, strict=True)
         }
         record["portraits"]["calls"] = {n: c.tolist() for n, c in zip(check.names, check.calls, strict=True)}
-    best = record["morphs"][-1].get("agreement", {})
-    say("Judges agree with " + ", ".join(f"{v:.0%} ({n})" for n, v in best.items()) + " of the morphs")
+    best = record["morphs"][-1]
+    say(
+        f"{best['success']:.0%} of {best['n']} morphs reached p >= 0.99; the judges call "
+        + " and ".join(f"{v:.0%} ({n})" for n, v in best.get("agreement", {}).items())
+        + " of those the target"
+    )
     return record
 
 
