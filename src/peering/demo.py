@@ -413,10 +413,11 @@ def training_data(run_dir: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
     ``run_dir`` holds no ``run.json``, ValueError when it does not say which data the run used.
 
     >>> import tempfile
-    >>> run = run_demo(tempfile.mkdtemp(), "doc", epochs=1, track=0, morph_digits=0, progress=False)
-    >>> images, labels = training_data(run.run_dir)
+    >>> run_dir = Path(tempfile.mkdtemp())
+    >>> _ = (run_dir / RUN_FILE).write_text('{"dataset": "digits", "seed": 0}')  # what a digits run records
+    >>> images, labels = training_data(run_dir)
     >>> images.shape, labels.shape
-    (torch.Size([1437, 1, 8, 8]), torch.Size([1437]))
+    (torch.Size([1438, 1, 8, 8]), torch.Size([1438]))
     """
     path = Path(run_dir) / RUN_FILE
     summary = json.loads(path.read_text())
