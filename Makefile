@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_morph.py
 	$(PY) benchmarks/bench_morph_judges.py
 	$(PY) benchmarks/bench_callback.py
+	$(PY) benchmarks/bench_faithfulness.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

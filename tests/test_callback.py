@@ -51,6 +51,7 @@ from peering.render import confusion_panels
 from ._chromium import evaluate, find_chromium
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}
+ATLAS_TAGS = {"peering/confusion_matrix", "peering/confused_pairs"}  # the confusion atlas (on by default)
 ALWAYS = {"max_logit_difference": 1e9, "min_logit_value": None}  # every sample counts as confused
 
 
@@ -163,7 +164,8 @@ EPOCHS, TRAIN_BATCHES, INTERVAL, TOP_K, CAP = 2, 8, 2, 3, 10
 @pytest.fixture(scope="module")
 def tb_run(data, tmp_path_factory):
     """Two epochs of 8 steps with a TensorBoardLogger, checking every 2nd batch, 3 pictures a check, at most
-    10 per epoch, tracking 2 samples. Validation runs under inference mode (Lightning's default)."""
+    10 per epoch, tracking 2 samples. (Within fit, Lightning validates under no_grad; the stand-alone
+    validate() and test(), under inference mode, are in test_callback_stages.)"""
     root = tmp_path_factory.mktemp("tb")
     callback = ConfusedLogitCallback(
         top_k=TOP_K, logging_batch_interval=INTERVAL, max_pictures_per_epoch=CAP, track=2, **ALWAYS
@@ -185,6 +187,7 @@ def test_tensorboard_event_files(tb_run, data):
     acc.Reload()
     tags = acc.Tags()
     picture_tags = {"peering/confused", "peering/val/confused", "peering/tracked/0", "peering/tracked/1"}
+    picture_tags |= ATLAS_TAGS
     assert picture_tags <= set(tags["tensors"])
     assert set(acc.PluginTagToContent("images")) == picture_tags
     assert {"peering/confused_fraction", "peering/val/confused_fraction"} <= set(tags["scalars"])
@@ -204,13 +207,18 @@ def test_tensorboard_event_files(tb_run, data):
     fractions = acc.Scalars("peering/confused_fraction")
     assert [(s.step, s.value) for s in fractions] == [(s, 1.0) for s in steps]
 
-    # validation (inference mode): once per epoch at the epoch's last step, never in the sanity check
+    # validation (no_grad within fit): once per epoch at the epoch's last step, never in the sanity check
     val = acc.Tensors("peering/val/confused")
     assert [(e.step, png_size(e.tensor_proto.string_val[2])) for e in val] == [
         (s, stacked_size(records_at(logdir, "peering/val/confused", s))) for s in (8, 16)
     ]
     assert all(len(records_at(logdir, "peering/val/confused", s)) == 3 for s in (8, 16))
     assert [s.step for s in acc.Scalars("peering/val/confused_fraction")] == [8, 16]
+    # the confusion atlas: one matrix, and its three pairs stacked into one picture, per validation run
+    # (test_callback_atlas.py has more)
+    for tag, per_run in (("peering/confusion_matrix", 1), ("peering/confused_pairs", 1)):
+        events = [(e.step, len(e.tensor_proto.string_val) - 2) for e in acc.Tensors(tag)]
+        assert events == [(8, per_run), (16, per_run)], tag
     # tracked samples: one picture per validation run each
     for i in range(2):
         assert [
@@ -218,8 +226,8 @@ def test_tensorboard_event_files(tb_run, data):
         ] == [(8, 1), (16, 1)]
 
     state = callback.state_dict()
-    assert state["pictures"] == {"train": 20, "validation": 6}
-    assert state["checks"] == {"train": 8, "validation": 2}  # 2 validation batches: batch 0 checked
+    assert state["pictures"] == {"train": 20, "validation": 6, "test": 0}
+    assert state["checks"] == {"train": 8, "validation": 2, "test": 0}  # 2 val batches: batch 0 checked
     assert state["tracked"]["inputs"].shape == (2, *data[0].shape[1:])
 
 
@@ -227,6 +235,8 @@ def test_readers_match_event_files(tb_run, data):
     _, logdir, _ = tb_run
     assert image_tags(logdir) == [
         "peering/confused",
+        "peering/confused_pairs",
+        "peering/confusion_matrix",
         "peering/tracked/0",
         "peering/tracked/1",
         "peering/val/confused",
@@ -236,8 +246,9 @@ def test_readers_match_event_files(tb_run, data):
     assert png_size(pictures[0][1][0]) == stacked_size(records_at(logdir, "peering/confused", 2))
     assert read_scalars(logdir, "peering/val/confused_fraction") == [(8, 1.0), (16, 1.0)]
 
-    index = read_index(logdir)
+    index = [r for r in read_index(logdir) if r["tag"] not in ATLAS_TAGS]
     assert len(index) == 20 + 6 + 4
+    assert len(read_index(logdir)) == 20 + 6 + 4 + 2 * (1 + 3)  # and per validation run a matrix, 3 pairs
     train = [r for r in index if r["tag"] == "peering/confused"]
     assert [(r["step"], r["index"]) for r in train[:4]] == [(2, 0), (2, 1), (2, 2), (4, 0)]
     for r in index:
@@ -344,6 +355,8 @@ def test_tensorboard_server_serves_the_pictures(tb_run, data, tmp_path):
             "peering/val/confused": 1,
             "peering/tracked/0": 1,
             "peering/tracked/1": 1,
+            "peering/confusion_matrix": 1,
+            "peering/confused_pairs": 1,
         }
         query = urllib.parse.urlencode({"run": run, "tag": "peering/confused", "sample": 0})
         entries = json.loads(_get(f"{base}/images?{query}"))
@@ -407,7 +420,8 @@ def _train_weights(data, tmp_path, callback, accumulate):
     ids=["plain", "accumulate_grad_batches=2", "smoothgrad"],
 )
 def test_weights_bit_identical_with_and_without_callback(data, tmp_path, accumulate, method, options):
-    """Dropout, batch norm, shuffling, validation, tracking, a check each batch: the same weights, bitwise."""
+    """Dropout, batch norm, shuffling, validation, tracking, a check each batch, the confusion atlas (its own
+    forward pass on every validation batch, directions of its pairs): the same weights, bitwise."""
     callback = ConfusedLogitCallback(
         top_k=2, logging_batch_interval=1, method=method, method_options=options, track=1, **ALWAYS
     )
@@ -415,6 +429,7 @@ def test_weights_bit_identical_with_and_without_callback(data, tmp_path, accumul
         without = _train_weights(data, tmp_path / "without", None, accumulate)
         with_callback = _train_weights(data, tmp_path / "with", callback, accumulate)
     assert callback.state_dict()["pictures"]["train"] == 2 * 2 * 6  # it did run: 2 per batch, 12 batches
+    assert callback.state_dict()["atlas"] == {"matrices": 2, "pair_pictures": 2 * 3}  # and so did the atlas
     assert without.keys() == with_callback.keys()
     for name in without:
         assert torch.equal(without[name], with_callback[name]), name
@@ -511,6 +526,10 @@ def test_png_fallback_without_an_image_logger(data, tmp_path, kind):
         "confused/step_2_1.png",
         "confused/step_4_0.png",
         "confused/step_4_1.png",
+        "confused_pairs/step_4_0.png",
+        "confused_pairs/step_4_1.png",
+        "confused_pairs/step_4_2.png",
+        "confusion_matrix/step_4_0.png",
         "tracked/0/step_4_0.png",
         "val/confused/step_4_0.png",
         "val/confused/step_4_1.png",
@@ -520,7 +539,13 @@ def test_png_fallback_without_an_image_logger(data, tmp_path, kind):
         assert step in (2, 4) and [png_size(p) for p in pngs] == [(r["width"], r["height"]) for r in records]
         assert len(pngs) == 2 and all(r["box"] is None for r in records)
     assert read_scalars(run_dir, "peering/confused_fraction") == [(2, 1.0), (4, 1.0)]
-    assert image_tags(run_dir) == ["peering/confused", "peering/tracked/0", "peering/val/confused"]
+    assert image_tags(run_dir) == [
+        "peering/confused",
+        "peering/confused_pairs",
+        "peering/confusion_matrix",
+        "peering/tracked/0",
+        "peering/val/confused",
+    ]
     index = read_index(run_dir)
     assert [r["png"] for r in index[:2]] == ["peering/confused/step_2_0.png", "peering/confused/step_2_1.png"]
     if kind == "csv":  # the scalars also reach the CSV logger's metrics.csv
@@ -604,7 +629,11 @@ def test_image_api_logger_gets_the_pictures(data, tmp_path):
     for tag, step in (("peering/confused", 2), ("peering/confused", 4), ("peering/val/confused", 4)):
         width, height = stacked_size(records_at(tmp_path, tag, step))
         shapes.append((tag, step, [(height, width, 3)]))
-    assert logger.images == shapes
+    assert [image for image in logger.images if image[0] not in ATLAS_TAGS] == shapes
+    # the atlas: one matrix, and its pairs stacked into one picture (one card each in TensorBoard)
+    atlas = [(key, step, len(shapes)) for key, step, shapes in logger.images if key in ATLAS_TAGS]
+    assert atlas == [("peering/confusion_matrix", 4, 1), ("peering/confused_pairs", 4, 1)]
+    assert len(records_at(tmp_path, "peering/confused_pairs", 4)) == 3
     assert [(k, s) for k, s, _ in logger.scalars] == [
         ("peering/confused_fraction", 2),
         ("peering/confused_fraction", 4),
@@ -639,8 +668,9 @@ def test_state_dict_round_trip_and_resume(data, tmp_path):
     assert {k: v for k, v in again.items() if k != "tracked"} == {
         k: v for k, v in state.items() if k != "tracked"
     }
-    for k in state["tracked"]:
+    for k in ("inputs", "labels", "classes", "margins"):
         assert torch.equal(again["tracked"][k], state["tracked"][k])
+    assert again["tracked"]["kwargs"] == state["tracked"]["kwargs"] == {}
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
     assert saved["pictures"] == state["pictures"]
 
@@ -657,8 +687,8 @@ def test_state_dict_round_trip_and_resume(data, tmp_path):
     )
     run.fit(tiny(data), train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     after = resumed.state_dict()
-    assert after["checks"] == {"train": 4, "validation": 2}
-    assert after["pictures"] == {"train": 8, "validation": 4}
+    assert after["checks"] == {"train": 4, "validation": 2, "test": 0}
+    assert after["pictures"] == {"train": 8, "validation": 4, "test": 0}
     assert after["tracked_pictures"] == 4  # 2 tracked x 2 validation runs, the same samples as before
     assert torch.equal(after["tracked"]["inputs"], state["tracked"]["inputs"])
     assert [s for s, _ in read_images(logger.log_dir, "peering/tracked/1")] == [8]
@@ -677,10 +707,22 @@ def test_default_unpack_variants():
         {"input": x, "target": y},
         {"x": x, "y": y},
     ]:
-        got_x, got_y = default_unpack(batch)
-        assert got_x is x and got_y is y
-    assert default_unpack(x) == (x, None)
+        got_x, got_y, kwargs = default_unpack(batch)
+        assert got_x is x and got_y is y and kwargs == {}
+    assert default_unpack(x) == (x, None, {})
     assert default_unpack({"inputs": x})[1] is None
+    # Hugging Face batches: input_ids (or pixel_values) in, labels out, every other tensor to the model
+    ids, mask, types = (
+        torch.ones(4, 6, dtype=torch.long),
+        torch.ones(4, 6),
+        torch.zeros(4, 6, dtype=torch.long),
+    )
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": y, "text": "a"}
+    got_ids, got_y, kwargs = default_unpack(batch)
+    assert got_ids is ids and got_y is y
+    assert kwargs.keys() == {"attention_mask", "token_type_ids"} and kwargs["attention_mask"] is mask
+    got_x, got_y, _ = default_unpack({"pixel_values": x, "label": y})
+    assert got_x is x and got_y is y
     with pytest.raises(TypeError, match="input keys"):
         default_unpack({"pixels": x})
     with pytest.raises(TypeError, match="cannot take inputs"):
@@ -744,11 +786,11 @@ def test_unpack_in_a_real_run(data, tmp_path, kind):
     said = peering_warnings(caught)
     if kind == "unknown":
         assert len(said) == 2 and all("unpack=" in s for s in said)  # once for train, once for validation
-        assert callback.state_dict()["pictures"] == {"train": 0, "validation": 0}
+        assert callback.state_dict()["pictures"] == {"train": 0, "validation": 0, "test": 0}
         return
     assert said == []
-    assert callback.state_dict()["pictures"] == {"train": 4, "validation": 1}
-    assert {r["label"] for r in read_index(tmp_path)} <= set(range(10))
+    assert callback.state_dict()["pictures"] == {"train": 4, "validation": 1, "test": 0}
+    assert {r["label"] for r in read_index(tmp_path) if r["tag"] not in ATLAS_TAGS} <= set(range(10))
 
 
 def test_three_channel_and_flat_inputs(tmp_path):
@@ -851,7 +893,12 @@ def test_the_most_confused_are_chosen_and_counted(tmp_path):
     low = torch.tensor([[1.0, 0.98]])  # tied, but its top logit is under min_logit_value
     batch_x, batch_y = torch.cat([x, low]), torch.cat([ids, torch.tensor([8])])
     callback = ConfusedLogitCallback(
-        top_k=3, logging_batch_interval=1, max_logit_difference=0.25, on="train", background=False
+        top_k=3,
+        logging_batch_interval=1,
+        max_logit_difference=0.25,
+        min_logit_value=5.0,
+        on="train",
+        background=False,
     )
     loader = DataLoader(TensorDataset(batch_x, batch_y), batch_size=9)
     trainer(tmp_path, [callback], False).fit(Scores(), loader)
@@ -884,7 +931,7 @@ def test_bolts_positional_arguments():
         {"output": "softmax"},
         {"method": "lime"},
         {"method": "smoothgrad", "method_options": {"bogus": 1}},
-        {"on": ("test",)},
+        {"on": ("predict",)},
         {"on": ()},
         {"max_pictures_per_epoch": 0},
         {"track": -1},

@@ -4,12 +4,19 @@ The data are built so that only rank 1 ever sees confused samples: rank 0 gets i
 far ahead (label 3), rank 1 inputs whose top two logits tie (label 7). So
 pictures at all prove that rank 1's candidates reach rank zero; the fraction 0.5 proves that both ranks'
 counts are summed; the event counts prove that rank zero writes exactly once per trigger; and the recorded
-collectives prove that both ranks call the same ones at the same steps.
+collectives prove that both ranks call the same ones at the same steps. A third test checks that a
+per-sample forward argument travels to rank zero with its own sample.
+
+The confusion atlas sees each rank's samples in a cell of their own (rank 0: true 3 taken for 0; rank 1:
+true 7 taken for 0), so its matrix shows that every validation sample of both ranks was counted exactly
+once (torchmetrics sums the ranks' matrices), and examples of both pairs in rank zero's pictures show that
+the examples were gathered from both ranks.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -81,7 +88,12 @@ class RecordingCallback(ConfusedLogitCallback):
         super().teardown(trainer, pl_module, stage)
         path = Path(self.out) / f"collectives_{trainer.global_rank}.json"
         path.write_text(
-            json.dumps({"collectives": self._collectives, "state": self.state_dict()["pictures"]})
+            json.dumps(
+                {
+                    "collectives": self._collectives,
+                    "state": {k: v for k, v in self.state_dict().items() if k != "tracked"},
+                }
+            )
         )
 
 
@@ -107,11 +119,25 @@ def test_ddp_two_cpu_processes(tmp_path):
     )
     trainer.fit(TieNet())
 
-    # every rank took part in the same collectives at the same steps, and counted the same pictures
+    # every rank took part in the same collectives at the same steps, and chose the same samples; only rank
+    # zero wrote (and counted) pictures
     ranks = [json.loads((tmp_path / f"collectives_{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]
-    assert ranks[0]["collectives"] == [["train", 2], ["train", 4], ["validation", 4], ["tracked", 4]]
-    assert ranks[0]["state"] == {"train": 2 * TOP_K, "validation": TOP_K}
+    assert ranks[0]["collectives"] == ranks[1]["collectives"]
+    assert ranks[0]["collectives"] == [
+        ["train", 2],
+        ["train", 4],
+        ["validation", 4],
+        ["tracked", 4],
+        ["atlas", 4],  # the matrix: a header, then torchmetrics' sync
+        ["atlas", 4],  # the pairs' examples
+    ]
+    for key in ("chosen", "checks", "samples_checked", "confused_seen", "candidates_seen", "atlas"):
+        assert ranks[0]["state"][key] == ranks[1]["state"][key]
+    assert ranks[0]["state"]["chosen"] == {"train": 2 * TOP_K, "validation": TOP_K, "test": 0}
+    assert ranks[0]["state"]["pictures"] == ranks[0]["state"]["chosen"]
+    assert ranks[1]["state"]["pictures"] == {"train": 0, "validation": 0, "test": 0}
+    assert ranks[0]["state"]["confused_seen"]["train"] == 2 * BATCH  # rank 1's two checked batches
+    assert (ranks[0]["state"]["tracked_pictures"], ranks[1]["state"]["tracked_pictures"]) == (2, 0)
 
     # rank zero wrote once per trigger, and everything it wrote came from rank 1's samples
     (logdir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
@@ -126,10 +152,13 @@ def test_ddp_two_cpu_processes(tmp_path):
         "peering/val/confused": [(4, 1)],
         "peering/tracked/0": [(4, 1)],
         "peering/tracked/1": [(4, 1)],
+        "peering/confusion_matrix": [(4, 1)],
+        "peering/confused_pairs": [(4, 1)],  # its two pairs stacked in one picture
     }
     assert read_scalars(logdir, "peering/confused_fraction") == [(2, 0.5), (4, 0.5)]
     assert read_scalars(logdir, "peering/val/confused_fraction") == [(4, 0.5)]
-    index = read_index(logdir)
+    everything = read_index(logdir)
+    index = [r for r in everything if "label" in r]
     assert len(index) == 2 * TOP_K + TOP_K + 2
     samples: dict[tuple[str, int], int] = {}
     for r in index:
@@ -143,3 +172,153 @@ def test_ddp_two_cpu_processes(tmp_path):
     }
     assert {r["label"] for r in index} == {7}
     assert {(r["class_a"], r["class_b"]) for r in index} <= {(0, 1), (1, 0)}
+
+    # the confusion matrix: every validation sample of both ranks, exactly once (the sanity check's none)
+    (matrix,) = [r for r in everything if r["tag"] == "peering/confusion_matrix"]
+    expected = torch.zeros(10, 10, dtype=torch.int64)
+    expected[3, 0] = N // 2  # rank 0's 32 samples
+    expected[7, 0] = N // 2  # rank 1's 32 samples
+    assert torch.equal(torch.tensor(matrix["matrix"]), expected)
+    assert (matrix["step"], matrix["samples"], matrix["ignored"]) == (4, N, 0)
+    # its two mistakes, each with examples from the one rank that made it
+    pairs = sorted((r for r in everything if r["tag"] == "peering/confused_pairs"), key=lambda r: r["index"])
+    assert [(r["true"], r["predicted"], r["count"], r["examples"]) for r in pairs] == [
+        (3, 0, N // 2, 4),
+        (7, 0, N // 2, 4),
+    ]
+
+
+class SaysWhat(ConfusedLogitCallback):
+    """Writes the peering warnings of its validation-end hook to ``<out>/warnings_<rank>.json``."""
+
+    def __init__(self, out: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out, self.said = out, []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().on_validation_epoch_end(trainer, pl_module)
+        self.said += [str(w.message) for w in caught if "peering" in str(w.message)]
+
+    def teardown(self, trainer, pl_module, stage):
+        super().teardown(trainer, pl_module, stage)
+        (Path(self.out) / f"warnings_{trainer.global_rank}.json").write_text(json.dumps(self.said))
+
+
+class OddValidation(TieNet):
+    """Nine validation samples in all, split by Lightning's own DistributedSampler: 5 + 5, one repeated."""
+
+    def val_dataloader(self):
+        x, y = rank_data(0).dataset.tensors
+        return DataLoader(TensorDataset(x[:9], y[:9]), batch_size=4)
+
+
+@pytest.mark.slow
+def test_ddp_repeated_validation_samples_are_said(tmp_path):
+    """Lightning's DistributedSampler repeats samples to even out the ranks; the matrix then counts them
+    twice, and the callback says so (once) instead of passing the count off as exact."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    callback = SaysWhat(str(tmp_path), on="train")
+    trainer = pl.Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=1,
+    )
+    trainer.fit(OddValidation())
+    (matrix, _) = [r for r in read_index(tmp_path) if r["tag"] == "peering/confusion_matrix"]
+    assert (matrix["samples"], matrix["repeated"]) == (10, 1)
+    said = json.loads((tmp_path / "warnings_0.json").read_text())
+    assert len(said) == 1 and "counts 1 validation sample(s) twice" in said[0]  # once, not per epoch
+
+
+def sample_weights() -> torch.Tensor:
+    return 1 + torch.arange(N // 2, dtype=torch.float32) / 100
+
+
+class WeightedTieNet(TieNet):
+    """`TieNet` whose batches are (x, y, weight) and whose forward scales each sample's logits by its weight
+    (1 + i / 100 for sample i: the ties stay ties)."""
+
+    def forward(self, x, weight=None):
+        logits = super().forward(x)
+        return logits if weight is None else logits * weight[:, None]
+
+    def training_step(self, batch, batch_idx):
+        x, y, weight = batch
+        return nn.functional.cross_entropy(self(x, weight=weight), y)
+
+    def train_dataloader(self):
+        x, y = rank_data(self.trainer.global_rank).dataset.tensors
+        return DataLoader(TensorDataset(x, y, sample_weights()), batch_size=BATCH)
+
+    def val_dataloader(self):
+        return []
+
+
+def with_weights(batch):
+    """(inputs, labels, forward_kwargs) of a batch (module-level: ddp_spawn pickles the callback)."""
+    x, y, weight = batch
+    return x, y, {"weight": weight}
+
+
+class RecordsExplained(ConfusedLogitCallback):
+    """Writes, per rank, the inputs and weights rank zero explained to ``<out>/explained_<rank>.json``."""
+
+    def __init__(self, out: str, **kwargs):
+        super().__init__(unpack=with_weights, **kwargs)
+        self.out, self.explained = out, []
+
+    def _explain(self, pl_module, chosen):
+        self.explained.append((chosen.inputs.tolist(), chosen.kwargs["weight"].tolist()))
+        return super()._explain(pl_module, chosen)
+
+    def teardown(self, trainer, pl_module, stage):
+        super().teardown(trainer, pl_module, stage)
+        (Path(self.out) / f"explained_{trainer.global_rank}.json").write_text(json.dumps(self.explained))
+
+
+@pytest.mark.slow
+def test_ddp_forward_kwargs_travel_with_their_samples(tmp_path):
+    """A per-sample forward argument (through a custom ``unpack``) reaches rank zero's explanations with its
+    own sample: rank 1's confused samples are explained on rank zero, each with its own weight."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    callback = RecordsExplained(
+        str(tmp_path), top_k=TOP_K, logging_batch_interval=INTERVAL, on="train", atlas=False
+    )
+    trainer = pl.Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(WeightedTieNet())
+    explained = [json.loads((tmp_path / f"explained_{r}.json").read_text()) for r in range(2)]
+    assert explained[1] == [] and len(explained[0]) == 2  # the two training checks
+    x, _ = rank_data(1).dataset.tensors
+    weights = sample_weights()
+    for inputs, got in explained[0]:
+        inputs = torch.tensor(inputs)
+        assert inputs.shape == (TOP_K, 1, 8, 8)
+        rows = (inputs.flatten(1)[:, None] == x.flatten(1)[None]).all(dim=2).float().argmax(dim=1)
+        assert torch.equal(x[rows], inputs)  # rank 1's samples
+        assert torch.equal(torch.tensor(got), weights[rows])  # each with its own weight
+    assert len(read_index(tmp_path)) == 2 * TOP_K

@@ -133,13 +133,19 @@ def test_demo_writes_a_complete_run(demo_run):
 
 
 def test_demo_run_is_readable_by_tensorboard_readers(demo_run):
-    from peering.lightning import image_tags, read_scalars
+    from peering.lightning import image_tags, read_images, read_index, read_scalars
 
     logs = demo_run[0] / "logs"
     tags = image_tags(logs)
     assert "peering/confused" in tags
     assert {"peering/tracked/0", "peering/tracked/1"} <= set(tags)
     assert len(read_scalars(logs, "val_acc")) == 2
+    # the confusion atlas: a matrix at every validation epoch, in the event files
+    matrices = read_images(logs, "peering/confusion_matrix")
+    assert [len(pngs) for _, pngs in matrices] == [1, 1]
+    records = [r for r in read_index(logs) if r["tag"] == "peering/confusion_matrix"]
+    assert [(r["step"], r["epoch"]) for r in records] == [(step, e) for e, (step, _) in enumerate(matrices)]
+    assert all(r["png"] is None for r in records)  # in TensorBoard, not in PNG files
 
 
 def test_demo_rerun_replaces_the_previous_run(tmp_path):

@@ -75,13 +75,14 @@ def test_bars_are_sorted_by_magnitude_top_n_and_signed():
 
 
 def test_classes_of_a_sample_share_one_scale():
-    a = torch.randn(1, 1, 12)
-    exp = explanation(torch.cat([a, a / 4], dim=1))  # class 1 is 4x weaker
-    lengths = bars(explanation_image(exp, torch.rand(1, 12), top_n=3), charts=2)
-    first, second = lengths[:3], lengths[3:]
-    assert abs(first[0]) == 100
-    for x, y in zip(first, second, strict=True):
-        assert y == pytest.approx(x / 4, abs=1)
+    a = torch.randn(1, 1, 12, generator=torch.Generator().manual_seed(0))
+    for sign in (1, -1):  # the largest bar to the right, then to the left
+        exp = explanation(torch.cat([sign * a, sign * a / 4], dim=1))  # class 1 is 4x weaker
+        lengths = bars(explanation_image(exp, torch.rand(1, 12), top_n=3), charts=2)
+        first, second = lengths[:3], lengths[3:]
+        assert abs(first[0]) == 100
+        for x, y in zip(first, second, strict=True):
+            assert y == pytest.approx(x / 4, abs=1)
 
 
 def test_feature_names_are_drawn():

@@ -80,6 +80,10 @@ def demo_run(tmp_path_factory) -> Path:
     return result.run_dir
 
 
+# every section but the dataset attributions of `peering explain-dataset` (tests/test_cli_dataset.py)
+TRAINING_SECTIONS = [s for s in SECTIONS if s != "dataset"]
+
+
 # ------------------------------------------------------------------------------------------- structure
 
 
@@ -87,7 +91,7 @@ def test_report_has_every_section_and_only_embedded_images(demo_run):
     report = demo_run / "report.html"
     page = parse(report)
     ids = [attrs.get("id") for tag, attrs in page.tags if tag == "section"]
-    assert ids == list(SECTIONS)
+    assert ids == TRAINING_SECTIONS
     images = page.all("img")
     summary = json.loads((demo_run / "run.json").read_text())
     assert all(m.get("gif") for m in summary["morphs"])
@@ -291,7 +295,7 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
     result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert result["images"] == expected_images + 2 > 2
     assert sorted(result["broken"]) == ["control: corrupt", "control: file"]  # and every real one loaded
-    assert result["sections"] == list(SECTIONS)
+    assert result["sections"] == TRAINING_SECTIONS
     # the full width of the window (less the page's 24 px padding), and captions of at least 11 px
     assert result["section"] >= result["window"] - 2 * 24 - 1 and result["width"] <= result["window"]
     assert result["captions"] and min(result["captions"]) >= 11
@@ -312,3 +316,78 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 50
     assert os.path.getsize(shot) > 20_000
+
+
+# ------------------------------------------------------------------------------------------ confusion atlas
+
+
+def test_atlas_section_shows_every_matrix_and_the_last_runs_pairs(demo_run):
+    from peering.lightning import read_index
+
+    records = read_index(demo_run / "logs")
+    matrices = [r for r in records if r["tag"] == "peering/confusion_matrix"]
+    assert [r["epoch"] for r in matrices] == [0, 1]  # one per validation run of the 2 epochs
+    page = parse(demo_run / "report.html")
+    radios = [a for a in page.all("input") if a.get("name") == "atlas-epoch"]
+    assert [a["id"] for a in radios] == ["atlas-0", "atlas-1"]
+    assert ["checked" in a for a in radios] == [False, True]  # the last epoch is shown first
+    alts = [a["alt"] for a in page.all("img")]
+    assert [a for a in alts if a.startswith("confusion matrix")] == [
+        "confusion matrix, epoch 0",
+        "confusion matrix, epoch 1",
+    ]
+    text = " ".join(page.text)
+    last = matrices[-1]
+    assert last["pairs"], "a 2-epoch digits model makes mistakes"
+    for a, b in last["pairs"]:
+        assert f"true {a}, predicted {b}" in text
+        counts = [r["matrix"][a][b] for r in matrices]
+        assert f"epoch 0: {counts[0]:,}" in text and f"epoch 1: {counts[1]:,}" in text  # its trend
+        assert any(alt.startswith(f"true {a} predicted {b}, epoch 1") for alt in alts)  # examples + direction
+
+
+_STEPPER = """
+<script>
+window.addEventListener("load", function () {
+  var radios = Array.prototype.slice.call(document.querySelectorAll("input[name=atlas-epoch]"));
+  var seen = radios.map(function (radio) {
+    document.querySelector("label[for=" + radio.id + "]").click();
+    var shown = Array.prototype.filter.call(document.querySelectorAll(".stepper .frame"), function (f) {
+      return f.getBoundingClientRect().height > 0;
+    });
+    return shown.map(function (f) { return f.className; });
+  });
+  var out = document.createElement("pre");
+  out.id = "peering-check";
+  out.textContent = JSON.stringify(seen);
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def test_atlas_stepper_shows_one_epoch_at_a_time_in_chromium(demo_run, tmp_path):
+    """Clicking each epoch's label shows that epoch's matrix and only it (CSS, no script in the page)."""
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("chromium not found: install Debian's chromium package (`apt-get install chromium`)")
+    html = (demo_run / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in html
+    html, found = re.subn(
+        r'(<meta http-equiv="Content-Security-Policy" content=")([^"]*)(">)',
+        lambda m: m.group(1) + m.group(2) + "; script-src &#x27;unsafe-inline&#x27;" + m.group(3),
+        html,
+        count=1,
+    )
+    assert found == 1
+    checked = demo_run / "report.stepper.html"
+    checked.write_text(html.replace("</body>", _STEPPER + "</body>", 1), encoding="utf-8")
+    try:
+        dom = _chromium(
+            binary, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()
+        )
+    finally:
+        checked.unlink()
+    match = re.search(r'<pre id="peering-check">(.*?)</pre>', dom.stdout, re.S)
+    assert match, f"chromium did not run the check (rc {dom.returncode}): {dom.stderr[-2000:]}"
+    assert json.loads(match.group(1).replace("&quot;", '"')) == [["frame atlas-0"], ["frame atlas-1"]]

@@ -6,6 +6,8 @@
 - `portraits`: what the model thinks each class looks like, all classes in one batch.
 - `select_confused`: the samples whose top two classes are nearly tied.
 - `peering.lightning.ConfusedLogitCallback`: watch what confuses a model while it trains.
+- `peering.lightning.AttributionWriter` and `load_attributions`: a whole dataset's attributions, on every
+  device, as shards on disk read back in dataset order.
 - `peering.render`: pictures of all of the above.
 """
 
@@ -22,6 +24,7 @@ from peering.methods import (
 )
 from peering.morph import MorphResult, morph
 from peering.portraits import portraits
+from peering.store import DatasetAttributions, load_attributions
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,7 @@ __all__ = [
     "Agreement",
     "AttributionMethod",
     "ConfusedSamples",
+    "DatasetAttributions",
     "Explanation",
     "Gradient",
     "InputXGradient",
@@ -37,6 +41,7 @@ __all__ = [
     "SmoothGrad",
     "agreement",
     "explain",
+    "load_attributions",
     "morph",
     "portraits",
     "priors",

@@ -251,6 +251,9 @@ def check_targets(target: Any, batch: int, num_classes: int, *, name: str = "tar
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of class indices, got {target.dtype}")
         t = target.detach().to(torch.int64)
+        if t.is_inference():  # made under torch.inference_mode(): autograd could not save it for backward
+            with torch.inference_mode(False):
+                t = t.clone()
         if t.ndim == 0:
             t = t.expand(batch)
         if t.ndim == 1:

@@ -6,6 +6,7 @@
     peering explain CHECKPOINT IMAGE... [--target K] [--method gradient] [-o explain.png]
     peering morph CHECKPOINT IMAGE --target K [--confidence 0.99] [--reference run] [--gif g.gif] [-o m.png]
     peering portraits CHECKPOINT [--start mean] [--reference run] [-o portraits.png]
+    peering check CHECKPOINT [IMAGE...] [--samples 64] [--method M ...] [--no-faithfulness]
     peering report RUN_DIR
 
 A checkpoint is a Lightning checkpoint of the demo model (what ``peering demo`` writes), or any file
@@ -128,10 +129,11 @@ def _bad_input() -> Iterator[None]:
     from peering.checkpoints import CheckpointError
     from peering.data import DatasetError
     from peering.report import ReportError
+    from peering.store import ShardError
 
     try:
         yield
-    except (CheckpointError, ImageError, ReportError, DatasetError) as err:
+    except (CheckpointError, ImageError, ReportError, DatasetError, ShardError) as err:
         _fail(str(err))
 
 
@@ -401,6 +403,9 @@ def demo(
     name: Annotated[str, typer.Option(help="The run's folder name under --out.")] = "demo",
     track: Annotated[int, typer.Option(min=0, help="Confused validation digits to follow.")] = 4,
     morph_digits: Annotated[int, typer.Option(min=0, help="Test digits to morph.")] = 4,
+    sanity_digits: Annotated[
+        int, typer.Option(min=0, help="Test digits for the randomisation sanity check (0: skip it).")
+    ] = 32,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -424,6 +429,7 @@ def demo(
                     seed=seed,
                     track=track,
                     morph_digits=morph_digits,
+                    sanity_digits=sanity_digits,
                     progress=progress,
                     threads=threads,
                     echo=lambda line: _print_flushed(console, line),
@@ -719,6 +725,448 @@ def _unflatten(result: MorphResult, shape: torch.Size) -> MorphResult:
     )
 
 
+# ----------------------------------------------------------------------------------------- explain-dataset
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DATASET_FILE = "dataset.json"
+"""What ``peering explain-dataset`` ran over, beside the writer's manifest (the report reads it back)."""
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """The images of a folder, read one by one when asked (converted for the model), with their labels."""
+
+    def __init__(
+        self, root: Path, files: list[str], channels: int | None, size: tuple[int, int], invert: bool,
+        labels: list[int],
+    ) -> None:
+        self.root, self.files, self.channels, self.size = root, files, channels, size
+        self.invert, self.labels = invert, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, _ = read_image(self.root / self.files[index], self.channels, self.size, invert=self.invert)
+        return image, self.labels[index]
+
+
+def _folder_dataset(
+    folder: Path, loaded: LoadedModel, invert: bool, num_classes: int
+) -> tuple[_ImageFiles, dict[str, Any]]:
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+    )
+    if not files:
+        _fail(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {folder}")
+    first, notes = read_image(folder / files[0], loaded.channels, loaded.size, invert=invert)
+    size = loaded.size or (int(first.shape[1]), int(first.shape[2]))
+    channels = loaded.channels or int(first.shape[0])
+    if notes:
+        _note(f"images are converted to {channels}x{size[0]}x{size[1]} (first one: {'; '.join(notes)})")
+    parents = [f.split("/")[0] if "/" in f else "" for f in files]
+    by_class = all(p.isdigit() and int(p) < num_classes for p in parents)
+    labels = [int(p) for p in parents] if by_class else [-1] * len(files)
+    if by_class:
+        _note("labels from the subfolder names")
+    source = {"data": "folder", "root": str(folder.resolve()), "files": files, "channels": channels,
+              "size": list(size), "invert": invert}
+    return _ImageFiles(folder, files, channels, size, invert, labels), source
+
+
+def _named_dataset(
+    name: str, data_dir: Path | None, loaded: LoadedModel
+) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
+    import os
+
+    from torch.utils.data import TensorDataset
+
+    from peering.data import DATA_DIR_ENV, load_digits, load_mnist
+
+    if name == "digits":
+        images, labels = load_digits()
+        source: dict[str, Any] = {"data": "digits"}
+    else:
+        root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+        if not root:
+            _fail(f"--data mnist needs the MNIST IDX files: pass --data-dir or set {DATA_DIR_ENV}")
+        images, labels = load_mnist(Path(root).expanduser(), "test")
+        source = {"data": "mnist", "root": str(Path(root).expanduser().resolve()), "split": "test"}
+    shape = tuple(images.shape[1:])
+    want = None
+    if loaded.size is not None and loaded.channels is not None:
+        want = (loaded.channels, *loaded.size)
+    if want is not None and shape != want:
+        _fail(
+            f"{loaded.source} takes {want[0]}x{want[1]}x{want[2]} images but the {name} images are "
+            f"{shape[0]}x{shape[1]}x{shape[2]}; use the data set it was trained on, or a folder of images "
+            "(converted to its size)"
+        )
+    return TensorDataset(images, labels), source
+
+
+@app.command("explain-dataset")
+def explain_dataset(
+    checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="mnist (the 10,000 t10k digits), digits (sklearn's 1,797), or a FOLDER of images."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (a rerun resumes it).")],
+    devices: Annotated[int, typer.Option(min=1, help="Processes (devices) to spread the data over.")] = 1,
+    top_k: Annotated[int, typer.Option(min=1, help="Classes to explain when no --target.")] = 2,
+    target: Annotated[
+        str | None, typer.Option(help="Explain 'label' (each sample's label) or one class K.")
+    ] = None,
+    method: Annotated[MethodName, typer.Option(help="Attribution method.")] = MethodName.gradient,
+    output: Annotated[OutputName, typer.Option(help="What is differentiated.")] = OutputName.probability,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per batch.")] = 64,
+    accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto, cpu, gpu, ...")] = "auto",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with the MNIST IDX files (default: $PEERING_DATA_DIR).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 0,
+    model: ModelOption = None,
+    channels: ChannelsOption = None,
+    image_size: SizeOption = None,
+    invert: InvertOption = False,
+    progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
+) -> None:
+    """Explain every sample of a data set with Trainer.predict on one or more devices; shards in --out.
+
+    Read them with peering.load_attributions(OUT); `peering report OUT` shows them.
+
+    Example: peering explain-dataset runs/demo/model.ckpt --data digits --out runs/digits-explained
+    """
+    import time
+
+    with _bad_input():
+        loaded = _load(checkpoint, model, channels, image_size)
+        folder = Path(data)
+        n_classes = loaded.num_classes
+        if data in ("mnist", "digits"):
+            dataset, source = _named_dataset(data, data_dir, loaded)
+        elif folder.is_dir():
+            if n_classes is None:
+                probe, _ = read_image(next(p for p in sorted(folder.rglob("*")) if p.is_file()),
+                                      loaded.channels, loaded.size, invert=invert)
+                n_classes = _class_count(loaded, probe.unsqueeze(0))
+            dataset, source = _folder_dataset(folder, loaded, invert, n_classes)
+        else:
+            _fail(f"--data must be mnist, digits or a folder of images; {data} is none of these")
+        parsed_target: int | str | None = None
+        if target is not None:
+            if target == "label":
+                parsed_target = "label"
+            elif target.isdigit():
+                parsed_target = int(target)
+                _check_target(parsed_target, n_classes or _class_count(loaded, dataset[0][0].unsqueeze(0)))
+            else:
+                _fail(f"--target must be 'label' or a class number, got {target!r}")
+        source.update(checkpoint=str(checkpoint.resolve()), model=model)
+        _record_source(out, source)
+        start = time.perf_counter()
+        done_before = _samples_done(out)
+        total = _run_predict(loaded, dataset, out, devices=devices, accelerator=accelerator,
+                             batch_size=batch_size, workers=workers, progress=progress,
+                             writer_kwargs={"top_k": top_k, "target": parsed_target,
+                                            "method": method.value, "output": output.value})
+        seconds = time.perf_counter() - start
+    explained = total - done_before
+    what = (f"class {parsed_target}" if isinstance(parsed_target, int)
+            else "the label" if parsed_target == "label" else f"top {top_k} classes")
+    typer.echo(
+        f"explained {explained:,} of {total:,} samples ({method.value} of the {output.value} of the {what}) "
+        f"in {seconds:.1f} s on {devices} device(s)"
+        + (f"; {done_before:,} were already done" if done_before else "")
+    )
+    typer.echo(f"wrote {out}  (peering.load_attributions({str(out)!r}), or: peering report {out})")
+
+
+def _record_source(out: Path, source: dict[str, Any]) -> None:
+    """Write ``out/dataset.json``, refusing a folder that holds a run over other data or weights."""
+    import json
+
+    from peering.demo import write_json_atomic
+
+    previous = out / DATASET_FILE
+    if previous.is_file():
+        try:
+            before = json.loads(previous.read_text())
+        except ValueError:
+            before = None
+        if before is not None and before != source:
+            _fail(f"{out} holds a run over other data or of another checkpoint ({previous}); use another "
+                  "--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / DATASET_FILE, source)
+    except OSError as err:
+        _fail(f"cannot write to {out}: {err.strerror or err}")
+
+
+def _samples_done(out: Path) -> int:
+    from peering.store import ShardError, load_attributions
+
+    try:
+        return len(load_attributions(out, verify=False, allow_incomplete=True))
+    except ShardError:
+        return 0
+
+
+def _run_predict(
+    loaded: LoadedModel,
+    dataset: torch.utils.data.Dataset,
+    out: Path,
+    *,
+    devices: int,
+    accelerator: str,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    writer_kwargs: dict[str, Any],
+) -> int:
+    """Trainer.predict with the writer on ``devices`` processes; the number of samples in the finished run."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from peering.demo import _quiet_lightning
+    from peering.lightning import AttributionWriter
+    from peering.lightning.writer import _ExplainedModule
+    from peering.store import ShardError, read_manifest
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    try:
+        with _quiet_lightning():
+            trainer = pl.Trainer(
+                accelerator=accelerator,
+                devices=devices,
+                strategy="ddp_spawn" if devices > 1 else "auto",
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+                callbacks=[AttributionWriter(out, **writer_kwargs)],
+                default_root_dir=str(out),
+            )
+            module = _ExplainedModule(loaded.model, loaded.flat)
+            trainer.predict(module, loader, return_predictions=False)
+    except (ShardError, ImageError) as err:
+        _fail(str(err))
+    except Exception as err:  # an error in a spawned process arrives as its traceback text
+        _fail(f"explaining failed: {_last_line(err)}")
+    manifest = read_manifest(out) or {}
+    return int(manifest.get("complete", {}).get("0", {}).get("samples", 0))
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+class BaselineName(str, Enum):
+    """What a deleted input element becomes in `peering.faithfulness.deletion_insertion`."""
+
+    zero = "zero"
+    blur = "blur"
+    mean = "mean"
+
+
+_DEMO_DATASET_BY_SIZE = {8: "digits", 28: "mnist"}
+
+
+def _check_inputs(
+    checkpoint: Path,
+    loaded: LoadedModel,
+    images: list[Path] | None,
+    dataset: DatasetName | None,
+    data_dir: Path | None,
+    samples: int,
+    invert: bool,
+) -> tuple[Tensor, str]:
+    """The images to check on, [N, C, H, W], and where they come from."""
+    if images:
+        x, _ = _load_images(images, loaded.channels, loaded.size, invert)
+        return x[:samples], f"{min(len(images), samples)} given image(s)"
+    from peering.demo import RUN_FILE, load_demo_data
+
+    run: dict[str, Any] = {}
+    run_file = checkpoint.parent / RUN_FILE
+    if run_file.is_file():
+        import json
+
+        try:
+            run = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            _note(f"cannot read {run_file}; using the defaults")
+    name = dataset.value if dataset is not None else run.get("dataset")
+    if name is None and loaded.size is not None and loaded.size[0] == loaded.size[1]:
+        name = _DEMO_DATASET_BY_SIZE.get(loaded.size[0])
+    if name not in ("digits", "mnist"):
+        _fail(
+            f"cannot tell which digits to check {loaded.source} on (it takes {loaded.size or 'unknown'} "
+            "inputs); pass IMAGE files, or --dataset digits|mnist"
+        )
+    seed = run.get("seed", 0)
+    _, _, test_x, _, _ = load_demo_data(str(name), data_dir, int(seed), _note)
+    kind = {"digits": "scikit-learn 8x8", "mnist": "MNIST"}[str(name)]
+    if tuple(test_x.shape[1:]) != (loaded.channels or 1, *(loaded.size or test_x.shape[2:])):
+        _fail(
+            f"{loaded.source} takes inputs [{loaded.channels}, {', '.join(map(str, loaded.size or ()))}], "
+            f"but the {kind} digits are {list(test_x.shape[1:])}; pass IMAGE files of its size, or the "
+            "other --dataset"
+        )
+    return test_x[:samples], f"the first {min(samples, len(test_x))} of the demo's held-out {kind} digits"
+
+
+@app.command()
+def check(
+    checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(help="PNG or JPEG images to check on (default: the demo's held-out digits).",
+                       show_default=False),
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="How many digits (or images) to use.")] = 64,
+    method: Annotated[
+        list[MethodName] | None,
+        typer.Option("--method", help="A method to check (repeat for several; default: all four).",
+                     show_default=False),
+    ] = None,
+    dataset: Annotated[
+        DatasetName | None,
+        typer.Option(help="The demo's digits to use (default: the run's, else by the model's input size).",
+                     show_default=False),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with the MNIST IDX files (default: $PEERING_DATA_DIR).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the re-initialisation and of the random control.")] = 0,
+    threshold: Annotated[
+        float, typer.Option(min=-1.0, max=1.0, help="Pass when the final rank correlation is at most this.")
+    ] = 0.5,
+    faithfulness: Annotated[
+        bool, typer.Option(help="Also measure deletion and insertion curves.")
+    ] = True,
+    baseline: Annotated[
+        BaselineName, typer.Option(help="What deleted pixels become (deletion/insertion).")
+    ] = BaselineName.zero,
+    model: ModelOption = None,
+    channels: ChannelsOption = None,
+    image_size: SizeOption = None,
+    invert: InvertOption = False,
+    output_fn: OutputFnOption = None,
+) -> None:
+    """Can you trust the maps of this model? The randomisation sanity check, and deletion/insertion.
+
+    Re-initialises the model's layers from the output down, one more at a time (on a copy), and prints,
+    per method, the rank correlation of the maps with the trained model's after each step, and whether
+    the method passes (the maps must stop resembling the trained model's). Then the deletion and
+    insertion areas of each method's maps against a random ranking.
+
+    Example: peering check runs/demo/model.ckpt --method gradient --method smoothgrad
+    """
+    import time
+
+    from peering.faithfulness import deletion_insertion
+    from peering.sanity import randomisation_check
+
+    methods = [m.value for m in (method or list(MethodName))]
+    methods = list(dict.fromkeys(methods))
+    console = _console()
+    with _bad_input():
+        loaded = _load(checkpoint, model, channels, image_size, output_fn)
+        x, source = _check_inputs(checkpoint, loaded, images, dataset, data_dir, samples, invert)
+        batch = loaded.batch(x)
+        console.print(f"Checking {loaded.source} on {source}.", markup=False, soft_wrap=True)
+        console.file.flush()
+        started = time.perf_counter()
+        try:
+            result = randomisation_check(
+                loaded.model, batch, methods=methods, seed=seed, threshold=threshold,
+                output_fn=loaded.output_fn,
+            )
+        except (ValueError, TypeError) as err:
+            _fail(f"cannot check {loaded.source}: {err}")
+        seconds = time.perf_counter() - started
+        _print_sanity(console, result, seconds)
+        if faithfulness:
+            import peering
+
+            rows = {}
+            started = time.perf_counter()
+            try:
+                for name in methods:
+                    exp = peering.explain(
+                        loaded.model, batch, result.targets, method=name, output_fn=loaded.output_fn
+                    )
+                    rows[name] = deletion_insertion(
+                        loaded.model, batch, exp, baseline=baseline.value, seed=seed,
+                        output_fn=loaded.output_fn,
+                    ).summary()
+            except (ValueError, TypeError) as err:
+                _fail(f"cannot measure deletion/insertion with {loaded.source}: {err}")
+            _print_faithfulness(console, rows, baseline.value, time.perf_counter() - started)
+
+
+def _print_sanity(console: Console, result: Any, seconds: float) -> None:
+    from rich.table import Table
+
+    console.print(
+        "\nSanity check: rank correlation of |maps| with the trained model's as layers are re-initialised "
+        "from the output down (on a copy); 'unrelated': two independently re-initialised copies",
+        markup=False,
+        soft_wrap=True,
+    )
+    table = Table(box=None, pad_edge=False)
+    table.add_column("method", no_wrap=True)
+    for i, layer in enumerate(result.layers):
+        table.add_column(layer if i == 0 else f"+{layer}", justify="right")
+    table.add_column("unrelated", justify="right")
+    table.add_column("verdict", no_wrap=True)
+    for name in result.methods:
+        cells = [f"{v:.2f}" if math.isfinite(v) else "n/a" for v in result.correlation[name].tolist()]
+        unrelated = result.unrelated[name]
+        passed = result.passed[name]
+        verdict = {True: "[green]passes[/green]", False: "[red]fails[/red]", None: "undecided"}[passed]
+        table.add_row(name, *cells, f"{unrelated:.2f}" if math.isfinite(unrelated) else "n/a", verdict)
+    console.print(table)
+    console.print(
+        f"A method passes when the last correlation is at most {result.threshold:g} ({seconds:.1f} s).",
+        markup=False,
+        soft_wrap=True,
+    )
+    for name in result.methods:
+        if result.passed[name] is not True:
+            console.print(f"  {name} {result.verdict(name)}", markup=False, soft_wrap=True)
+
+
+def _print_faithfulness(
+    console: Console, rows: dict[str, dict[str, float]], baseline: str, seconds: float
+) -> None:
+    from rich.table import Table
+
+    console.print(
+        f"\nDeletion / insertion: area under the class probability curve as the most important pixels are "
+        f"replaced by the baseline ({baseline}) / put back into it",
+        markup=False,
+        soft_wrap=True,
+    )
+    table = Table(box=None, pad_edge=False)
+    table.add_column("ranking", no_wrap=True)
+    table.add_column("deletion (lower: better)", justify="right")
+    table.add_column("insertion (higher: better)", justify="right")
+    for name, row in rows.items():
+        table.add_row(name, f"{row['deletion']:.3f}", f"{row['insertion']:.3f}")
+    first = next(iter(rows.values()))
+    table.add_row("random (control)", f"{first['random_deletion']:.3f}", f"{first['random_insertion']:.3f}")
+    console.print(table)
+    console.print(f"{seconds:.1f} s.", markup=False)
+
+
 @app.command()
 def portraits(
     checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
@@ -796,23 +1244,30 @@ def portraits(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `peering demo`, or a log folder.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A `peering demo` run folder, a log folder, or an explain-dataset --out folder."),
+    ],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Where to write (default RUN_DIR/report.html).")
     ] = None,
     max_per_epoch: Annotated[int, typer.Option(min=1, help="Training pictures shown per epoch.")] = 6,
 ) -> None:
-    """(Re)build RUN_DIR/report.html from the run's event files and PNGs.
+    """(Re)build RUN_DIR/report.html from the run's event files and PNGs, or from dataset attributions.
 
     Example: peering report runs/demo
     """
-    from peering.report import build_report
+    from peering.lightning.sinks import no_pictures_reason
+    from peering.report import build_report, find_log_dir
 
     with _bad_input():
         try:
             path = build_report(run_dir, out, max_per_epoch=max_per_epoch)
         except OSError as err:
             _fail(f"cannot write the report of {run_dir}: {err.strerror or err}")
+    log_dir = find_log_dir(run_dir)
+    if log_dir is not None and (why := no_pictures_reason(log_dir)):
+        typer.echo(why)
     typer.echo(f"wrote {path}")
 
 

@@ -8,6 +8,7 @@ scikit-learn's bundled 8x8 digits (offline) or on MNIST, and writes one run fold
         model.ckpt       the trained model (a Lightning checkpoint; `peering explain` / `morph` read it)
         morph/           film strips (PNG) and animations (GIF) of test digits morphed into other classes
         portraits.png    one class portrait per class, side by side
+        sanity/          the randomisation sanity check: its curve per method and example maps (PNG)
         run.json         what was run and measured (the report reads it)
         report.html      the static report (`peering.report.build_report`)
 
@@ -43,6 +44,7 @@ from peering._files import atomic_path, atomic_write
 __all__ = [
     "DEFAULT_EPOCHS",
     "DemoResult",
+    "load_demo_data",
     "morph_view",
     "run_demo",
     "tensorboard_command",
@@ -63,6 +65,7 @@ CHECKPOINT_FILE = "model.ckpt"
 PORTRAITS_FILE = "portraits.png"
 LOG_DIR = "logs"
 MORPH_DIR = "morph"
+SANITY_DIR = "sanity"
 
 # the order in which test digits are picked for morphing: the 5 first (a 5 made into an 8 is the classic)
 _MORPH_LABELS = (5, 3, 7, 4, 2, 9, 8, 6, 0, 1)
@@ -78,6 +81,8 @@ class DemoResult:
         test_accuracy: accuracy on the held-out digits.
         morphs: one dict per film strip (label, target, kind, success, step, distance, files).
         judges: what the two judges said about the morphs and the portraits (run.json's "judges").
+        sanity: the sanity check's numbers and verdicts (`peering.sanity.SanityResult.to_dict`) and its
+            pictures, or None when it was not run.
         seconds: wall time of the whole run.
     """
 
@@ -90,6 +95,7 @@ class DemoResult:
     morphs: list[dict[str, Any]] = field(default_factory=list)
     judges: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    sanity: dict[str, Any] | None = None
 
 
 def run_demo(
@@ -103,6 +109,7 @@ def run_demo(
     track: int = 4,
     morph_digits: int = 4,
     morph_steps: int = 100,
+    sanity_digits: int = 32,
     progress: bool = True,
     threads: int | None = 1,
     echo: Callable[[str], None] | None = None,
@@ -120,6 +127,8 @@ def run_demo(
         morph_digits: how many test digits to morph, each to (label + 1) mod 10 and to its runner-up, with
             `morph`'s defaults and the training digits as its data prior (`peering.priors.Prototypes`).
         morph_steps: the most morph steps.
+        sanity_digits: how many test digits the randomisation sanity check (`peering.sanity`) explains
+            with each of the four methods; 0 skips it.
         progress: show Lightning's progress bar while training and a bar while morphing.
         threads: torch's intra-op threads for the run (restored after); None leaves them as they are.
             One is the default because this model is small: on a machine whose cores are busy, more
@@ -135,9 +144,11 @@ def run_demo(
 
     >>> import tempfile
     >>> result = run_demo(tempfile.mkdtemp(), "doc", epochs=1, track=1, morph_digits=1, morph_steps=5,
-    ...                   progress=False)
+    ...                   sanity_digits=4, progress=False)
     >>> result.report.name, result.checkpoint.name
     ('report.html', 'model.ckpt')
+    >>> result.sanity["layers"]  # the sanity check re-initialised these, output side first
+    ['fc2', 'fc1', 'conv2', 'conv1']
     >>> sorted(p.suffix for p in (result.run_dir / "morph").iterdir())  # (label + 1) and runner-up
     ['.gif', '.gif', '.png', '.png']
     """
@@ -150,7 +161,9 @@ def run_demo(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"name must be a plain folder name (no '/'), got {name!r}")
-    for label, value in (("track", track), ("morph_digits", morph_digits), ("morph_steps", morph_steps)):
+    counts = (("track", track), ("morph_digits", morph_digits), ("morph_steps", morph_steps),
+              ("sanity_digits", sanity_digits))
+    for label, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{label} must be an int >= 0, got {value!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -169,6 +182,7 @@ def run_demo(
                 track,
                 morph_digits,
                 morph_steps,
+                sanity_digits,
                 progress,
                 say,
                 started,
@@ -187,6 +201,7 @@ def _run(
     track: int,
     morph_digits: int,
     morph_steps: int,
+    sanity_digits: int,
     progress: bool,
     say: Callable[[str], None],
     started: float,
@@ -200,7 +215,7 @@ def _run(
     from peering.lightning import ConfusedLogitCallback
     from peering.models import DigitClassifier, accuracy
 
-    train_x, train_y, test_x, test_y, described = _load_data(dataset, data_dir, seed, say)
+    train_x, train_y, test_x, test_y, described = load_demo_data(dataset, data_dir, seed, say)
     size = int(train_x.shape[-1])
     zoom = max(1, -(-64 // size))  # tiles about 64 px wide: three pictures side by side in the report
 
@@ -222,6 +237,9 @@ def _run(
         "min_logit_value": None,
         "max_pictures_per_epoch": 16,
         "track": track,
+        "atlas": True,  # the confusion matrix of every validation run, and its most frequent mistakes
+        "pairs": 3,
+        "examples_per_pair": 4,
         "zoom": zoom,
     }
     callback = ConfusedLogitCallback(**callback_settings)
@@ -271,6 +289,8 @@ def _run(
     stop.check()
     judges = _judge(model, prior, train_x, test_x, test_y, judge_rows, morph_rows, dataset, seed, morph_steps,
                     run_dir, zoom, say, stop)
+    stop.check()
+    sanity = _sanity_check(model, test_x[:sanity_digits], run_dir, seed, zoom, say)
     stop.check()  # after this, the last second of writing run.json and the report goes on to the end
 
     command = tensorboard_command(log_dir)
@@ -294,6 +314,7 @@ def _run(
         "callback": {k: v for k, v in callback_settings.items()},
         "morphs": morphs,
         "judges": judges,
+        "sanity": sanity,
     }
     if dataset == "mnist":
         summary["data_dir"] = str(Path(data_dir if data_dir is not None else _mnist_folder(None)).resolve())
@@ -313,6 +334,7 @@ def _run(
         morphs=morphs,
         judges=judges,
         seconds=seconds,
+        sanity=sanity,
     )
 
 
@@ -379,9 +401,26 @@ def _display_path(path: Path) -> str:
     return str(path)
 
 
-def _load_data(
-    dataset: str, data_dir: str | os.PathLike[str] | None, seed: int, say: Callable[[str], None]
+def load_demo_data(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
+    """The demo's split: ``(train_x, train_y, test_x, test_y, description)``, as `run_demo` makes it.
+
+    ``dataset`` is "digits" (scikit-learn's 8x8 digits, 80/20) or "mnist" (the t10k digits, 80/20, from
+    ``data_dir``, else ``$PEERING_DATA_DIR``, else downloaded with checksums, said through ``say``); the
+    split is shuffled with ``seed``. `peering check` uses it to test a demo checkpoint on the digits the
+    demo held out.
+
+    >>> train_x, train_y, test_x, test_y, described = load_demo_data("digits")
+    >>> tuple(test_x.shape), described
+    ((359, 1, 8, 8), '1,438 scikit-learn 8x8 digits')
+    """
+    if dataset not in DEFAULT_EPOCHS:
+        raise ValueError(f"dataset must be 'digits' or 'mnist', got {dataset!r}")
+    say = say or log.info
     from peering.data import available_mnist_splits, load_digits, load_mnist, train_test_split
 
     if dataset == "digits":
@@ -424,7 +463,7 @@ def training_data(run_dir: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
     dataset, seed = summary.get("dataset"), summary.get("seed")
     if dataset not in DEFAULT_EPOCHS or not isinstance(seed, int):
         raise ValueError(f"{path} does not say which data set and seed the run used")
-    train_x, train_y, _, _, _ = _load_data(dataset, summary.get("data_dir"), seed, lambda line: None)
+    train_x, train_y, _, _, _ = load_demo_data(dataset, summary.get("data_dir"), seed, lambda line: None)
     return train_x, train_y
 
 
@@ -432,7 +471,7 @@ def _clear_previous(run_dir: Path) -> None:
     """Remove what an earlier run of the same name wrote (only the demo's own files and folders)."""
     for file in (REPORT_FILE, RUN_FILE, CHECKPOINT_FILE, PORTRAITS_FILE):
         (run_dir / file).unlink(missing_ok=True)
-    for folder in (LOG_DIR, MORPH_DIR):
+    for folder in (LOG_DIR, MORPH_DIR, SANITY_DIR):
         if (run_dir / folder).is_dir():
             shutil.rmtree(run_dir / folder)
 
@@ -715,6 +754,32 @@ def _judge(
         + " of those the target"
     )
     return record
+
+
+def _sanity_check(
+    model: torch.nn.Module, digits: Tensor, run_dir: Path, seed: int, zoom: int, say: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Run the randomisation sanity check on ``digits``; write its pictures; its numbers for run.json."""
+    from peering.render import sanity_curves, sanity_maps, save_png
+    from peering.sanity import randomisation_check
+
+    if len(digits) == 0:
+        return None
+    say(
+        f"Sanity check: re-initialising the model's layers from the output down and comparing the maps "
+        f"of {len(digits)} test digits"
+    )
+    result = randomisation_check(model, digits, seed=seed)
+    folder = run_dir / SANITY_DIR
+    save_png(sanity_curves(result), folder / "curves.png")
+    maps = {}
+    for method in result.methods:
+        save_png(sanity_maps(result, method, zoom=zoom), folder / f"maps_{method}.png")
+        maps[method] = f"{SANITY_DIR}/maps_{method}.png"
+    verdicts = {True: "passes", False: "fails", None: "undecided"}
+    said = ", ".join(f"{m} {verdicts[result.passed[m]]} ({result.final(m):.2f})" for m in result.methods)
+    say(f"Sanity check: {said}; pictures in {folder}")
+    return {**result.to_dict(), "curves": f"{SANITY_DIR}/curves.png", "maps": maps}
 
 
 def morph_view(

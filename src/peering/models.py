@@ -171,7 +171,8 @@ class DigitLeNet(nn.Module):
 class DigitClassifier(pl.LightningModule):
     """A `DigitCNN` (`self.model`) trained with cross-entropy and Adam by a Lightning `Trainer`.
 
-    Batches are `(images, labels)` tuples. Logs `train_loss`; `val_loss` and `val_acc`; `test_acc`.
+    Batches are `(images, labels)` tuples. Logs `train_loss`; `val_loss` and `val_acc` (and returns the
+    validation logits); `test_acc`.
     Hyperparameters are saved, so `DigitClassifier.load_from_checkpoint(path)` rebuilds it.
 
     Args:
@@ -208,13 +209,15 @@ class DigitClassifier(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Logs ``val_loss`` and ``val_acc``; returns the loss and the logits (which callbacks such as
+        `ConfusedLogitCallback`'s confusion atlas read instead of running the model again)."""
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.log("val_loss", loss, prog_bar=True)
         self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
-        return loss
+        return {"loss": loss, "logits": logits.detach()}
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

@@ -1,4 +1,5 @@
-"""Lightning integration: `ConfusedLogitCallback` and the sinks its pictures go to.
+"""Lightning integration: `ConfusedLogitCallback` and the sinks its pictures go to; `AttributionWriter`,
+which explains a whole dataset on ``Trainer.predict``.
 
 >>> from peering.lightning import ConfusedLogitCallback
 >>> ConfusedLogitCallback(top_k=2).top_k
@@ -6,13 +7,24 @@
 """
 
 from peering.lightning.callback import ConfusedLogitCallback, default_unpack
-from peering.lightning.sinks import image_tags, read_images, read_index, read_scalars
+from peering.lightning.sinks import (
+    image_tags,
+    no_pictures_reason,
+    read_images,
+    read_index,
+    read_scalars,
+    read_summary,
+)
+from peering.lightning.writer import AttributionWriter
 
 __all__ = [
+    "AttributionWriter",
     "ConfusedLogitCallback",
     "default_unpack",
     "image_tags",
+    "no_pictures_reason",
     "read_images",
     "read_index",
     "read_scalars",
+    "read_summary",
 ]

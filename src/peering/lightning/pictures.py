@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from peering.lightning.atlas import PairExamples
 from peering.lightning.selection import Candidates
 from peering.lightning.sinks import (
     BackgroundWriter,
@@ -26,19 +28,43 @@ from peering.lightning.sinks import (
     Sink,
     encode_png,
     image_sinks,
+    write_summary,
 )
 
 __all__ = ["stack_panels"]
+
+_FAILED = object()
+
+
+class Written(NamedTuple):
+    """What `PictureOutput.write_panels` did: the PNG folder's files, the panels' boxes in the loggers'
+    picture (each None when unused), and whether at least one sink took the panels."""
+
+    files: list[str] | None
+    boxes: list[list[int]] | None
+    taken: bool
+
+
+def _took(sink: Sink, tag: str, images: list[np.ndarray], pngs: list[bytes], step: int) -> bool:
+    sink.log_images(tag, images, pngs, step)
+    return True
 
 
 class PictureOutput:
     """One run's sinks, index and writer (global rank zero only), and the failures of each sink."""
 
     def __init__(
-        self, loggers: list[Any], run_dir: str, *, drawing: Mapping[str, Any], background: bool
+        self,
+        loggers: list[Any],
+        run_dir: str,
+        *,
+        drawing: Mapping[str, Any],
+        background: bool,
+        written: Callable[[str, int], None] = lambda stage, n: None,
     ) -> None:
         self.run_dir = run_dir
         self.drawing, self.background = dict(drawing), background  # drawing: confusion_panels' options
+        self.written = written  # (stage, n): n pictures of that stage reached at least one sink
         self.failed: dict[int, str] = {}
         self._failures: list[tuple[int, str, BaseException]] = []
         self._lock = threading.Lock()
@@ -67,6 +93,52 @@ class PictureOutput:
         """Draw and write the pictures of ``chosen`` (on the writer thread); all tensors on the CPU."""
         self.submit(PictureJob(self, tags, chosen, attributions, probs, step, stage, epoch))
 
+    def atlas(self, job: AtlasJob) -> None:
+        """Draw and write the confusion atlas of one validation run (on the writer thread)."""
+        self.submit(job)
+
+    def write(self, tag: str, images: list[np.ndarray], pngs: list[bytes], step: int) -> list[str] | None:
+        """Hand the pictures of one tag to every live sink; the files written by the PNG folder, if any."""
+        for sink in list(self.sinks):
+            self.guarded(sink, functools.partial(sink.log_images, tag, images, pngs, step))
+        fallback = self.fallback
+        if fallback is None:
+            return None
+        return self.guarded(fallback, functools.partial(fallback.log_images, tag, images, pngs, step))
+
+    def write_panels(self, tag: str, panels: np.ndarray, step: int) -> Written:
+        """Hand the panels [n, H, W, 3] of one tag to every live sink: the loggers get them as ONE picture
+        (`stack_panels`, so TensorBoard shows one card per tag whose step slider walks through training),
+        the PNG folder one file each. Returns the files the PNG folder wrote and where each panel sits in
+        the loggers' picture (``[x, y, width, height]``), each None when unused, and whether at least one
+        sink took them."""
+        boxes, taken = None, False
+        sinks = list(self.sinks)
+        if sinks:
+            picture, boxes = stack_panels(panels)
+            pngs = [encode_png(picture)]
+            for sink in sinks:
+                call = functools.partial(_took, sink, tag, [picture], pngs, step)
+                taken |= bool(self.guarded(sink, call, failed=False))
+        fallback = self.fallback
+        if fallback is None:
+            return Written(None, boxes, taken)
+        images = list(panels)
+        files = self.guarded(
+            fallback,
+            functools.partial(fallback.log_images, tag, images, [encode_png(p) for p in images], step),
+            failed=_FAILED,
+        )
+        if files is _FAILED:
+            return Written(None, boxes, taken)
+        return Written(files, boxes, True)
+
+    def record(self, records: list[dict[str, Any]]) -> None:
+        """Append records to the picture index (a failure is handled like any sink's)."""
+        if self.index is not None:
+            index = self.index
+            self.guarded(IndexSink(index), lambda: index.append(records))
+
     def scalar(self, loggers: Iterable[Any], tag: str, value: float, step: int) -> None:
         for logger in loggers:
             if id(logger) in self.failed:
@@ -85,16 +157,16 @@ class PictureOutput:
             self.writer = BackgroundWriter(threaded=self.background)
         self.writer.submit(job)
 
-    def guarded(self, sink: Sink, call: Callable[[], Any]) -> Any:
-        """``call()``, or None when ``sink`` failed before or fails now (recorded, warned about later)."""
+    def guarded(self, sink: Sink, call: Callable[[], Any], failed: Any = None) -> Any:
+        """``call()``, or ``failed`` when ``sink`` failed before or fails now (recorded, warned later)."""
         key = id(sink.logger) if sink.logger is not None else id(sink)
         if key in self.failed:
-            return None
+            return failed
         try:
             return call()
         except Exception as err:
             self.record_failure(key, sink.name, err)
-            return None
+            return failed
 
     def record_failure(self, key: int, name: str, err: BaseException) -> None:
         with self._lock:
@@ -125,6 +197,18 @@ class PictureOutput:
                 f"peering: ConfusedLogitCallback could not log to {name} ({type(err).__name__}: {err}); it "
                 f"stops using it for this run{where}. Training goes on."
             )
+
+    def flush(self) -> None:
+        """Wait until every picture submitted so far is written (or failed)."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """``<run>/peering/callback.json``: the callback's settings and counters (see `read_summary`)."""
+        try:
+            write_summary(self.run_dir, summary)
+        except OSError as err:
+            rank_zero_warn(f"peering: ConfusedLogitCallback could not write its run summary ({err})")
 
     def close(self) -> None:
         """Wait for the pending pictures, then report what failed."""
@@ -175,8 +259,10 @@ class PictureJob:
             else [(tag, [i]) for i, tag in enumerate(self.tags)]
         )
         records = []
+        written = 0
         for tag, rows in groups:
-            files, boxes = self._write(tag, panels[rows])
+            files, boxes, taken = out.write_panels(tag, panels[rows], self.step)
+            written += len(rows) if taken else 0
             for j, i in enumerate(rows):
                 records.append(
                     {
@@ -197,31 +283,9 @@ class PictureJob:
                         "box": boxes[j] if boxes else None,
                     }
                 )
-        if out.index is not None:
-            index = out.index
-            out.guarded(IndexSink(index), lambda: index.append(records))
-
-    def _write(self, tag: str, panels: np.ndarray) -> tuple[list[str] | None, list[list[int]] | None]:
-        """Hand the panels [n, H, W, 3] of one tag to every live sink: the loggers get them as ONE picture
-        (`stack_panels`), the PNG folder one file each. Returns the files the PNG folder wrote and where
-        each panel sits in the loggers' picture (``[x, y, width, height]``), each None when unused."""
-        out, step = self.output, self.step
-        boxes = None
-        sinks = list(out.sinks)
-        if sinks:
-            picture, boxes = stack_panels(panels)
-            pngs = [encode_png(picture)]
-            for sink in sinks:
-                out.guarded(sink, functools.partial(sink.log_images, tag, [picture], pngs, step))
-        fallback = out.fallback
-        if fallback is None:
-            return None, boxes
-        images = list(panels)
-        files = out.guarded(
-            fallback,
-            functools.partial(fallback.log_images, tag, images, [encode_png(p) for p in images], step),
-        )
-        return files, boxes
+        if written:
+            out.written(self.stage, written)
+        out.record(records)
 
 
 STACK_ROWS = 8
@@ -254,6 +318,102 @@ def stack_panels(panels: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
         boxes.append([STACK_PAD + col * (w + STACK_PAD), STACK_PAD + r * (h + STACK_PAD), w, h])
     assert rows * (h + STACK_PAD) + STACK_PAD == picture.shape[0]
     return picture.numpy(), boxes
+
+
+class AtlasJob:
+    """Draw, encode and write one validation run's confusion atlas (runs on the writer thread): the matrix
+    under ``matrix_tag`` (one picture) and one panel per confused pair under ``pairs_tag``, with one index
+    record each (the matrix record holds the counts, so the report can show trends without the pictures).
+
+    All tensors on the CPU. ``directions`` is None when they could not be computed: the pairs are then
+    drawn without pictures of their own (only outlined in the matrix).
+    """
+
+    def __init__(
+        self,
+        output: PictureOutput,
+        *,
+        matrix_tag: str,
+        pairs_tag: str,
+        matrix: Tensor,
+        ignored: int,
+        repeated: int,
+        pairs: Tensor,
+        examples: PairExamples,
+        pair_index: Tensor,
+        probabilities: Tensor,
+        directions: Tensor | None,
+        step: int,
+        epoch: int,
+    ) -> None:
+        self.output, self.matrix_tag, self.pairs_tag = output, matrix_tag, pairs_tag
+        self.matrix, self.ignored, self.repeated, self.pairs = matrix, ignored, repeated, pairs
+        self.examples, self.pair_index, self.probabilities = examples, pair_index, probabilities
+        self.directions = directions
+        self.step, self.epoch = step, epoch
+
+    def __call__(self) -> None:
+        from peering.render import confused_pair_panels, confusion_matrix_image
+
+        out, m = self.output, self.matrix
+        samples = int(m.sum())
+        accuracy = float(m.diagonal().sum()) / samples if samples else 0.0
+        title = f"epoch {self.epoch} · step {self.step} · {samples:,} samples · accuracy {accuracy:.1%}"
+        if self.ignored:
+            title += f" · {self.ignored:,} not counted"
+        if self.repeated:
+            title += f" · {self.repeated:,} counted twice"
+        picture = confusion_matrix_image(m, highlight=self.pairs, title=title).numpy()
+        files = out.write(self.matrix_tag, [picture], [encode_png(picture)], self.step)
+        base = {"step": int(self.step), "stage": "validation", "epoch": int(self.epoch)}
+        records: list[dict[str, Any]] = [
+            {
+                "tag": self.matrix_tag,
+                **base,
+                "index": 0,
+                "matrix": m.tolist(),
+                "samples": samples,
+                "ignored": int(self.ignored),
+                "repeated": int(self.repeated),
+                "pairs": self.pairs.tolist(),
+                "width": int(picture.shape[1]),
+                "height": int(picture.shape[0]),
+                "png": files[0] if files else None,
+            }
+        ]
+        if len(self.pairs) and self.directions is not None:
+            counts = m[self.pairs[:, 0], self.pairs[:, 1]]
+            totals = m.sum(dim=1)[self.pairs[:, 0]]
+            panels = confused_pair_panels(
+                self.examples.inputs,
+                self.pair_index,
+                self.directions,
+                self.pairs,
+                counts=counts,
+                totals=totals,
+                probabilities=self.probabilities,
+                zoom=int(out.drawing.get("zoom", 4)),
+            ).numpy()
+            files, boxes, _ = out.write_panels(self.pairs_tag, panels, self.step)
+            per_pair = torch.bincount(self.pair_index, minlength=len(self.pairs)).tolist()
+            for k, (a, b) in enumerate(self.pairs.tolist()):
+                records.append(
+                    {
+                        "tag": self.pairs_tag,
+                        **base,
+                        "index": k,
+                        "true": a,
+                        "predicted": b,
+                        "count": int(counts[k]),
+                        "class_total": int(totals[k]),
+                        "examples": int(per_pair[k]),
+                        "width": int(panels.shape[2]),
+                        "height": int(panels.shape[1]),
+                        "png": files[k] if files else None,
+                        "box": boxes[k] if boxes else None,
+                    }
+                )
+        out.record(records)
 
 
 class IndexSink(Sink):

@@ -9,8 +9,9 @@ chosen samples can be kept across hooks and explained with autograd.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,76 +23,151 @@ from peering.confusion import select_confused
 
 __all__: list[str] = []
 
-Shape = tuple[torch.Size, torch.dtype]  # one sample's shape and dtype
+Layout = tuple[tuple[str, torch.Size, torch.dtype], ...]
+"""One sample's tensors: ("", shape, dtype) of the inputs, then (name, shape, dtype) of each per-sample
+forward argument, sorted by name."""
+
+
+def split_kwargs(kwargs: Mapping[str, Any], batch: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(per-sample tensors: first dimension ``batch``; everything else, passed unchanged), as
+    `peering.explain` splits its ``forward_kwargs``."""
+    per_sample: dict[str, Tensor] = {}
+    shared: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+            per_sample[name] = value
+        else:
+            shared[name] = value
+    return per_sample, shared
 
 
 @dataclass
 class Candidates:
-    """Samples chosen for pictures: inputs [n, ...], labels [n] (-1: unknown), classes [n, 2], margins [n]."""
+    """Samples chosen for pictures: inputs [n, ...], labels [n] (-1: unknown), classes [n, 2], margins
+    [n], the per-sample forward arguments ``kwargs`` (each [n, ...]) and the ``shared`` ones (unchanged)."""
 
     inputs: Tensor
     labels: Tensor
     classes: Tensor
     margins: Tensor
+    kwargs: dict[str, Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    @property
+    def layout(self) -> Layout:
+        return layout_of(self.inputs, self.kwargs)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """The model's extra arguments for these samples."""
+        return {**self.shared, **self.kwargs}
+
     def merge(self, other: Candidates | None, capacity: int) -> Candidates:
-        """The ``capacity`` smallest margins of both, ties broken by order (self first)."""
-        if other is None or len(other) == 0:
-            joined = self
-        elif len(self) == 0:
-            joined = other
-        else:
-            dev = self.inputs.device
-            joined = Candidates(
-                torch.cat([self.inputs, other.inputs.to(dev, self.inputs.dtype)]),
-                torch.cat([self.labels, other.labels.to(dev)]),
-                torch.cat([self.classes, other.classes.to(dev)]),
-                torch.cat([self.margins, other.margins.to(dev)]),
-            )
-        order = torch.sort(joined.margins, stable=True).indices[:capacity]
-        return joined.select(order)
+        """The ``capacity`` smallest margins of both, ties broken by order (self first). Both must have the
+        same `layout` (the same sample shapes)."""
+        with torch.inference_mode(False):  # in a stand-alone validate()/test(): still ordinary tensors
+            if other is None or len(other) == 0:
+                joined = self
+            elif len(self) == 0:
+                joined = other
+            else:
+                dev = self.inputs.device
+                joined = Candidates(
+                    torch.cat([self.inputs, other.inputs.to(dev, self.inputs.dtype)]),
+                    torch.cat([self.labels, other.labels.to(dev)]),
+                    torch.cat([self.classes, other.classes.to(dev)]),
+                    torch.cat([self.margins, other.margins.to(dev)]),
+                    {
+                        k: torch.cat([v, other.kwargs[k].to(v.device, v.dtype)])
+                        for k, v in self.kwargs.items()
+                    },
+                    self.shared,
+                )
+            order = torch.sort(joined.margins, stable=True).indices[:capacity]
+            return joined.select(order)
 
     def select(self, index: Tensor) -> Candidates:
-        return Candidates(self.inputs[index], self.labels[index], self.classes[index], self.margins[index])
+        """The rows ``index``, as ordinary tensors even inside ``torch.inference_mode``."""
+        with torch.inference_mode(False):
+            return Candidates(
+                self.inputs[index],
+                self.labels[index],
+                self.classes[index],
+                self.margins[index],
+                {k: v[index.to(v.device)] for k, v in self.kwargs.items()},
+                self.shared,
+            )
 
     def to(self, device: str | torch.device) -> Candidates:
         """On ``device``, as ordinary tensors (never inference tensors, which could not be kept as state)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.detach().to(device).clone() if t.is_inference() else t.detach().to(device)
+
         with torch.inference_mode(False):
             return Candidates(
-                *(
-                    t.detach().to(device).clone() if t.is_inference() else t.detach().to(device)
-                    for t in (self.inputs, self.labels, self.classes, self.margins)
-                )
+                move(self.inputs),
+                move(self.labels),
+                move(self.classes),
+                move(self.margins),
+                {k: move(v) for k, v in self.kwargs.items()},
+                self.shared,
             )
 
 
-def empty_candidates(shape: Shape | None) -> Candidates:
-    sample_shape, dtype = shape if shape is not None else (torch.Size([0]), torch.float32)
+def layout_of(inputs: Tensor, kwargs: Mapping[str, Tensor]) -> Layout:
+    """The `Layout` of a batch's inputs and per-sample forward arguments."""
+    return (("", inputs.shape[1:], inputs.dtype),) + tuple(
+        (k, kwargs[k].shape[1:], kwargs[k].dtype) for k in sorted(kwargs)
+    )
+
+
+def empty_candidates(layout: Layout | None) -> Candidates:
+    layout = layout if layout is not None else (("", torch.Size([0]), torch.float32),)
+    (_, sample_shape, dtype), *rest = layout
     return Candidates(
         torch.zeros((0, *sample_shape), dtype=dtype),
         torch.zeros(0, dtype=torch.int64),
         torch.zeros((0, 2), dtype=torch.int64),
         torch.zeros(0),
+        {name: torch.zeros((0, *shape), dtype=dt) for name, shape, dt in rest},
     )
 
 
 @dataclass
 class Stats:
-    """Samples checked and, of those, confused."""
+    """What checks saw: samples checked, of those the candidates (top logit >= ``min_logit_value``) and the
+    confused (candidates whose top two are within ``max_logit_difference``); the highest top logit of any
+    finite sample and the smallest top-two gap of any candidate (to say which threshold to loosen)."""
 
     samples: int = 0
     confused: int = 0
+    candidates: int = 0
+    top: float = -math.inf
+    gap: float = math.inf
 
-    def add(self, samples: int, confused: int) -> None:
-        self.samples += samples
-        self.confused += confused
+    def add(self, other: Stats) -> None:
+        self.samples += other.samples
+        self.confused += other.confused
+        self.candidates += other.candidates
+        self.top = max(self.top, other.top)
+        self.gap = min(self.gap, other.gap)
 
     @property
     def fraction(self) -> float:
         return self.confused / self.samples if self.samples else 0.0
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        """JSON-ready (infinities as None)."""
+        return {
+            "samples": self.samples,
+            "candidates": self.candidates,
+            "confused": self.confused,
+            "max_top_logit": self.top if math.isfinite(self.top) else None,
+            "min_gap": self.gap if math.isfinite(self.gap) else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -106,6 +182,28 @@ class Thresholds:
         """The same margin measure without thresholds (the tracked samples are chosen so)."""
         return Thresholds(math.inf, self.margin, None)
 
+    def why_none_confused(self, stats: Stats) -> str:
+        """Which threshold left no confused sample among ``stats``, and what to loosen."""
+        if stats.samples == 0:
+            return "no sample was checked"
+        if stats.candidates == 0:
+            highest = f"the highest was {stats.top:.3g}" if math.isfinite(stats.top) else "none was finite"
+            return (
+                f"none of the {stats.samples} samples checked had a top logit >= min_logit_value="
+                f"{self.min_top_value:g} ({highest}); lower min_logit_value or set it to None"
+            )
+        what = "logits" if self.margin == "logit" else "softmax probabilities"
+        passed = (
+            f"{stats.candidates} of the {stats.samples} samples checked had a top logit >= "
+            f"min_logit_value={self.min_top_value:g}, but none"
+            if self.min_top_value is not None
+            else f"none of the {stats.samples} samples checked"
+        )
+        return (
+            f"{passed} had its top two {what} within max_logit_difference={self.max_difference:g} (the "
+            f"closest were {stats.gap:.3g} apart); raise max_logit_difference"
+        )
+
 
 def choose(
     inputs: Tensor,
@@ -113,9 +211,11 @@ def choose(
     logits: Tensor,
     capacity: int,
     thresholds: Thresholds,
-) -> tuple[Candidates, tuple[int, int], int]:
-    """The ``capacity`` most confused samples of one batch under ``thresholds``, (samples, confused), and
-    how many samples were skipped for NaN/Inf inputs or logits."""
+    kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Candidates, Stats, int]:
+    """The ``capacity`` most confused samples of one batch under ``thresholds`` (with their rows of the
+    per-sample forward arguments ``kwargs``), what the check saw, and how many samples were skipped for
+    NaN/Inf inputs or logits."""
     logits = logits.float()
     bad = ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1) | ~torch.isfinite(logits).all(dim=1)
     skipped = int(bad.sum()) if bad.any() else 0
@@ -135,64 +235,104 @@ def choose(
             if labels is not None
             else torch.full((len(idx),), -1, dtype=torch.int64)
         )
+        per_sample, shared = split_kwargs(kwargs or {}, inputs.shape[0])
         chosen = Candidates(
             inputs.detach()[idx].clone(),
             chosen_labels.to(inputs.device),
             sel.classes.clone().to(inputs.device),
             sel.margins.clone().to(inputs.device),
+            {k: v.detach()[idx.to(v.device)].clone() for k, v in per_sample.items()},
+            shared,
         )
-    return chosen, (inputs.shape[0], sel.num_confused), skipped
+    return chosen, _stats(logits, sel.num_confused, sel.num_candidates, thresholds), skipped
+
+
+def _stats(logits: Tensor, confused: int, candidates: int, thresholds: Thresholds) -> Stats:
+    """`Stats` of one batch: counts from the selection, plus the highest top logit and the smallest gap."""
+    stats = Stats(logits.shape[0], confused, candidates)
+    finite = torch.isfinite(logits).all(dim=1)
+    if logits.shape[0] == 0 or logits.shape[1] < 2 or not bool(finite.any()):
+        return stats
+    top = logits[finite].topk(2, dim=1)
+    scores = top.values if thresholds.margin == "logit" else logits[finite].softmax(1).gather(1, top.indices)
+    gaps = scores[:, 0] - scores[:, 1]
+    if thresholds.min_top_value is not None:
+        gaps = gaps[top.values[:, 0] >= thresholds.min_top_value]
+    stats.top = float(top.values[:, 0].max())
+    stats.gap = float(gaps.min()) if gaps.numel() else math.inf
+    return stats
 
 
 def gather(
     trainer: pl.Trainer,
     local: Candidates | None,
     capacity: int,
-    stats: tuple[int, int],
-    shape: Shape | None,
-) -> tuple[Candidates, tuple[int, int]]:
-    """The ``capacity`` most confused candidates of all ranks, and the summed (samples, confused).
+    stats: Stats,
+    layout: Layout | None,
+) -> tuple[Candidates, Stats]:
+    """The ``capacity`` most confused candidates of all ranks, and the `Stats` of all ranks together.
 
-    Under DDP this is two ``all_gather`` calls (a header, then the candidates padded to ``capacity``),
-    made by every rank at the same hooks and steps: ``capacity`` and the decision to gather depend only
-    on counters that are identical on all ranks. The result is identical on all ranks too.
+    Under DDP this is two ``all_gather`` calls (a header, then the candidates padded to ``capacity``, one
+    row each: inputs and per-sample forward arguments flattened, margin, classes, label), made by every
+    rank at the same hooks and steps: ``capacity`` and the decision to gather depend only on counters that
+    are identical on all ranks. The result is identical on all ranks too (the ``shared`` forward arguments
+    are each rank's own).
     """
-    samples, confused = stats
     if trainer.world_size <= 1:
-        chosen = empty_candidates(shape) if local is None else local.merge(None, capacity)
-        return chosen, (samples, confused)
+        chosen = empty_candidates(layout) if local is None else local.merge(None, capacity)
+        return chosen, stats
 
     device = trainer.strategy.root_device
-    # 1) what each rank has: its flattened sample size (0 = no inputs seen), float64 or not, its counts
-    width = int(np.prod(shape[0])) if shape is not None else 0
-    wide = shape is not None and shape[1] == torch.float64
-    header = torch.tensor([width, int(wide), samples, confused], dtype=torch.float64, device=device)
-    headers = trainer.strategy.all_gather(header).reshape(-1, 4)
+    # 1) what each rank has: its flattened sample size (0 = no inputs seen), float64 or not, its stats
+    sizes = [int(np.prod(shape)) for _, shape, _ in layout] if layout is not None else []
+    width = sum(sizes)
+    # float32 holds integers exactly only up to 2**24 (token ids): integer tensors travel as float64
+    wide = layout is not None and any(
+        dt == torch.float64 or not (dt.is_floating_point or dt.is_complex) for _, _, dt in layout
+    )
+    header = torch.tensor(
+        [width, int(wide), stats.samples, stats.confused, stats.candidates, stats.top, stats.gap],
+        dtype=torch.float64,
+        device=device,
+    )
+    headers = trainer.strategy.all_gather(header).reshape(-1, 7)
     widths = headers[:, 0].long()
-    samples, confused = int(headers[:, 2].sum()), int(headers[:, 3].sum())
+    total = Stats(
+        int(headers[:, 2].sum()),
+        int(headers[:, 3].sum()),
+        int(headers[:, 4].sum()),
+        float(headers[:, 5].max()),
+        float(headers[:, 6].min()),
+    )
     width = int(widths.max())
     if width == 0 or capacity == 0:
-        return empty_candidates(shape), (samples, confused)
+        return empty_candidates(layout), total
     if bool(((widths != width) & (widths != 0)).any()):
         rank_zero_warn("peering: the ranks' inputs differ in size, so they cannot be compared; no pictures")
-        return empty_candidates(shape), (samples, confused)
+        return empty_candidates(layout), total
     dtype = torch.float64 if bool(headers[:, 1].any()) else torch.float32
-    # 2) the candidates, one row each: inputs, margin, class a, class b, label, valid
+    if layout is None:  # this rank saw no inputs: it takes the rows as flat inputs
+        layout, sizes = (("", torch.Size([width]), dtype),), [width]
+    # 2) the candidates, one row each: inputs and per-sample arguments, margin, class a, class b, label, valid
     buf = torch.zeros(capacity, width + 5, dtype=dtype, device=device)
     if local is not None and len(local):
         n = min(len(local), capacity)
-        buf[:n, :width] = local.inputs[:n].reshape(n, width).to(device, dtype)
+        parts = [local.inputs[:n]] + [local.kwargs[name][:n] for name, _, _ in layout[1:]]
+        buf[:n, :width] = torch.cat([p.reshape(n, -1).to(device, dtype) for p in parts], dim=1)
         buf[:n, width] = local.margins[:n].to(device, dtype)
         buf[:n, width + 1 : width + 3] = local.classes[:n].to(device, dtype)
         buf[:n, width + 3] = local.labels[:n].to(device, dtype)
         buf[:n, width + 4] = 1
     rows = trainer.strategy.all_gather(buf).reshape(-1, width + 5)
     rows = rows[rows[:, width + 4] > 0.5]
-    sample_shape, in_dtype = shape if shape is not None else (torch.Size([width]), dtype)
+    columns = rows[:, :width].split(sizes, dim=1)
+    tensors = [c.reshape(-1, *shape).to(dt) for c, (_, shape, dt) in zip(columns, layout, strict=True)]
     merged = Candidates(
-        rows[:, :width].reshape(-1, *sample_shape).to(in_dtype),
+        tensors[0],
         rows[:, width + 3].round().long(),
         rows[:, width + 1 : width + 3].round().long(),
         rows[:, width].float(),
+        {name: t for (name, _, _), t in zip(layout[1:], tensors[1:], strict=True)},
+        local.shared if local is not None else {},
     )
-    return merged.merge(None, capacity), (samples, confused)
+    return merged.merge(None, capacity), total

@@ -15,8 +15,13 @@ Tags
 - ``peering/val/confused``: validation pictures: the ``top_k`` most confused samples of the checked
   validation batches, written once per validation run.
 - ``peering/val/confused_fraction``: validation scalar, likewise over the checked validation batches.
+- ``peering/test/confused`` and ``peering/test/confused_fraction``: the same for ``trainer.test()``.
 - ``peering/tracked/<i>``: with ``track=N``, sample ``i`` (0 = the most confused of the first validation
   run) re-explained at the end of every validation run: one picture per step.
+- ``peering/confusion_matrix``: the confusion atlas (``atlas=True``, the default): the confusion matrix of
+  each validation run, all validation samples of all ranks, one picture at the run's ``global_step``.
+- ``peering/confused_pairs``: the run's most frequent mistakes (true a, predicted b), one picture each
+  (most frequent first): its examples and the mean gradient of log p(b) - log p(a) over them.
 
 TensorBoard
 -----------
@@ -36,6 +41,8 @@ Under the run directory ``<run>`` (``trainer.log_dir``: the logger's version fol
     <run>/peering/confused/step_<n>_<i>.png          training picture i (0 = most confused) at step n
     <run>/peering/val/confused/step_<n>_<i>.png      validation
     <run>/peering/tracked/<k>/step_<n>_0.png         tracked sample k at step n
+    <run>/peering/confusion_matrix/step_<n>_0.png    the confusion matrix of the validation run at step n
+    <run>/peering/confused_pairs/step_<n>_<i>.png    its i-th most frequent mistake
     <run>/peering/scalars.csv                        "step,tag,value" rows for the two fraction scalars
 
 i.e. ``<run>/<tag>/step_<n>_<i>.png`` for every tag. Files are written atomically (temp file, then
@@ -50,14 +57,40 @@ Index (always, whatever the sinks)
 loggers) and ``box`` (``[x, y, width, height]`` of the panel in the loggers' picture of that step and tag,
 or null when no logger took it): the report cuts the samples back out with it.
 
+Experiment trackers
+-------------------
+W&B (`WandbLogger`): one ``log_image`` per write, all its pictures in one history row (x-axis
+``trainer/global_step``). MLflow (`MLFlowLogger`): one image per picture under ``key=tag`` at ``step``.
+Comet (`CometLogger`): one image per picture named ``<tag>/step_<n>_<i>`` at ``step``. Neptune: the
+series ``<tag>`` (``<tag>/<i>`` when one write holds several pictures). Scalars go through each logger's
+``log_metrics``. All four are tested offline with the real libraries, reading back what they stored
+(tests/test_trackers.py).
+
+The confusion atlas's records have ``tag``, ``step``, ``index``, ``stage`` ("validation"), ``epoch``,
+``width``, ``height`` and ``png`` too, and instead of the sample fields: for ``peering/confusion_matrix``
+``matrix`` (the counts, a list of C rows: true class by predicted class), ``samples`` (counted),
+``ignored`` (not counted: no label, or non-finite scores) and ``pairs`` (the [true, predicted] pairs
+drawn); for ``peering/confused_pairs`` ``true``, ``predicted``, ``count``, ``class_total`` (the samples
+of the true class) and ``examples`` (how many are drawn).
+
+Run summary (always, whatever the sinks)
+----------------------------------------
+``<run>/peering/callback.json``, written by global rank zero when a ``fit``/``validate``/``test`` ends:
+``settings`` (the callback's thresholds and options) and, per stage (``train``, ``validation``,
+``test``), ``watched``, ``checks``, ``samples`` checked, ``candidates`` (top logit >= ``min_logit_value``),
+``confused``, ``max_top_logit``, ``min_gap`` (the closest top two of any candidate), ``chosen``,
+``pictures`` (written) and ``why_no_pictures`` (a sentence, or null when there are pictures).
+
 Reading back
 ------------
-`read_images` (PNG bytes per step), `read_scalars`, `read_index` and `image_tags` read a run directory,
-from TensorBoard event files when they hold the tag and from the PNG folder otherwise.
+`read_images` (PNG bytes per step), `read_scalars`, `read_index`, `read_summary` and `image_tags` read a
+run directory, from TensorBoard event files when they hold the tag and from the PNG folder otherwise. A
+run without pictures gives empty results; `no_pictures_reason` says why it has none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -66,6 +99,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -88,13 +122,17 @@ __all__ = [
     "encode_png",
     "image_sinks",
     "image_tags",
+    "no_pictures_reason",
     "read_images",
     "read_index",
     "read_scalars",
+    "read_summary",
+    "write_summary",
 ]
 
 INDEX_FILE = "peering/index.jsonl"
 SCALARS_FILE = "peering/scalars.csv"
+SUMMARY_FILE = "peering/callback.json"
 _PNG_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
 
 
@@ -241,15 +279,17 @@ class WandbSink(Sink):
 class MLflowSink(Sink):
     """Pictures through `MLFlowLogger`: ``experiment.log_image(run_id, image, key=..., step=...)``.
 
-    MLflow < 2.12 (no ``key``/``step``) gets artifact files ``<tag>/step_<n>_<i>.png`` instead.
+    The samples of one write get increasing timestamps, so their order can be read back (MLflow names
+    each image file ``<key>+step+<n>+timestamp+<ms>+<uuid>.png``, ``/`` in the key as ``~``). MLflow
+    < 2.12 (no ``key``/``step``) gets artifact files ``<tag>/step_<n>_<i>.png`` instead.
 
     >>> import numpy as np
     >>> class Client:
-    ...     def log_image(self, run_id, image, key=None, step=None): print(run_id, key, step, image.shape)
+    ...     def log_image(self, run_id, image, key=None, step=None, timestamp=None): print(run_id, key, step)
     >>> class FakeMlflow:
     ...     experiment, run_id = Client(), "r1"
     >>> MLflowSink(FakeMlflow()).log_images("peering/confused", [np.zeros((2, 3, 3), np.uint8)], [b""], 4)
-    r1 peering/confused 4 (2, 3, 3)
+    r1 peering/confused 4
     """
 
     name = "MLflow"
@@ -259,9 +299,10 @@ class MLflowSink(Sink):
 
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         client, run_id = self.logger.experiment, self.logger.run_id
+        now = int(time.time() * 1000)
         for i, image in enumerate(images):
             try:
-                client.log_image(run_id, image, key=tag, step=int(step))
+                client.log_image(run_id, image, key=tag, step=int(step), timestamp=now + i)
             except TypeError:  # MLflow before 2.12: artifact files only
                 client.log_image(run_id, image, artifact_file=f"{tag}/step_{int(step)}_{i}.png")
 
@@ -269,13 +310,16 @@ class MLflowSink(Sink):
 class CometSink(Sink):
     """Pictures through `CometLogger`: ``experiment.log_image(image, name=..., step=...)``.
 
+    Each picture goes as a PIL image: comet_ml stretches a numpy array's values to 0-255 (a low-contrast
+    picture comes out altered) and fails on a constant one; a PIL image is stored as it is.
+
     >>> import numpy as np
     >>> class Experiment:
-    ...     def log_image(self, image, name=None, step=None): print(name, step)
+    ...     def log_image(self, image, name=None, step=None): print(name, step, image.size)
     >>> class FakeComet:
     ...     experiment = Experiment()
     >>> CometSink(FakeComet()).log_images("peering/confused", [np.zeros((2, 2, 3), np.uint8)], [b""], 9)
-    peering/confused/step_9_0 9
+    peering/confused/step_9_0 9 (2, 2)
     """
 
     name = "Comet"
@@ -286,25 +330,35 @@ class CometSink(Sink):
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         experiment = self.logger.experiment
         for i, image in enumerate(images):
-            experiment.log_image(image, name=f"{tag}/step_{int(step)}_{i}", step=int(step))
+            picture = Image.fromarray(np.ascontiguousarray(image))
+            experiment.log_image(picture, name=f"{tag}/step_{int(step)}_{i}", step=int(step))
 
 
 class NeptuneSink(Sink):
-    """Pictures through a Neptune logger (``neptune.integrations.pytorch_lightning.NeptuneLogger``):
-    ``experiment[tag].append(File.as_image(picture), step=...)``. Needs the ``neptune`` package.
+    """Pictures through a Neptune logger: ``experiment[tag].append(File.as_image(picture), step=...)``.
+    A Neptune series needs strictly increasing steps, so when one write holds several pictures each goes to
+    its own series ``<tag>/<i>`` (the callback writes one picture per check and tag). Needs the ``neptune``
+    package. Lightning 2.6 has no working Neptune logger (its ``NeptuneLogger`` only raises), so this
+    serves earlier Lightning versions' logger, or any logger whose ``experiment`` is a ``neptune`` run.
 
     >>> import numpy as np, sys, types
+    >>> from unittest import mock
     >>> fake = types.ModuleType("neptune.types")
     >>> fake.File = types.SimpleNamespace(as_image=lambda image: image.size)
-    >>> sys.modules.setdefault("neptune.types", fake) is not None
-    True
     >>> class Series:
-    ...     def append(self, value, step=None): print(value, step)
+    ...     def __init__(self, name): self.name = name
+    ...     def append(self, value, step=None): print(self.name, value, step)
+    >>> class Run(dict):
+    ...     def __missing__(self, key): return Series(key)
     >>> class FakeNeptune:
-    ...     experiment = {"peering/confused": Series()}
-    >>> NeptuneSink(FakeNeptune()).log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)], [b""], 1)
-    (5, 2) 1
-    >>> del sys.modules["neptune.types"]
+    ...     experiment = Run()
+    >>> with mock.patch.dict(sys.modules, {"neptune.types": fake}):
+    ...     sink = NeptuneSink(FakeNeptune())
+    ...     sink.log_images("peering/confused", [np.zeros((2, 5, 3), np.uint8)], [b""], 1)
+    ...     sink.log_images("peering/odd", [np.zeros((2, 5, 3), np.uint8)] * 2, [b"", b""], 1)
+    peering/confused (5, 2) 1
+    peering/odd/0 (5, 2) 1
+    peering/odd/1 (5, 2) 1
     """
 
     name = "Neptune"
@@ -315,9 +369,11 @@ class NeptuneSink(Sink):
     def log_images(self, tag: str, images: Sequence[np.ndarray], pngs: Sequence[bytes], step: int) -> None:
         from neptune.types import File
 
-        series = self.logger.experiment[tag]
-        for image in images:
-            series.append(File.as_image(Image.fromarray(image)), step=int(step))
+        run = self.logger.experiment
+        for i, image in enumerate(images):
+            picture = Image.fromarray(np.ascontiguousarray(image))
+            series = tag if len(images) == 1 else f"{tag}/{i}"
+            run[series].append(File.as_image(picture), step=int(step))
 
 
 class PNGFolderSink(Sink):
@@ -521,7 +577,8 @@ def image_tags(logdir: str | os.PathLike[str]) -> list[str]:
     tags: set[str] = set()
     if _event_files(root):
         acc = _accumulator(root)
-        tags.update(acc.PluginTagToContent("images"))
+        with contextlib.suppress(KeyError):  # a run without pictures has no image plugin at all
+            tags.update(acc.PluginTagToContent("images"))
     peering = root / "peering"
     if peering.is_dir():
         for png in peering.rglob("step_*_*.png"):
@@ -604,3 +661,65 @@ def read_index(logdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(logdir: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    """Write the callback's run summary to ``<logdir>/peering/callback.json`` (atomically); its path.
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> write_summary(root, {"settings": {"top_k": 4}}).name
+    'callback.json'
+    """
+    data = json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")
+    return atomic_write(Path(logdir) / SUMMARY_FILE, functools.partial(_write_bytes, data=data))
+
+
+def read_summary(logdir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The callback's run summary of ``<logdir>/peering/callback.json`` (see the module docstring), or
+    ``{}`` when there is none (or it cannot be read).
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> read_summary(root)
+    {}
+    >>> _ = write_summary(root, {"settings": {"top_k": 4}})
+    >>> read_summary(root)["settings"]
+    {'top_k': 4}
+    """
+    path = Path(logdir) / SUMMARY_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def no_pictures_reason(logdir: str | os.PathLike[str]) -> str | None:
+    """None when the run in ``logdir`` has pictures of confused samples (training, validation, test or
+    tracked; the confusion atlas's do not count); otherwise one sentence saying that it has none and why
+    (from the callback's run summary, when it wrote one).
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> print(no_pictures_reason(root))  # doctest: +NORMALIZE_WHITESPACE
+    No confused-sample pictures: there is no peering/callback.json either (was ConfusedLogitCallback in
+    the run?).
+    >>> stage = {"watched": True, "pictures": 0, "why_no_pictures": "no batch was checked"}
+    >>> _ = write_summary(root, {"stages": {"train": stage}})
+    >>> no_pictures_reason(root)
+    'No confused-sample pictures: train: no batch was checked.'
+    """
+    samples = ("peering/confused", "peering/val/confused", "peering/test/confused")
+    if any(tag in samples or tag.startswith("peering/tracked/") for tag in image_tags(logdir)):
+        return None
+    stages = read_summary(logdir).get("stages")
+    if not isinstance(stages, dict):
+        return (
+            f"No confused-sample pictures: there is no {SUMMARY_FILE} either (was ConfusedLogitCallback in "
+            "the run?)."
+        )
+    watched = {s: i for s, i in stages.items() if isinstance(i, dict) and i.get("watched")}
+    ran = {s: i for s, i in watched.items() if i.get("checks")} or watched  # stages of other runs: noise
+    reasons = [f"{stage}: {info.get('why_no_pictures') or 'none written'}" for stage, info in ran.items()]
+    return "No confused-sample pictures: " + ("; ".join(reasons) or "no stage was watched") + "."

@@ -6,12 +6,18 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.features`: tabular inputs as bar charts (drawn by the two above), `input_kind`;
 - `peering.render.tokens`: text: `token_scores`, `token_image`, `token_html`;
 - `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped), `portrait_row`;
+- `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
+- `peering.render.confusion`: the confusion atlas: `confusion_matrix_image`, `confused_pair_panels`;
+- `peering.render.features`: tabular inputs (flat feature vectors);
+- `peering.render.tokens`: text (per-token scores);
 - `peering.render.layout`: `grid`, `save_png`;
+- `peering.render.sanity`: `sanity_curves`, `sanity_maps` (the randomisation sanity check);
 - `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
 
 Everything here is a handful of vectorised array operations (NumPy, single-threaded) plus Pillow text
-drawing: no matplotlib figure is ever created. matplotlib is imported once, lazily, to build a cached
-256-entry colour lookup table (and to find the DejaVu Sans font it ships).
+drawing: no matplotlib figure is created on the way to any picture a training run makes. matplotlib is
+imported once, lazily, to build a cached 256-entry colour lookup table (and to find the DejaVu Sans font
+it ships); only `sanity_curves`, a line chart drawn once per run, makes a figure.
 
 Conventions:
 
@@ -33,14 +39,20 @@ and re-exported below.
 """
 
 from peering.render._draw import Display
+from peering.render.confusion import confused_pair_panels, confusion_matrix_image
+from peering.render.datasets import class_mean_maps
 from peering.render.features import input_kind
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, portrait_row, save_gif
+from peering.render.sanity import sanity_curves, sanity_maps
 from peering.render.tokens import token_html, token_image, token_scores
 
 __all__ = [
     "Display",
+    "class_mean_maps",
+    "confused_pair_panels",
+    "confusion_matrix_image",
     "confusion_panels",
     "diverging",
     "explanation_image",
@@ -49,6 +61,8 @@ __all__ = [
     "input_kind",
     "portrait_row",
     "save_gif",
+    "sanity_curves",
+    "sanity_maps",
     "save_png",
     "to_rgb",
     "token_html",

@@ -139,12 +139,13 @@ def bar_tiles(
     zero = label_w + half
 
     tiles = np.full((n, k, height, width, 3), _BACKGROUND, dtype=np.uint8)
-    # the bars: row r covers y in [r * line + 3, (r + 1) * line - 3), x between zero and zero + length
+    # the bars: row r covers y in [r * line + 3, (r + 1) * line - 3), |length| pixels beside the zero line
     safe = np.maximum(np.nan_to_num(scale.reshape(n, 1, 1), nan=0.0), np.finfo(np.float32).tiny)
     length = np.rint(np.clip(top / safe, -1.0, 1.0) * half).astype(np.intp)  # [N, K, rows]
     xs = np.arange(width)
-    lo = np.minimum(zero, zero + length)[..., None]
-    hi = np.maximum(zero, zero + length)[..., None]
+    # a positive bar starts right of the zero line, a negative one ends left of it: the line stays visible
+    lo = np.where(length >= 0, zero + 1, zero + length)[..., None]
+    hi = np.where(length >= 0, zero + 1 + length, zero)[..., None]
     covered = (xs >= lo) & (xs < hi)  # [N, K, rows, W]
     colour = np.where(top >= 0, _POSITIVE, _NEGATIVE)  # [N, K, rows]
     bars = np.where(covered[..., None], _lut_np()[colour][..., None, :], np.uint8(_BACKGROUND))

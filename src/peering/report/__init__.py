@@ -7,8 +7,13 @@ there, and writes ``<run_dir>/report.html`` with these sections:
 - ``#summary``: what was run, the accuracy and the fraction of confused samples per epoch (a table and a
   small inline SVG chart);
 - ``#confused``: per epoch, the pictures of the most confused training and validation samples;
+- ``#atlas``: the confusion atlas: the confusion matrix of every validation run (radio buttons step
+  through the epochs, with CSS only), and the last run's most frequent mistakes, each with its count per
+  epoch (a small SVG chart), its examples and its direction map (left out when the run has no atlas);
 - ``#tracked``: the tracked samples' time-lapse, one row per sample, one picture per epoch;
 - ``#morph``: the morph film strips, each with its animation.
+- ``#sanity``: the randomisation sanity check (`peering.sanity`): per method, its rank correlation curve as
+  layers are re-initialised, its verdict, and example maps.
 
 Every picture and animation is embedded as a ``data:`` URI and the page carries a Content-Security-Policy
 that allows nothing else, so the one file opens anywhere (mailed on its own, too), with no server and no

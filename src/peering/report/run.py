@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Picture", "RunData", "find_log_dir", "read_run"]
+__all__ = ["DatasetRun", "Picture", "RunData", "find_log_dir", "read_run"]
 
 TAG_TRAIN = "peering/confused"
 TAG_VAL = "peering/val/confused"
 TAG_TRACKED = "peering/tracked/"
 TAG_TRAIN_FRACTION = "peering/confused_fraction"
 TAG_VAL_FRACTION = "peering/val/confused_fraction"
+TAG_MATRIX = "peering/confusion_matrix"
+TAG_PAIRS = "peering/confused_pairs"
 
 
 @dataclass
@@ -37,13 +39,35 @@ class Picture:
 
 
 @dataclass
+class DatasetRun:
+    """An `AttributionWriter` folder as the report shows it (see `read_run`).
+
+    ``attributions`` is what `peering.load_attributions` read (an unfinished run's samples so far);
+    ``source`` the ``dataset.json`` that ``peering explain-dataset`` wrote (empty without one);
+    ``class_means`` [C, ...] and ``class_counts`` [C]: per class c, the mean attribution toward c over the
+    samples whose first explained class is c (their number); ``inputs`` loads the inputs of given dataset
+    indices, or is None, with ``no_inputs`` saying why.
+    """
+
+    attributions: Any  # peering.store.DatasetAttributions (imported lazily)
+    source: dict[str, Any]
+    class_means: Any  # Tensor
+    class_counts: Any  # Tensor
+    inputs: Callable[[Any], Any] | None
+    no_inputs: str = ""
+
+
+@dataclass
 class RunData:
     """Everything a report shows, read once from the run folder (see `read_run`).
 
     ``root`` is the run folder, ``summary`` its ``run.json`` (empty without one), ``log_dir`` the folder
     of its logs (None without logs); ``scalars`` maps a tag to its (step, value) pairs; ``train``, ``val``
     and ``tracked`` (sample index -> pictures over time) hold the callback's pictures, ``records`` its
-    picture index; ``morphs`` the film strips listed in ``run.json`` or found in ``morph/``.
+    picture index; ``matrices`` and ``pairs`` the confusion atlas's pictures (one matrix per validation
+    run, whose record holds the counts; one picture per confused pair); ``morphs`` the film strips listed
+    in ``run.json`` or found in ``morph/``; ``no_pictures`` why the run has no pictures
+    (`peering.lightning.sinks.no_pictures_reason`; None when it has some or has no logs).
     """
 
     root: Path
@@ -53,13 +77,23 @@ class RunData:
     train: list[Picture] = field(default_factory=list)
     val: list[Picture] = field(default_factory=list)
     tracked: dict[int, list[Picture]] = field(default_factory=dict)
+    matrices: list[Picture] = field(default_factory=list)
+    pairs: list[Picture] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     morphs: list[dict[str, Any]] = field(default_factory=list)
+    dataset: DatasetRun | None = None
+    no_pictures: str | None = None
 
     @property
     def empty(self) -> bool:
-        """True when the folder holds no run at all: no logs, no ``run.json``, no film strips."""
-        return self.log_dir is None and not self.summary and not self.morphs
+        """True when the folder holds no run at all: no logs, no ``run.json``, no film strips, no dataset
+        attributions."""
+        return self.log_dir is None and not self.summary and not self.morphs and self.dataset is None
+
+    @property
+    def dataset_only(self) -> bool:
+        """True for a folder of dataset attributions and nothing else (no training run to show)."""
+        return self.dataset is not None and self.log_dir is None and not self.summary and not self.morphs
 
 
 def find_log_dir(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -98,7 +132,82 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunData:
     data = _collect(root, log_dir) if log_dir is not None else RunData(root)
     data.summary = summary
     data.morphs = _morph_entries(root, summary)
+    data.dataset = _read_dataset(root)
     return data
+
+
+def _read_dataset(root: Path) -> DatasetRun | None:
+    """The folder's dataset attributions (``manifest.json`` of an `AttributionWriter`), or None.
+
+    Raises `peering.store.ShardError` (naming the file) when a shard is missing or corrupt.
+    """
+    from peering.store import MANIFEST, load_attributions
+
+    if not (root / MANIFEST).is_file():
+        return None
+    run = load_attributions(root, allow_incomplete=True)
+    source: dict[str, Any] = {}
+    try:
+        loaded = json.loads((root / "dataset.json").read_text())
+        source = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        pass
+    means, counts = _class_means(run)
+    inputs, why = _input_loader(source)
+    return DatasetRun(run, source, means, counts, inputs, why)
+
+
+def _class_means(run: Any) -> tuple[Any, Any]:
+    """Per class c: the mean attribution toward c over the valid samples whose first explained class is
+    c, read once in blocks of 256 samples (float64 sums), and their number."""
+    import torch
+
+    classes = run.logits.shape[1] if run.logits.ndim == 2 and len(run) else 0
+    shape = tuple(run.attributions.shape[2:])
+    sums = torch.zeros((classes, *shape), dtype=torch.float64)
+    first = run.targets[:, 0] if len(run) else torch.zeros(0, dtype=torch.int64)
+    keep = run.valid & (first >= 0)
+    for start, block in run.attributions.batches(256):
+        rows = keep[start : start + len(block)]
+        sums.index_add_(0, first[start : start + len(block)][rows], block[rows, 0].to(torch.float64))
+    counts = torch.bincount(first[keep], minlength=classes)
+    means = sums / counts.clamp_min(1).reshape(-1, *([1] * len(shape)))
+    return means.float(), counts
+
+
+def _input_loader(source: dict[str, Any]) -> tuple[Callable[[Any], Any] | None, str]:
+    """A function from dataset indices to the inputs ``peering explain-dataset`` explained, or None and
+    why not (the folder was written from Python, or the data are no longer where they were)."""
+    kind = source.get("data")
+    if kind is None:
+        return None, "the inputs are not recorded (no dataset.json: written from Python, not the CLI)"
+    try:
+        if kind == "digits":
+            from peering.data import load_digits
+
+            images = load_digits()[0]
+            return (lambda idx: images[idx]), ""
+        if kind == "mnist":
+            from peering.data import load_mnist
+
+            images = load_mnist(source["root"], "train" if source.get("split") == "train" else "test")[0]
+            return (lambda idx: images[idx]), ""
+        if kind == "folder":
+            from peering.cli import read_image
+
+            root, files = Path(source["root"]), list(source["files"])
+            channels, size, invert = source.get("channels"), tuple(source["size"]), bool(source.get("invert"))
+
+            def load(idx: Any) -> Any:
+                import torch
+
+                pictures = [read_image(root / files[int(i)], channels, size, invert=invert)[0] for i in idx]
+                return torch.stack(pictures)
+
+            return load, ""
+    except Exception as err:  # the data moved or changed: show the attributions without the inputs
+        return None, f"the inputs could not be read again ({type(err).__name__}: {err})"
+    return None, f"unknown data {kind!r} in dataset.json"
 
 
 def _read_summary(root: Path) -> dict[str, Any]:
@@ -135,9 +244,15 @@ def _latest_mtime(path: Path) -> float:
 
 
 def _collect(root: Path, log_dir: Path) -> RunData:
-    from peering.lightning.sinks import image_tags, read_images, read_index, read_scalars
+    from peering.lightning.sinks import (
+        image_tags,
+        no_pictures_reason,
+        read_images,
+        read_index,
+        read_scalars,
+    )
 
-    data = RunData(root, log_dir=log_dir)
+    data = RunData(root, log_dir=log_dir, no_pictures=no_pictures_reason(log_dir))
     for tag in ("val_acc", "val_loss", "epoch", TAG_TRAIN_FRACTION, TAG_VAL_FRACTION):
         data.scalars[tag] = read_scalars(log_dir, tag)
     records = read_index(log_dir)
@@ -178,6 +293,10 @@ def _collect(root: Path, log_dir: Path) -> RunData:
         data.train = pictures(TAG_TRAIN)
     if TAG_VAL in tags:
         data.val = pictures(TAG_VAL)
+    if TAG_MATRIX in tags:
+        data.matrices = pictures(TAG_MATRIX)
+    if TAG_PAIRS in tags:
+        data.pairs = pictures(TAG_PAIRS)
     for tag in tags:
         rest = tag[len(TAG_TRACKED) :]
         if tag.startswith(TAG_TRACKED) and rest.isdigit():

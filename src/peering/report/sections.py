@@ -37,6 +37,7 @@ class Options:
     """The report's options, as `build_report` was given them (every builder sees them)."""
 
     max_per_epoch: int = 6
+    dataset_samples: int = 8  # most and least confident samples shown of a dataset run
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,9 @@ def _chart(rows: dict[int, dict[str, float]]) -> dict[str, Any] | None:
     }
 
 
-def _summary(run: RunData, options: Options) -> dict[str, Any]:
+def _summary(run: RunData, options: Options) -> dict[str, Any] | None:
+    if run.dataset_only:  # a folder of dataset attributions has no training run to show
+        return None
     summary, rows = run.summary, _per_epoch(run)
     facts: list[tuple[str, str]] = []
     if summary.get("described"):
@@ -189,7 +192,9 @@ def _describe(p: Picture) -> str:
     return f"step {p.step}"
 
 
-def _confused(run: RunData, options: Options) -> dict[str, Any]:
+def _confused(run: RunData, options: Options) -> dict[str, Any] | None:
+    if run.dataset_only:  # a folder of dataset attributions has no training run to show
+        return None
     by_epoch: dict[int | None, dict[str, list[Picture]]] = defaultdict(lambda: {"train": [], "val": []})
     for p in run.train:
         by_epoch[p.epoch]["train"].append(p)
@@ -213,13 +218,130 @@ def _confused(run: RunData, options: Options) -> dict[str, Any]:
             ]
             groups.append({"heading": label + note, "figures": figures})
         epochs.append({"heading": f"Epoch {epoch}" if epoch is not None else "Epoch ?", "groups": groups})
-    return {"epochs": epochs}
+    return {"epochs": epochs, "no_pictures": run.no_pictures}
+
+
+# -------------------------------------------------------------------------------------------------- atlas
+
+
+def _matrix_of(p: Picture) -> list[list[int]] | None:
+    """The counts of a matrix picture's index record, or None when the record is missing or malformed."""
+    m = p.record.get("matrix")
+    if not isinstance(m, list) or not m or not all(isinstance(row, list) and len(row) == len(m) for row in m):
+        return None
+    return m
+
+
+def _when(p: Picture) -> str:
+    return f"epoch {p.epoch}" if p.epoch is not None else f"step {p.step}"
+
+
+def _trend_chart(points: list[tuple[str, int, int]]) -> dict[str, Any] | None:
+    """The geometry of a small line chart of one mistake's count per validation run (labels: the epoch
+    numbers, or the runs' labels when they are not epochs)."""
+    if len(points) < 2:
+        return None
+    width, height, left, right, top, bottom = 330, 96, 50, 24, 10, 22
+    peak = max(1, max(count for _, count, _ in points))
+    span = len(points) - 1
+
+    def x(i: int) -> float:
+        return left + i / span * (width - left - right)
+
+    def y(count: int) -> float:
+        return top + (1.0 - count / peak) * (height - top - bottom)
+
+    xy = [(x(i), y(count)) for i, (_, count, _) in enumerate(points)]
+    every = max(1, math.ceil(len(points) / 8))
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "right_x": width - right,
+        "ticks": [(str(v), y(v)) for v in sorted({0, peak})],
+        "labels": [(label.removeprefix("epoch "), x(i)) for i, (label, _, _) in enumerate(points)][::every],
+        "axis": "epoch" if all(label.startswith("epoch ") for label, _, _ in points) else "",
+        "points": xy,
+        "path": " ".join(f"{px:.1f},{py:.1f}" for px, py in xy),
+    }
+
+
+def _atlas(run: RunData, options: Options) -> dict[str, Any] | None:
+    """The confusion matrix of every validation run (a radio-button stepper), and the last run's most
+    frequent mistakes: each one's count across the runs, its examples and its direction."""
+    if not run.matrices:
+        return None
+    matrices = sorted(run.matrices, key=lambda p: (p.step, p.index))
+    frames = []
+    history: list[tuple[str, list[list[int]]]] = []  # (when, counts) of the runs with counts
+    for i, p in enumerate(matrices):
+        when, m = _when(p), _matrix_of(p)
+        caption = f"{when} (step {p.step})"
+        if m is not None:
+            history.append((when, m))
+            total = sum(map(sum, m))
+            right = sum(m[k][k] for k in range(len(m)))
+            caption += f": {total:,} samples, accuracy {_fmt(right / total if total else None, '{:.1%}')}"
+            caption += f", {total - right:,} mistakes"
+            ignored = p.record.get("ignored")
+            if isinstance(ignored, int) and ignored:
+                caption += f" ({ignored:,} samples without a label or with non-finite scores not counted)"
+        alt = f"confusion matrix, {when}"
+        frames.append({"id": f"atlas-{i}", "label": when, "picture": p, "alt": alt, "caption": caption})
+
+    last = matrices[-1]
+    top = [tuple(pair) for pair in last.record.get("pairs", []) if isinstance(pair, list) and len(pair) == 2]
+    if not top:  # no index record: the pairs drawn at the last step, in their order
+        top = [
+            (int(p.record["true"]), int(p.record["predicted"]))
+            for p in sorted(run.pairs, key=lambda p: p.index)
+            if p.step == last.step and {"true", "predicted"} <= p.record.keys()
+        ]
+    pairs = []
+    for a, b in top:
+        drawn = sorted(
+            (p for p in run.pairs if p.record.get("true") == a and p.record.get("predicted") == b),
+            key=lambda p: p.step,
+        )
+        latest = drawn[-1] if drawn else None
+        points = [
+            (when, int(m[a][b]), int(sum(m[a])))
+            for when, m in history
+            if a < len(m) and b < len(m)
+        ]
+        trend = " → ".join(
+            f"{when}: {count:,}" + (f" ({count / total:.1%})" if total else "")
+            for when, count, total in points
+        )
+        picture = None
+        if latest is not None:
+            r = latest.record
+            caption = f"{_when(latest)}: {r.get('examples', '?')} examples closest to the {a}/{b} boundary, "
+            caption += f"and the mean gradient of log p({b}) - log p({a}) over them"
+            alt = f"true {a} predicted {b}, {_when(latest)}"
+            picture = {"picture": latest, "alt": alt, "caption": caption}
+        earlier = [
+            {"picture": p, "alt": f"true {a} predicted {b}, {_when(p)}", "caption": _when(p)}
+            for p in drawn[:-1]
+        ]
+        pairs.append(
+            {
+                "heading": f"true {a}, predicted {b}",
+                "figure": picture,
+                "chart": _trend_chart(points),
+                "trend": trend,
+                "earlier": earlier,
+            }
+        )
+    return {"frames": frames, "pairs": pairs, "last": _when(last)}
 
 
 # ------------------------------------------------------------------------------------------------ tracked
 
 
-def _tracked(run: RunData, options: Options) -> dict[str, Any]:
+def _tracked(run: RunData, options: Options) -> dict[str, Any] | None:
+    if run.dataset_only:  # a folder of dataset attributions has no training run to show
+        return None
     samples = []
     for i in sorted(run.tracked):
         pictures = run.tracked[i]
@@ -269,7 +391,9 @@ def _morph_caption(m: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _morph(run: RunData, options: Options) -> dict[str, Any]:
+def _morph(run: RunData, options: Options) -> dict[str, Any] | None:
+    if run.dataset_only:  # a folder of dataset attributions has no training run to show
+        return None
     strips: list[dict[str, Any]] = []
     for m in run.morphs:
         try:
@@ -334,14 +458,190 @@ def _judges(run: RunData, options: Options) -> dict[str, Any] | None:
     }
 
 
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    """A picture drawn for the report (PNG bytes), shaped like a logged `Picture` for the templates."""
+
+    png: bytes
+
+
+def _png(image: Any) -> _Drawn:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return _Drawn(buf.getvalue())
+
+
+def _target_text(config: dict[str, Any]) -> str:
+    target = config.get("target")
+    if target == "label":
+        return "each sample's label"
+    if isinstance(target, int):
+        return f"class {target}"
+    return f"the model's top {config.get('top_k', '?')} classes"
+
+
+def _dataset_facts(d: Any) -> list[tuple[str, str]]:
+    a, source, config = d.attributions, d.source, d.attributions.config
+    facts = [("Samples", f"{len(a):,}" + ("" if a.complete else " (an unfinished run: the samples so far)"))]
+    what = {"digits": "scikit-learn's 8x8 digits", "mnist": "MNIST t10k digits"}.get(str(source.get("data")))
+    if source.get("data") == "folder":
+        what = f"images from {source.get('root')}"
+    if what:
+        facts.append(("Data", what))
+    facts.append(("Explained", f"{a.method} of the {a.output} of {_target_text(config)}"))
+    if config.get("layer"):
+        facts.append(("Layer", str(config["layer"])))
+    model = config.get("model", {})
+    if model:
+        facts.append(("Model", f"{model.get('class', '?')} (weights CRC-32 {model.get('crc32', '?')})"))
+    if source.get("checkpoint"):
+        facts.append(("Checkpoint", str(source["checkpoint"])))
+    labelled = a.valid & (a.labels >= 0)
+    if bool(labelled.any()):
+        right = (a.logits[labelled].argmax(1) == a.labels[labelled]).float().mean()
+        facts.append(("Accuracy", f"{float(right):.2%} of {int(labelled.sum()):,} labelled samples"))
+    skipped = int((~a.valid).sum())
+    if skipped:
+        facts.append(("Skipped", f"{skipped:,} samples with NaN/Inf inputs or logits"))
+    return facts
+
+
+def _sample_rows(d: Any, positions: Any) -> list[dict[str, str]]:
+    a = d.attributions
+    probs = a.probabilities[positions]
+    rows = []
+    for pos, p in zip(positions.tolist(), probs, strict=True):
+        label = int(a.labels[pos])
+        top = int(p.argmax())
+        rows.append(
+            {
+                "index": f"{int(a.indices[pos]):,}",
+                "label": str(label) if label >= 0 else "?",
+                "predicted": str(top),
+                "confidence": f"{float(p[top]):.1%}",
+                "explained": ", ".join(str(int(t)) for t in a.targets[pos] if int(t) >= 0),
+            }
+        )
+    return rows
+
+
+def _sample_picture(d: Any, positions: Any) -> tuple[_Drawn | None, str]:
+    """One row per sample (input and its maps, `explanation_image`), or None and why not."""
+    from types import SimpleNamespace
+
+    from peering.render import explanation_image
+
+    a = d.attributions
+    if d.inputs is None:
+        return None, d.no_inputs
+    try:
+        inputs = d.inputs(a.indices[positions])
+    except Exception as err:  # a file moved since the run
+        return None, f"the inputs could not be read again ({type(err).__name__}: {err})"
+    if tuple(inputs.shape[1:]) != tuple(a.attributions.shape[2:]):
+        return None, "the attributions are of a layer, not of the inputs: no input pictures"
+    exp: Any = SimpleNamespace(  # explanation_image takes any object with these three attributes
+        attributions=a.attributions[positions],
+        targets=a.targets[positions],
+        probabilities=a.probabilities[positions],
+    )
+    zoom = max(1, -(-64 // max(inputs.shape[-1], 1)))
+    return _png(explanation_image(exp, inputs, zoom=zoom, max_samples=None)), ""
+
+
+def _dataset(run: RunData, options: Options) -> dict[str, Any] | None:
+    d = run.dataset
+    if d is None:
+        return None
+    import torch
+
+    from peering.render import class_mean_maps
+
+    a = d.attributions
+    valid = a.valid.nonzero().flatten()
+    confidence = a.probabilities[valid].max(dim=1).values
+    order = valid[torch.sort(confidence, descending=True, stable=True).indices]
+    k = min(options.dataset_samples, len(order))
+    groups = []
+    for heading, positions in (
+        ("Most confident", order[:k]),
+        ("Least confident", order.flip(0)[:k]),
+    ):
+        picture, why = _sample_picture(d, positions) if k else (None, "no samples")
+        rows = _sample_rows(d, positions)
+        groups.append({"heading": heading, "picture": picture, "why": why, "rows": rows})
+    means = None
+    if int(d.class_counts.sum()):
+        zoom = max(1, -(-64 // max(int(d.class_means.shape[-1]), 1)))
+        means = _png(class_mean_maps(d.class_means, d.class_counts, zoom=zoom))
+    return {"facts": _dataset_facts(d), "groups": groups, "means": means}
+
+
+# ------------------------------------------------------------------------------------------------- sanity
+
+_VERDICTS = {True: "passes", False: "fails", None: "undecided"}
+
+
+def _file(root: Path, path: Any) -> dict[str, Any]:
+    """A picture of the run by its path in run.json: ``{"png": bytes, "missing": None}``, or ``missing``."""
+    try:
+        return {"png": (root / str(path)).read_bytes(), "missing": None}
+    except (OSError, TypeError):
+        return {"png": b"", "missing": str(path)}
+
+
+def _sanity(run: RunData, options: Options) -> dict[str, Any] | None:
+    """The randomisation sanity check that `peering demo` ran (``run.json``'s ``sanity``), if any."""
+    sanity = run.summary.get("sanity")
+    if not isinstance(sanity, dict) or not isinstance(sanity.get("methods"), dict) or not sanity["methods"]:
+        return None
+    layers = [str(name) for name in sanity.get("layers", [])]
+    rows = []
+    for method, numbers in sanity["methods"].items():
+        passed = numbers.get("passed")
+        rows.append(
+            {
+                "method": method,
+                "cells": [_fmt(v, "{:.2f}") for v in numbers.get("correlation", [])],
+                "unrelated": _fmt(numbers.get("unrelated"), "{:.2f}"),
+                "verdict": _VERDICTS.get(passed, "undecided"),
+                "passed": passed,
+                "sentence": str(numbers.get("verdict", "")),
+            }
+        )
+    maps = [
+        {"method": method, **_file(run.root, path)}
+        for method, path in (sanity.get("maps") or {}).items()
+    ]
+    threshold = sanity.get("threshold")
+    return {
+        "steps": [name if i == 0 else f"+{name}" for i, name in enumerate(layers)],
+        "rows": rows,
+        "passing": [r["method"] for r in rows if r["passed"] is True],
+        "failing": [r["method"] for r in rows if r["passed"] is not True],
+        "samples": sanity.get("samples", "?"),
+        "threshold": _fmt(threshold, "{:g}") if isinstance(threshold, (int, float)) else "?",
+        "curves": _file(run.root, sanity["curves"]) if sanity.get("curves") else None,
+        "maps": maps,
+    }
+
+
 # --------------------------------------------------------------------------------------------- the order
 
 _ALL: tuple[Section, ...] = (
     Section("summary", "Run summary", "Summary", _summary),
     Section("confused", "Confused samples per epoch", "Confused samples", _confused),
+    Section("atlas", "Confusion atlas per epoch", "Confusion atlas", _atlas),
     Section("tracked", "Tracked samples over time", "Tracked samples", _tracked),
     Section("morph", "Morphing digits", "Morphing", _morph),
     Section("judges", "Do other models believe the morphs?", "Judges", _judges),
+    Section("dataset", "Dataset attributions", "Dataset", _dataset),
+    Section("sanity", "Sanity check", "Sanity check", _sanity),
 )
 
 SECTIONS: tuple[str, ...] = tuple(s.id for s in _ALL)

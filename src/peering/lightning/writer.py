@@ -1,0 +1,593 @@
+"""`AttributionWriter`: explain a whole dataset on Lightning's predict loop, on every device, into shards.
+
+``Trainer.predict`` runs the data through the model on every rank, with Lightning's
+``UnrepeatedDistributedSampler`` (no padded duplicates) and the dataset index of every sample in each batch.
+This `BasePredictionWriter` explains each batch with `peering.explain` where it is, on its rank, and writes
+the results as shards of that rank (see `peering.store` for the format); `peering.load_attributions` reads
+them back in dataset order. Nothing is gathered across ranks but one count at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from peering._guard import OUTPUTS
+from peering.explain import Explanation, explain
+from peering.lightning.callback import default_unpack
+from peering.lightning.sinks import BackgroundWriter
+from peering.methods import AttributionMethod, make_method
+from peering.store import (
+    SHARDS,
+    ShardError,
+    config_hash,
+    open_shard,
+    read_manifest,
+    shard_path,
+    tensor_crc32,
+    write_manifest,
+    write_shard,
+)
+
+__all__ = ["AttributionWriter"]
+
+log = logging.getLogger(__name__)
+
+_SHARD_BYTES = 128 << 20  # a shard is closed at samples_per_shard samples or about this many bytes
+_INFERENCE_HINT = (
+    "a tensor the model computes with is an inference tensor, which autograd cannot differentiate through: "
+    "its weights were created or loaded inside torch.inference_mode(), or it cached a tensor during "
+    "predict_step. Create or load the model outside inference mode, or run Trainer(inference_mode=False)"
+)
+
+
+@dataclass
+class _Loader:
+    """The writer's state for one predict dataloader on this rank."""
+
+    length: int | None
+    done: Tensor | None = None  # bool [length]: samples already in shards of an earlier run
+    seen: int = 0  # samples of this run's batches (explained now or before)
+    explained: int = 0
+    parts: list[dict[str, Tensor]] = field(default_factory=list)
+    buffered: int = 0
+    buffered_bytes: int = 0
+
+
+class AttributionWriter(BasePredictionWriter):
+    """Explain every sample ``Trainer.predict`` sees, on every rank, into shards on disk.
+
+    Args:
+        out_dir: the output folder (created). A rerun with the same arguments resumes: samples already
+            in its shards are not explained again.
+        top_k: explain the model's own top ``top_k`` classes of each sample (when ``target`` is None).
+        method: "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", or an
+            `peering.AttributionMethod`.
+        output: what is differentiated: "probability", "log_probability" or "logit".
+        chunk_size: samples per forward pass inside `peering.explain`.
+        unpack: ``batch -> (inputs, labels or None)`` for batches `default_unpack` does not understand.
+        layer: attribute to this submodule's output instead of the input (`peering.explain`'s ``layer``):
+            the module, or its name in the LightningModule (``"model.conv1"``; a name also survives
+            ``ddp_spawn``'s copies of the model).
+        target: None (the top ``top_k``), ``"label"`` (each sample's label from the batch), or a class.
+        output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
+        samples_per_shard: a rank closes a shard after this many samples (or about 128 MiB), whole
+            batches only. Smaller shards lose less work to an interruption; larger ones mean fewer files.
+        nonfinite: "raise" (default) stops on a NaN/Inf input; "skip" stores such samples with
+            ``valid`` False and NaN attributions.
+        **method_options: options of the method, e.g. ``n_samples=8`` for SmoothGrad.
+
+    What "the same arguments" means: ``out_dir/manifest.json`` records the method and its options,
+    ``output``, ``top_k`` or ``target``, ``layer``, ``output_fn``'s name, ``nonfinite``, a CRC-32 of the
+    model's weights and buffers, and the length of each predict dataset. A rerun whose record differs is
+    refused with the differences named; ``chunk_size``, ``samples_per_shard``, the batch size and the
+    number of devices may change (they change the numbers only in the last bits). SmoothGrad draws its
+    noise per batch from ``seed``, so its numbers also depend on how samples are batched.
+
+    The LightningModule needs only ``forward``; what its ``predict_step`` returns is not used (a
+    ``predict_step`` that returns None saves a forward pass). Works with ``Trainer(inference_mode=True)``
+    (the default): the batch is copied out of inference mode before it is differentiated. Every rank
+    writes its own shards (``<out_dir>/shards/dl<d>-r<rank>-<first index>.safetensors``), in the
+    background while the next batch is explained; global rank zero writes the manifest. Batches need the
+    dataset index of each sample, which Lightning tracks for map-style datasets in a ``DataLoader``.
+
+    >>> import tempfile, torch, lightning.pytorch as pl, peering
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from peering.models import DigitClassifier
+    >>> from peering.lightning import AttributionWriter
+    >>> class Explained(DigitClassifier):
+    ...     def predict_step(self, batch, batch_idx):
+    ...         return None  # the writer does the work
+    >>> out = tempfile.mkdtemp()
+    >>> data = DataLoader(TensorDataset(torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))), batch_size=8)
+    >>> trainer = pl.Trainer(callbacks=[AttributionWriter(out, top_k=2)], logger=False,
+    ...                      enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.predict(Explained(image_size=8), data, return_predictions=False)
+    >>> run = peering.load_attributions(out)
+    >>> run.attributions.shape, run.indices.tolist() == list(range(20))
+    (torch.Size([20, 2, 1, 8, 8]), True)
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        top_k: int = 2,
+        method: str | AttributionMethod = "gradient",
+        output: Literal["probability", "log_probability", "logit"] = "probability",
+        chunk_size: int = 64,
+        unpack: Callable[[Any], tuple[Tensor, Tensor | None]] | None = None,
+        layer: nn.Module | str | None = None,
+        target: Literal["label"] | int | None = None,
+        *,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        samples_per_shard: int = 1024,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        **method_options: Any,
+    ) -> None:
+        super().__init__("batch")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if layer is not None and not isinstance(layer, (str, nn.Module)):
+            raise TypeError(f"layer must be a submodule of the model or its name, got {type(layer).__name__}")
+        if unpack is not None and not callable(unpack):
+            raise TypeError(f"unpack must be a callable batch -> (inputs, labels) or None, got {unpack!r}")
+        if not (
+            target is None
+            or target == "label"
+            or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)
+        ):
+            raise ValueError(f"target must be None, 'label' or a class index >= 0, got {target!r}")
+        if (
+            isinstance(samples_per_shard, bool)
+            or not isinstance(samples_per_shard, int)
+            or samples_per_shard < 1
+        ):
+            raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self._method_instance = make_method(method, dict(method_options))  # bad names fail now, not mid-run
+        self.out_dir = Path(out_dir)
+        self.top_k = top_k
+        self.method = method
+        self.output = output
+        self.chunk_size = chunk_size
+        self.unpack = unpack
+        self.layer = layer
+        self.target = target
+        self.output_fn = output_fn
+        self.samples_per_shard = samples_per_shard
+        self.nonfinite = nonfinite
+        self.method_options = dict(method_options)
+        # per run
+        self._layer: nn.Module | None = None
+        self._loaders: dict[int, _Loader] = {}
+        self._config_hash = ""
+        self._writer: BackgroundWriter | None = None
+        self._rank = 0
+        self._world_size = 1
+
+    # ---------------------------------------------------------------------------------------- Lightning
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        self._layer = _resolve_layer(pl_module, self.layer)
+        loaders = _predict_loaders(trainer)
+        lengths = {d: _length(loader) for d, loader in enumerate(loaders)}
+        config = self._config(pl_module, lengths)
+        self._config_hash = config_hash(config)
+        manifest = read_manifest(self.out_dir)
+        if manifest is not None and manifest.get("config_hash") != self._config_hash:
+            changed = _differences(manifest.get("config", {}), config)
+            raise ValueError(
+                f"{self.out_dir} holds a run with other arguments ({changed}); use another out_dir, or "
+                "delete it to start over"
+            )
+        self._loaders = {d: _Loader(length) for d, length in lengths.items()}
+        for d, state in self._loaders.items():
+            state.done = self._finished(d, state.length)
+        if trainer.is_global_zero:
+            keep = {k: v for k, v in (manifest or {}).items() if k not in ("format", "version", "complete")}
+            keep.update(config=config, config_hash=self._config_hash)
+            write_manifest(self.out_dir, keep)
+        self._writer = BackgroundWriter(max_pending=2)
+
+    @override
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        self._raise_write_errors()
+        unpacked = (self.unpack or default_unpack)(batch)
+        inputs, labels = unpacked[0], unpacked[1]
+        if len(unpacked) > 2 and unpacked[2]:
+            raise TypeError(
+                f"AttributionWriter: the batch has forward arguments ({', '.join(unpacked[2])}), which the "
+                "writer does not pass to the model yet; for a model that needs none, pass "
+                "unpack=lambda batch: (inputs, labels)"
+            )
+        if not isinstance(inputs, Tensor):
+            raise TypeError(
+                f"AttributionWriter: the batch's inputs are a {type(inputs).__name__}, not a tensor; pass "
+                "unpack=lambda batch: (inputs, labels)"
+            )
+        n = inputs.shape[0]
+        if batch_indices is None or len(batch_indices) != n:
+            raise RuntimeError(
+                "AttributionWriter needs the dataset index of every sample, which Lightning tracks only for "
+                "map-style datasets in a torch DataLoader (it got "
+                f"{'none' if not batch_indices else len(batch_indices)} for a batch of {n})"
+            )
+        state = self._loaders.setdefault(dataloader_idx, _Loader(None))
+        indices = torch.as_tensor(list(batch_indices), dtype=torch.int64)
+        if (
+            not isinstance(labels, Tensor)
+            or labels.ndim != 1
+            or labels.shape[0] != n
+            or labels.is_floating_point()
+        ):
+            labels = None
+        state.seen += n
+        if state.done is not None:
+            if state.length is not None and n and int(indices.max()) >= state.length:
+                raise RuntimeError(
+                    f"dataset index {int(indices.max())} is beyond the dataset's {state.length}"
+                )
+            todo = ~state.done[indices]
+            if not bool(todo.any()):
+                return
+            if not bool(todo.all()):
+                keep = todo.nonzero().flatten()
+                indices = indices[keep]
+                inputs = inputs[keep.to(inputs.device)]
+                labels = labels[keep.to(labels.device)] if labels is not None else None
+        exp = self._explain(pl_module, inputs, labels)
+        self._add(state, dataloader_idx, indices, exp, labels)
+
+    @override
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_all()
+        self._close_writer()
+        self._raise_write_errors()
+        loaders = sorted(self._loaders)
+        seen = torch.tensor(
+            [self._loaders[d].seen for d in loaders], dtype=torch.int64, device=trainer.strategy.root_device
+        )
+        totals = trainer.strategy.reduce(seen, reduce_op="sum")  # every rank's shards are on disk after this
+        if not trainer.is_global_zero:
+            return
+        manifest = read_manifest(self.out_dir) or {}
+        complete = {}
+        for d, total in zip(loaders, totals.tolist(), strict=True):
+            complete[str(d)] = self._completion(d, int(total))
+        manifest = {k: v for k, v in manifest.items() if k not in ("format", "version")}
+        manifest["complete"] = complete
+        write_manifest(self.out_dir, manifest)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Write what is buffered (whole batches), so that a rerun resumes after them."""
+        try:
+            self._flush_all()
+        finally:
+            self._close_writer()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_writer()
+
+    # ------------------------------------------------------------------------------------------ private
+
+    def _config(self, pl_module: nn.Module, lengths: Mapping[int, int | None]) -> dict[str, Any]:
+        method = self._method_instance
+        config: dict[str, Any] = {
+            "method": method.name,
+            "method_options": _jsonable(
+                self.method_options if isinstance(self.method, str) else vars(method)
+            ),
+            "output": self.output,
+            "target": "top_k" if self.target is None else self.target,
+            "top_k": self.top_k if self.target is None else None,
+            "layer": None if self._layer is None else _layer_name(pl_module, self._layer),
+            "output_fn": None
+            if self.output_fn is None
+            else getattr(self.output_fn, "__qualname__", "callable"),
+            "nonfinite": self.nonfinite,
+            "model": {"class": _model_class(pl_module), "crc32": _fingerprint(pl_module)},
+            "datasets": {str(d): length for d, length in lengths.items()},
+        }
+        return config
+
+    def _finished(self, dataloader: int, length: int | None) -> Tensor | None:
+        """Which samples earlier runs already wrote (bool [length]), or None when there are none."""
+        files = sorted((self.out_dir / SHARDS).glob(f"dl{dataloader}-r*-*.safetensors"))
+        if not files:
+            return None
+        done = torch.zeros(length or 0, dtype=torch.bool)
+        for file in files:
+            shard = open_shard(file, self._config_hash)
+            if len(shard.indices):
+                top = int(shard.indices.max())
+                if top >= len(done):
+                    if length is not None:
+                        raise ShardError(
+                            f"shard {file} holds dataset index {top}, beyond the {length} samples"
+                        )
+                    done = torch.cat([done, done.new_zeros(top + 1 - len(done))])
+                done[shard.indices] = True
+        return done
+
+    def _completion(self, dataloader: int, total: int) -> dict[str, Any]:
+        """The manifest's record of a finished dataloader: its shards, checked to hold ``total`` samples."""
+        files = sorted((self.out_dir / SHARDS).glob(f"dl{dataloader}-r*-*.safetensors"))
+        shards = [open_shard(f, self._config_hash) for f in files]
+        found = sum(len(s.indices) for s in shards)
+        if found != total:
+            raise ShardError(
+                f"the ranks explained {total} samples of dataloader {dataloader} but global rank zero finds "
+                f"{found} in {self.out_dir / SHARDS}: do all nodes write to one shared folder? (e.g. "
+                f"{files[0] if files else 'no shard'})"
+            )
+        if shards:
+            indices = torch.cat([s.indices for s in shards])
+            if len(torch.unique(indices)) != len(indices):
+                raise ShardError(
+                    f"some samples of dataloader {dataloader} were explained by two ranks (shards in "
+                    f"{self.out_dir / SHARDS}): keep Lightning's distributed sampler "
+                    "(Trainer(use_distributed_sampler=True)) so that each rank sees its own part"
+                )
+        return {"samples": total, "shards": [f.name for f in files]}
+
+    def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, labels: Tensor | None) -> Explanation:
+        target: int | Tensor | None = None
+        if self.target == "label":
+            if labels is None:
+                raise ValueError(
+                    "AttributionWriter(target='label') needs labels: the batch has none that "
+                    "default_unpack finds; pass unpack=lambda batch: (inputs, labels)"
+                )
+            with torch.inference_mode(False):  # predict batches are inference tensors: copy them out
+                target = labels.detach().clone().to(torch.int64)
+        elif isinstance(self.target, int):
+            target = self.target
+        options: dict[str, Any] = dict(self.method_options)
+        if self._layer is not None:
+            options["layer"] = self._layer
+        try:
+            return explain(
+                pl_module,
+                _as_model_dtype(pl_module, inputs),
+                target,
+                top_k=self.top_k,
+                method=self.method,
+                output=self.output,
+                output_fn=self.output_fn,
+                chunk_size=self.chunk_size,
+                nonfinite=self.nonfinite,
+                **options,
+            )
+        except RuntimeError as err:
+            if "Inference tensors cannot be saved for backward" in str(err):
+                raise RuntimeError(f"AttributionWriter cannot explain this model: {_INFERENCE_HINT}") from err
+            raise
+
+    def _add(
+        self, state: _Loader, dataloader: int, indices: Tensor, exp: Explanation, labels: Tensor | None
+    ) -> None:
+        n = len(indices)
+        if labels is None:
+            labels = torch.full((n,), -1, dtype=torch.int64)
+        part = {
+            "indices": indices,
+            "attributions": exp.attributions,
+            "targets": exp.targets,
+            "logits": exp.logits,
+            "labels": labels.detach(),
+            "valid": exp.valid,
+        }
+        # From a CUDA device the copies to the host are queued, not waited for (no synchronisation per
+        # batch): the writer thread waits for them (a CUDA event) before writing. Elsewhere they are plain.
+        part = {k: v.detach().to("cpu", non_blocking=v.is_cuda) for k, v in part.items()}
+        state.parts.append(part)
+        state.buffered += n
+        state.buffered_bytes += sum(t.numel() * t.element_size() for t in part.values())
+        state.explained += n
+        if state.buffered >= self.samples_per_shard or state.buffered_bytes >= _SHARD_BYTES:
+            self._flush(state, dataloader)
+
+    def _flush(self, state: _Loader, dataloader: int) -> None:
+        if not state.parts:
+            return
+        parts, state.parts, state.buffered, state.buffered_bytes = state.parts, [], 0, 0
+        first = min(int(p["indices"].min()) for p in parts if len(p["indices"]))
+        path = shard_path(self.out_dir, dataloader, self._rank, first)
+        event = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            event = torch.cuda.Event()
+            event.record()
+        metadata = {
+            "config_hash": self._config_hash,
+            "rank": str(self._rank),
+            "world_size": str(self._world_size),
+            "dataloader": str(dataloader),
+        }
+        if self._writer is None:
+            self._writer = BackgroundWriter(max_pending=2)
+        self._writer.submit(functools.partial(_write_parts, path, parts, metadata, event))
+
+    def _flush_all(self) -> None:
+        for d, state in self._loaders.items():
+            self._flush(state, d)
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close(timeout=None)
+
+    def _raise_write_errors(self) -> None:
+        if self._writer is None:
+            return
+        errors = self._writer.pop_errors()
+        if errors:
+            raise RuntimeError(
+                f"AttributionWriter could not write a shard to {self.out_dir}: {errors[0]}"
+            ) from errors[0]
+
+
+class _ExplainedModule(pl.LightningModule):
+    """A plain classifier as the LightningModule ``Trainer.predict`` runs, its ``predict_step`` leaving the
+    work to the writer (``flatten``: the model takes flat vectors, the data images)."""
+
+    def __init__(self, model: nn.Module, flatten: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.flatten = flatten
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(x.flatten(1) if self.flatten else x)
+
+    def setup(self, stage: str) -> None:
+        import multiprocessing
+        import warnings
+
+        if multiprocessing.parent_process() is not None:  # a process ddp_spawn started: quiet like its parent
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> tuple[()]:
+        return ()  # nothing to return (None would make Lightning warn once per process)
+
+
+def _write_parts(path: Path, parts: list[dict[str, Tensor]], metadata: dict[str, str], event: Any) -> None:
+    """Concatenate a shard's batches and write it (on the writer thread)."""
+    if event is not None:
+        event.synchronize()  # the non-blocking copies to the host are done
+    tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    write_shard(path, tensors, metadata)
+
+
+def _predict_loaders(trainer: pl.Trainer) -> list[Any]:
+    loaders = trainer.predict_dataloaders
+    if loaders is None:
+        return []
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    return [loaders]
+
+
+def _length(loader: Any) -> int | None:
+    dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def _as_model_dtype(pl_module: nn.Module, inputs: Tensor) -> Tensor:
+    """Float inputs in the module's floating dtype (e.g. under ``precision="bf16-true"``)."""
+    dtype = getattr(pl_module, "dtype", None)
+    if (
+        isinstance(dtype, torch.dtype)
+        and dtype.is_floating_point
+        and inputs.is_floating_point()
+        and inputs.dtype != dtype
+    ):
+        return inputs.to(dtype)
+    return inputs
+
+
+def _fingerprint(module: nn.Module) -> str:
+    """CRC-32 of the module's parameters and buffers (names, shapes, dtypes and bytes), as hex."""
+    lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"AttributionWriter: the model has uninitialized lazy parameters ({lazy[:3]}); run one forward "
+            "pass (outside torch.inference_mode()) before Trainer.predict so that its weights exist"
+        )
+    crc = 0
+    for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+        if not isinstance(tensor, Tensor):
+            continue
+        crc = zlib.crc32(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode(), crc)
+        crc = tensor_crc32(tensor, crc)
+    return f"{crc:08x}"
+
+
+def _model_class(pl_module: nn.Module) -> str:
+    """The model's class name (the wrapped model's, for the CLI's wrapper)."""
+    inner = pl_module.model if isinstance(pl_module, _ExplainedModule) else pl_module
+    return type(inner).__qualname__
+
+
+def _resolve_layer(module: nn.Module, layer: nn.Module | str | None) -> nn.Module | None:
+    """The layer as a submodule of ``module``, or a clear error."""
+    if layer is None:
+        return None
+    if isinstance(layer, str):
+        try:
+            return module.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in module.named_modules() if n][:8]
+            raise ValueError(
+                f"AttributionWriter: the model has no submodule {layer!r} (it has {names}, ...)"
+            ) from None
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a submodule of the model or its name, got {type(layer).__name__}")
+    if not any(sub is layer for sub in module.modules()):
+        raise ValueError(
+            "AttributionWriter: layer is not a submodule of the model Trainer.predict runs (under ddp_spawn "
+            "each process has its own copy of the model: pass the layer's name, e.g. layer='model.conv1')"
+        )
+    return layer
+
+
+def _layer_name(module: nn.Module, layer: nn.Module) -> str:
+    return next(name for name, sub in module.named_modules() if sub is layer)
+
+
+def _jsonable(value: Any) -> Any:
+    """Method options as JSON: numbers, strings and lists as they are; tensors by shape, dtype and CRC."""
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Tensor):
+        crc = tensor_crc32(value)
+        return {"tensor": list(value.shape), "dtype": str(value.dtype), "crc32": f"{crc:08x}"}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {old.get(k)!r} before, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(diffs) if diffs else "the same arguments but another format"
