@@ -22,6 +22,7 @@ goal was set on the demo CNN; this shows how far it carries to another architect
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from typing import Any
@@ -135,22 +136,31 @@ def main() -> None:
               + f" | {' / '.join(f'{v:.1%}' for v in noise)} | {res.distance.mean():.2f} | {seconds:.1f} |")
 
     warnings.simplefilter("ignore")  # 20 steps do not reach the target: only the time counts here
-    times = race(
-        {
-            "forward + backward": lambda: forward_backward(model, x, target),
-            "plain, 20 steps": lambda: peering.morph(model, x, target, steps=20, early_stop=False,
-                                                      confidence=None, smoothing=0),
-            "new default, 20 steps": lambda: peering.morph(model, x, target, steps=20, early_stop=False,
-                                                           prior=prototypes),
-        },
-        args.repeats,
-    )
-    floor = times["forward + backward"]
-    print(f"\nper step / one forward + backward ({floor * 1000:.0f} ms for 256 digits): new default "
-          f"{times['new default, 20 steps'] / 20 / floor:.2f} (target <= 1.5), plain ascent "
-          f"{times['plain, 20 steps'] / 20 / floor:.2f}")
+    contenders = {
+        "plain": lambda: peering.morph(model, x, target, steps=20, early_stop=False, confidence=None,
+                                       smoothing=0),
+        "new default": lambda: peering.morph(model, x, target, steps=20, early_stop=False, prior=prototypes),
+    }
+    ratios: dict[str, list[float]] = {name: [] for name in contenders}
+    floors = []
+    for fn in contenders.values():
+        fn()  # warm-up
+    for _ in range(args.repeats):  # each round: the floor, then each contender, back to back
+        floor = race({"floor": lambda: forward_backward(model, x, target)}, 1)["floor"]
+        floors.append(floor)
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            ratios[name].append((time.perf_counter() - start) / 20 / floor)
+    print(f"\nper step / one forward + backward (median {statistics.median(floors) * 1000:.0f} ms for 256 "
+          f"digits), median and range over {args.repeats} rounds:")
+    for name, values in ratios.items():
+        note = "   (target <= 1.5)" if name == "new default" else ""
+        low, high = min(values), max(values)
+        print(f"  {name:12s} {statistics.median(values):.2f}  ({low:.2f}-{high:.2f}){note}")
     print("(20 steps without early stop, the prototypes' set-up included; a run of 20 steps includes one "
-          "more forward pass to evaluate the last step)")
+          "more forward pass to evaluate the last step; each round's ratio uses that round's floor, so a "
+          "busy machine slows both sides)")
 
 
 if __name__ == "__main__":

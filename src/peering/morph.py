@@ -132,16 +132,16 @@ def morph(
     >>> import torch, peering
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
-    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    >>> model = torch.nn.Linear(64, 10)   # flat inputs: no smoothing
     >>> with torch.no_grad():
-    ...     _ = model[1].weight.mul_(10)  # a confident model
-    >>> res = peering.morph(model, torch.rand(4, 1, 8, 8), target=3)
+    ...     _ = model.weight.mul_(10)  # a confident model
+    >>> res = peering.morph(model, torch.rand(4, 64), target=3)
     >>> res.success.tolist(), res.steps.tolist()
-    ([True, True, True, True], [65, 77, 50, 77])
+    ([True, True, True, True], [63, 75, 49, 75])
     >>> bool((res.probabilities[:, 3] >= 0.99).all())
     True
     >>> res.frames.shape  # 100 steps and the original; the early-stopped samples stand still
-    torch.Size([101, 4, 1, 8, 8])
+    torch.Size([101, 4, 64])
     """
     members = _check_models(model)
     check_output(output)
@@ -213,7 +213,7 @@ def morph(
     final = frames[-1]
     success = _arrived(logits, targets, confidence)
     if steps and not bool(success.all()):
-        _warn_unreached(success, logits, targets, confidence, steps)
+        _warn_unreached(success, logits, targets, confidence, steps, sigma)
     return MorphResult(
         inputs=final.clone(),
         frames=frames,
@@ -229,15 +229,20 @@ def morph(
 
 
 def _warn_unreached(
-    success: Tensor, logits: Tensor, targets: Tensor, confidence: float | None, steps: int
+    success: Tensor, logits: Tensor, targets: Tensor, confidence: float | None, steps: int, smoothing: float
 ) -> None:
     missed = ~success
     reached = logits.softmax(dim=1).gather(1, targets[:, None])[:, 0][missed]
     rule = f"with probability >= {confidence}" if confidence is not None else "as the top class"
+    remedies = ["more steps"]
+    if confidence is not None:
+        remedies += ["a lower confidence", "confidence=None to stop at the top class"]
+    if smoothing > 0:
+        remedies.append("smoothing=0 (for a model that looks at single pixels)")
     warnings.warn(
         f"{int(missed.sum())} of {len(success)} morphs did not reach their target {rule} within {steps} "
-        f"steps (their target probability: median {float(reached.median()):.3g}); pass more steps, a "
-        "lower confidence, or confidence=None to stop at the top class",
+        f"steps (their target probability: median {float(reached.median()):.3g}); pass "
+        + ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1],
         stacklevel=3,
     )
 

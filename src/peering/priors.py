@@ -110,8 +110,8 @@ class Prior:
     ...     def pull(self, x, state):
     ...         return 0.5 * (0.5 - x)
     >>> import torch, peering
-    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    >>> res = peering.morph(model, torch.rand(2, 1, 8, 8), 3, prior=TowardGray(), confidence=None)
+    >>> model = torch.nn.Linear(64, 10)
+    >>> res = peering.morph(model, torch.rand(2, 64), 3, prior=TowardGray(), confidence=None)
     >>> res.success.tolist()
     [True, True]
     """
