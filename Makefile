@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps torchattacks
 	$(PY) benchmarks/bench_explain.py
 	$(PY) benchmarks/bench_morph.py
+	$(PY) benchmarks/bench_morph_judges.py
 	$(PY) benchmarks/bench_callback.py
 	$(PY) benchmarks/bench_faithfulness.py
 

@@ -14,8 +14,12 @@ from peering.data import load_mnist
 from peering.models import DigitCNN, accuracy, train_classifier
 
 
-def parse_args(description: str, repeats: int = 7) -> argparse.Namespace:
+def parse_args(
+    description: str, repeats: int = 7, morphed: tuple[str, ...] | None = None
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if morphed:
+        parser.add_argument("--morphed", choices=morphed, default=morphed[0], help="the model to morph")
     parser.add_argument("--data-dir", default=os.environ.get("PEERING_DATA_DIR"),
                         help="folder with the MNIST IDX files (default: $PEERING_DATA_DIR)")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats of each contender")

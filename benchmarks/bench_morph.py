@@ -2,10 +2,12 @@
 
     PEERING_DATA_DIR=../shared/datasets/mnist .venv/bin/python benchmarks/bench_morph.py
 
-Prints success rate, mean steps and mean L2 distance for both, and morph's time per step divided by the
-floor: one forward + backward pass of the same batch (in the same chunks of 64), timed in the same run.
-Per-step cost is measured with early stop off, so that every step moves all samples; with early stop
-(the default) finished samples drop out and the whole run is cheaper still.
+`morph` runs as plain ascent that stops at the flip (``confidence=None, smoothing=0``, no prior: the
+smallest change, like PGD's); its defaults with a data prior, and what independent models make of both,
+are bench_morph_judges.py's. Prints success rate, mean steps and mean L2 distance for both, and morph's
+time per step divided by the floor: one forward + backward pass of the same batch (in the same chunks of
+64), timed in the same run. Per-step cost is measured with early stop off, so that every step moves all
+samples; with early stop (the default) finished samples drop out and the whole run is cheaper still.
 
 PGD is torchattacks' targeted L2 PGD (`PGDL2`) with the same number of steps and the same step size,
 and an L2 budget equal to the largest distance morph needed, so PGD has room to reach every target morph
@@ -39,7 +41,8 @@ def main() -> None:
     x, target = test_x[:256].contiguous(), (test_y[:256] + 1) % 10
 
     start = time.perf_counter()
-    res = peering.morph(model, x, target, steps=STEPS)
+    plain = {"confidence": None, "smoothing": 0}  # stop at the flip, unsmoothed steps
+    res = peering.morph(model, x, target, steps=STEPS, **plain)
     seconds = time.perf_counter() - start
     step_size = 0.005 * 28  # morph's default for 28x28 inputs in [0, 1]
     reached = res.success
@@ -53,7 +56,7 @@ def main() -> None:
         {
             "forward + backward": lambda: forward_backward(model, x, target),
             "morph, 10 steps, no early stop": lambda: peering.morph(
-                model, x, target, steps=10, early_stop=False
+                model, x, target, steps=10, early_stop=False, **plain
             ),
         },
         args.repeats,

@@ -101,7 +101,7 @@ def test_float64_model(digits_cnn, digit_batch):
 def test_bf16_autocast_on_cpu(digits_cnn, digit_batch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         exp = peering.explain(digits_cnn, digit_batch)
-        res = peering.morph(digits_cnn, digit_batch, 4, steps=30)
+        res = peering.morph(digits_cnn, digit_batch, 4, steps=30, confidence=None, smoothing=0)
     ref = peering.explain(digits_cnn, digit_batch)
     assert exp.attributions.dtype == torch.float32 and exp.logits.dtype == torch.float32
     assert torch.isfinite(exp.attributions).all()

@@ -25,7 +25,9 @@ def test_morph_reaches_label_plus_one_for_256_digits(trained_cnn, morphed):
     rate = res.success.float().mean().item()
     assert rate >= 0.98, f"only {rate:.1%} reached their target"
     with torch.no_grad():
-        assert torch.equal(trained_cnn(res.inputs).argmax(1) == target, res.success)
+        assert_close(trained_cnn(res.inputs).softmax(1), res.probabilities)
+    p_target = res.probabilities.gather(1, target[:, None])[:, 0]
+    assert torch.equal((res.probabilities.argmax(1) == target) & (p_target >= 0.99), res.success)
     assert torch.equal(res.targets, target)
 
 
@@ -49,8 +51,9 @@ def test_morph_result_is_consistent(morphed):
 def test_morph_without_early_stop_goes_further(trained_cnn, mnist_split):
     x, y = mnist_split[2][:32], mnist_split[3][:32]
     target = (y + 1) % 10
-    stop = peering.morph(trained_cnn, x, target, steps=40)
-    go_on = peering.morph(trained_cnn, x, target, steps=40, early_stop=False)
+    plain = {"confidence": None, "smoothing": 0}  # stop at the flip, as morph did before its priors
+    stop = peering.morph(trained_cnn, x, target, steps=40, **plain)
+    go_on = peering.morph(trained_cnn, x, target, steps=40, early_stop=False, **plain)
     early = stop.success & go_on.success & (stop.steps < 40)  # arrived with steps to spare
     assert early.sum() >= 25
     assert (go_on.distance[early] > stop.distance[early]).all()
@@ -138,3 +141,71 @@ class Affine(nn.Module):
 
     def forward(self, z):
         return z * self.scale + self.shift
+
+
+# ---------- the stopping rule, smoothing, ensembles ----------
+
+
+def test_confidence_stops_each_sample_at_the_first_confident_step(trained_cnn, mnist_split):
+    x, y = mnist_split[2][:24], mnist_split[3][:24]
+    target = (y + 1) % 10
+    res = peering.morph(trained_cnn, x, target, confidence=0.9, steps=100)
+    assert res.success.all() and res.confidence == 0.9
+    with torch.no_grad():
+        probs = torch.stack([trained_cnn(f).softmax(1) for f in res.frames])  # [F, B, C]
+    p_target = probs.gather(2, target.view(1, -1, 1).expand(len(probs), -1, 1))[..., 0]
+    rows = torch.arange(24)
+    assert (p_target[res.steps, rows] >= 0.9).all()
+    assert (p_target[res.steps - 1, rows] < 0.9).all()
+    assert_close(res.probabilities, probs[-1])
+    flip = peering.morph(trained_cnn, x, target, confidence=None, steps=100)
+    assert (flip.steps <= res.steps).all() and (flip.steps < res.steps).float().mean() > 0.5
+    assert (flip.distance < res.distance + 1e-5).all()
+
+
+def test_default_is_confident_and_smooth(trained_cnn, mnist_split):
+    x, y = mnist_split[2][:16], mnist_split[3][:16]
+    res = peering.morph(trained_cnn, x, (y + 1) % 10)
+    assert res.confidence == 0.99
+    assert (res.probabilities[res.success, :].gather(1, res.targets[res.success, None]) >= 0.99).all()
+    sharp = peering.morph(trained_cnn, x, (y + 1) % 10, smoothing=0)
+    # a blurred step has less high-frequency energy than a plain one
+    def roughness(change):
+        return (change.diff(dim=3).pow(2).sum((1, 2, 3)) / change.pow(2).sum((1, 2, 3))).mean()
+
+    assert roughness(res.inputs - x) < 0.7 * roughness(sharp.inputs - x)
+
+
+def test_an_ensemble_of_one_model_twice_is_that_model(trained_cnn, mnist_split):
+    x, y = mnist_split[2][:8], mnist_split[3][:8]
+    one = peering.morph(trained_cnn, x, (y + 3) % 10, steps=30)
+    twice = peering.morph([trained_cnn, trained_cnn], x, (y + 3) % 10, steps=30)
+    assert_close(twice.inputs, one.inputs)
+    assert_close(twice.probabilities, one.probabilities)
+
+
+def test_unreached_morphs_say_why(trained_cnn, mnist_split):
+    x, y = mnist_split[2][:4], mnist_split[3][:4]
+    with pytest.warns(UserWarning, match=r"4 of 4 morphs did not reach their target with probability >= 0.99 "
+                                          r"within 2 steps.*more steps, a lower confidence"):
+        res = peering.morph(trained_cnn, x, (y + 1) % 10, steps=2)
+    assert not res.success.any() and (res.steps == -1).all()
+
+
+def test_morph_refuses_bad_options(trained_cnn, mnist_split, digits_mlp):
+    x = mnist_split[2][:4]
+    for bad in (0.0, 1.0, 1.5, True):
+        with pytest.raises(ValueError, match="confidence must be a probability"):
+            peering.morph(trained_cnn, x, 1, confidence=bad)
+    with pytest.raises(ValueError, match="smoothing must be"):
+        peering.morph(trained_cnn, x, 1, smoothing=-1)
+    with pytest.raises(ValueError, match=r"smoothing blurs images \[B, C, H, W\].*smoothing=0"):
+        peering.morph(digits_mlp, torch.rand(4, 64), 1, smoothing=1.0)
+    assert peering.morph(digits_mlp, torch.rand(4, 64), 1, steps=3, confidence=None).inputs.shape == (4, 64)
+    with pytest.raises(TypeError, match="prior must be a peering.priors.Prior"):
+        peering.morph(trained_cnn, x, 1, prior="prototypes")
+    with pytest.raises(TypeError, match="non-empty list"):
+        peering.morph([], x, 1)
+    five = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 5))
+    with pytest.raises(ValueError, match="same classes"):
+        peering.morph([trained_cnn, five], x, 1)

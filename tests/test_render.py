@@ -17,6 +17,7 @@ from peering.render import (
     film_strip,
     grid,
     morphs,
+    portrait_row,
     save_gif,
     save_png,
     to_rgb,
@@ -290,6 +291,23 @@ def test_save_gif_frames(tmp_path):
         assert im.info.get("duration") == 80
         assert im.info.get("loop") == 0
     assert sorted(p.name for p in path.parent.iterdir()) == ["morph.gif"]
+
+
+def test_portrait_row_draws_each_portrait_under_its_class():
+    g = torch.Generator().manual_seed(0)
+    res = SimpleNamespace(inputs=torch.rand(10, 1, 28, 28, generator=g), targets=torch.arange(10),
+                          probabilities=torch.eye(10) * 0.98 + 0.002,
+                          success=torch.ones(10, dtype=torch.bool))
+    row = portrait_row(res, zoom=2)
+    arr = torch.from_numpy(np.array(row))[None]
+    for k in (0, 4, 9):  # each tile is that class's portrait, in class order
+        assert torch.equal(panel_tile(arr, k, 10, 56, 56)[0], zoomed(to_rgb(res.inputs[k]), 2))
+    three = portrait_row(SimpleNamespace(inputs=res.inputs[:3], targets=res.targets[:3]), zoom=2)
+    assert three.width < row.width and three.height < row.height  # no probability line
+    res.success[4] = False  # a portrait that never reached its class says so, on a third caption line
+    assert portrait_row(res, zoom=2).height > row.height
+    with pytest.raises(ValueError, match="10 portraits but 3 targets"):
+        portrait_row(SimpleNamespace(inputs=res.inputs, targets=res.targets[:3]))
 
 
 def test_save_png_tensor_roundtrip(tmp_path):

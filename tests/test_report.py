@@ -122,6 +122,13 @@ def test_report_has_every_section_and_only_embedded_images(demo_run):
     assert "Sample 0" in text and "Sample 1" in text
     for m in summary["morphs"]:
         assert f"{m['label']} → {m['target']}" in text
+    # the judges' table (plain ascent and the defaults with the data prior) and the row of portraits
+    judged = summary["judges"]["morphs"]
+    assert all(row["method"] in text for row in judged)
+    for row in judged:
+        for name, rate in row["agreement"].items():
+            assert f"{rate:.1%}" in text, (name, rate)
+    assert any(attrs.get("alt") == "class portraits, one per class" for attrs in images)
 
 
 def test_summary_table_matches_the_event_files(demo_run):

@@ -4,7 +4,8 @@
 
     peering demo [--dataset digits|mnist] [--data-dir DIR] [--epochs N] [--seed S] [--out runs] [--name demo]
     peering explain CHECKPOINT IMAGE... [--target K] [--method gradient] [-o explain.png]
-    peering morph CHECKPOINT IMAGE --target K [--steps 100] [--budget B] [--gif out.gif] [-o morph.png]
+    peering morph CHECKPOINT IMAGE --target K [--confidence 0.99] [--reference run] [--gif g.gif] [-o m.png]
+    peering portraits CHECKPOINT [--start mean] [--reference run] [-o portraits.png]
     peering check CHECKPOINT [IMAGE...] [--samples 64] [--method M ...] [--no-faithfulness]
     peering report RUN_DIR
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -82,6 +84,23 @@ class OutputName(str, Enum):
     probability = "probability"
     log_probability = "log_probability"
     logit = "logit"
+
+
+class ReferenceName(str, Enum):
+    """Where `morph`'s data prior (`peering.priors.Prototypes`) gets its reference images."""
+
+    run = "run"
+    digits = "digits"
+    mnist = "mnist"
+    none = "none"
+
+
+class StartName(str, Enum):
+    """What class portraits start from."""
+
+    mean = "mean"
+    blank = "blank"
+    noise = "noise"
 
 
 class NormName(str, Enum):
@@ -521,12 +540,83 @@ def _print_probabilities(paths: list[Path], exp: object) -> None:
     _console().print(table)
 
 
+_REFERENCE_HELP = (
+    "Reference images for the data prior that makes morphs other models believe: 'run' (the training "
+    "digits of the demo run the checkpoint is in, from its run.json; none for other checkpoints), 'digits' "
+    "(scikit-learn's 8x8 digits), 'mnist' (the t10k digits in --data-dir), or 'none'."
+)
+ReferenceOption = Annotated[ReferenceName, typer.Option("--reference", help=_REFERENCE_HELP)]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Folder with the MNIST IDX files for --reference mnist "
+                 "(default: $PEERING_DATA_DIR).", show_default=False),
+]
+ConfidenceOption = Annotated[
+    float,
+    typer.Option(min=0.0, max=0.999999, help="The target probability to reach; 0: stop as soon as the "
+                 "target is the top class."),
+]
+SmoothingOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0, help="Gaussian blur of each step in pixels (default 1.5; 0: none).", show_default=False
+    ),
+]
+
+
+def _reference_data(
+    reference: ReferenceName, checkpoint: Path, data_dir: Path | None, shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor] | None:
+    """The reference images [N, *shape] and labels for the data prior, or None (said on stderr)."""
+    from peering.data import DATA_DIR_ENV, load_digits, load_mnist
+
+    if reference is ReferenceName.none:
+        return None
+    if reference is ReferenceName.run:
+        from peering.demo import RUN_FILE, training_data
+
+        run_dir = checkpoint.parent
+        if not (run_dir / RUN_FILE).is_file():
+            _note(
+                f"no {RUN_FILE} beside {checkpoint.name}: morphing without a data prior, which other models "
+                "believe far less often; pass --reference digits|mnist (images like the training data)"
+            )
+            return None
+        try:
+            images, labels = training_data(run_dir)
+        except (OSError, ValueError) as err:
+            _fail(f"cannot read the reference digits of the run {run_dir}: {err}")
+        where = f"the training digits of {run_dir}"
+    elif reference is ReferenceName.digits:
+        images, labels = load_digits()
+        where = "scikit-learn's digits"
+    else:
+        import os
+
+        root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+        if not root:
+            _fail(f"--reference mnist needs --data-dir or ${DATA_DIR_ENV}: the folder of the MNIST IDX files")
+        images, labels = load_mnist(root, "test")
+        where = f"the MNIST t10k digits in {root}"
+    if images[0].numel() != math.prod(shape):
+        _fail(
+            f"the reference images ({where}) are {list(images.shape[1:])} but the model takes {list(shape)}; "
+            "pass --reference with images like the model's training data, or --reference none"
+        )
+    _note(f"data prior: {len(images):,} reference images, {where}")
+    return images.reshape(len(images), *shape), labels
+
+
 @app.command()
 def morph(
     checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
     image: Annotated[Path, typer.Argument(help="A PNG or JPEG image.")],
     target: Annotated[int, typer.Option("--target", "-t", help="The class to morph the image into.")],
-    steps: Annotated[int, typer.Option(min=0, help="The most gradient-ascent steps.")] = 100,
+    steps: Annotated[int, typer.Option(min=0, help="The most gradient-ascent steps.")] = 300,
+    confidence: ConfidenceOption = 0.99,
+    reference: ReferenceOption = ReferenceName.run,
+    data_dir: DataDirOption = None,
+    smoothing: SmoothingOption = None,
     budget: Annotated[
         float | None, typer.Option(min=0.0, help="The largest distance from the original image.")
     ] = None,
@@ -546,10 +636,13 @@ def morph(
     std: StdOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Change the image step by step until the model predicts --target; film strip and distance.
+    """Change the image step by step until the model gives --target a probability of --confidence; film
+    strip and distance.
 
-    With --mean/--std the morph still walks the image itself (the normalisation is put in front of the
-    model), so the pixel range and --budget are in image units.
+    With a data prior (--reference: by default the training digits of the demo run the checkpoint is in)
+    the change is one other models also read as the target. With --mean/--std the morph still walks the
+    image itself (the normalisation is put in front of the model), so the pixel range and --budget are in
+    image units.
 
     Example: peering morph runs/demo/model.ckpt five.png --target 8 --gif morph.gif
     """
@@ -571,18 +664,25 @@ def morph(
         from peering.checkpoints import class_scores_of
 
         before = class_scores_of(loaded, x).softmax(dim=1)[0]
+        batch = loaded.batch(x)
+        references = _reference_data(reference, checkpoint, data_dir, tuple(batch.shape[1:]))
         try:
-            result = peering.morph(
-                loaded.model,
-                loaded.batch(x),
-                target,
-                steps=steps,
-                budget=budget,
-                step_size=step_size,
-                norm=norm.value,
-                progress=progress,
-                output_fn=loaded.output_fn,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the outcome is printed below
+                result = peering.morph(
+                    loaded.model,
+                    batch,
+                    target,
+                    steps=steps,
+                    confidence=confidence or None,
+                    smoothing="auto" if smoothing is None else smoothing,
+                    prior=None if references is None else peering.priors.Prototypes(*references),
+                    budget=budget,
+                    step_size=step_size,
+                    norm=norm.value,
+                    progress=progress,
+                    output_fn=loaded.output_fn,
+                )
         except (ValueError, TypeError) as err:
             _fail(f"cannot morph with {loaded.source}: {err}")
         shown = _unflatten(result, x.shape[1:]) if loaded.flat else result
@@ -593,18 +693,20 @@ def morph(
         )
         distance = float(result.distance[0])
         p_after = float(result.probabilities[0, target])
+        rule = f"p({target}) >= {confidence:g}" if confidence else f"the top class {target}"
         if bool(result.success[0]):
             reached = int(result.steps[0])
             when = "already at step 0" if reached == 0 else f"at step {reached}"
             typer.echo(
-                f"flipped to {target} {when}: p({target})={p_after:.2f}, {norm.value} distance {distance:.3f}"
+                f"reached {rule} {when}: p({target})={p_after:.2f}, {norm.value} distance {distance:.3f}"
             )
         else:
             now = int(result.probabilities[0].argmax())
             limit = f" (budget {budget:g})" if budget is not None else ""
             typer.echo(
-                f"did not flip to {target} in {steps} steps{limit}: still predicted {now}, "
-                f"p({target})={p_after:.2f}, {norm.value} distance {distance:.3f}"
+                f"did not reach {rule} in {steps} steps{limit}: predicted {now}, "
+                f"p({target})={p_after:.2f}, {norm.value} distance {distance:.3f}; try more --steps or a "
+                "lower --confidence"
             )
         z = zoom or _auto_zoom(max(size))  # the strip and the GIF end where the image reached the target
         _save(lambda p: save_png(film_strip(shown, 0, zoom=z), p), out)
@@ -1063,6 +1165,81 @@ def _print_faithfulness(
     table.add_row("random (control)", f"{first['random_deletion']:.3f}", f"{first['random_insertion']:.3f}")
     console.print(table)
     console.print(f"{seconds:.1f} s.", markup=False)
+
+
+@app.command()
+def portraits(
+    checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
+    start: Annotated[
+        StartName, typer.Option(help="Start from the mean reference image, a blank or noise.")
+    ] = StartName.mean,
+    steps: Annotated[int, typer.Option(min=0, help="The most gradient-ascent steps.")] = 300,
+    confidence: ConfidenceOption = 0.99,
+    reference: ReferenceOption = ReferenceName.run,
+    data_dir: DataDirOption = None,
+    smoothing: SmoothingOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the row of portraits.")] = Path(
+        "portraits.png"
+    ),
+    model: ModelOption = None,
+    channels: ChannelsOption = None,
+    image_size: SizeOption = None,
+    output_fn: OutputFnOption = None,
+    zoom: ZoomOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of --start noise.")] = 0,
+) -> None:
+    """What the model thinks each class looks like: one image morphed toward every class at once.
+
+    Starts from the mean of the reference images (--reference: by default the training digits of the
+    demo run the checkpoint is in), a blank or a noise image, and ascends toward each class with morph's
+    stopping rule and data prior; writes the portraits side by side.
+
+    Example: peering portraits runs/demo/model.ckpt -o portraits.png
+    """
+    import peering
+    from peering.render import portrait_row, save_png
+
+    with _bad_input():
+        loaded = _load(checkpoint, model, channels, image_size, output_fn)
+        if loaded.channels is None or loaded.size is None:
+            _fail(f"cannot tell the input size of {loaded.source}: pass --channels and --image-size")
+        shape = (loaded.channels, *loaded.size)
+        blank = torch.zeros(1, *shape)
+        sample = tuple(loaded.batch(blank).shape[1:])
+        references = _reference_data(reference, checkpoint, data_dir, sample)
+        if start is StartName.mean:
+            if references is None:
+                _fail("--start mean needs reference images (--reference); or pass --start blank or noise")
+            first = references[0].mean(0, keepdim=True)
+        elif start is StartName.blank:
+            first = loaded.batch(blank)
+        else:
+            noise = torch.rand(blank.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+            first = loaded.batch(noise)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the outcome is printed below
+                result = peering.portraits(
+                    loaded.model,
+                    first,
+                    steps=steps,
+                    confidence=confidence or None,
+                    smoothing="auto" if smoothing is None else smoothing,
+                    prior=None if references is None else peering.priors.Prototypes(*references),
+                    output_fn=loaded.output_fn,
+                )
+        except (ValueError, TypeError) as err:
+            _fail(f"cannot draw portraits with {loaded.source}: {err}")
+        shown = _unflatten(result, torch.Size(shape)) if loaded.flat else result
+        probabilities = result.probabilities.diagonal()
+        typer.echo("class        " + " ".join(f"{k:>5d}" for k in range(len(probabilities))))
+        typer.echo("p(class)     " + " ".join(f"{float(p):5.2f}" for p in probabilities))
+        missed = (~result.success).nonzero().flatten().tolist()
+        if missed:
+            typer.echo(f"not reached in {steps} steps: {missed}; try more --steps or a lower --confidence")
+        z = zoom or _auto_zoom(max(loaded.size))
+        _save(lambda p: save_png(portrait_row(shown, zoom=z), p), out)
+        typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ scikit-learn's bundled 8x8 digits (offline) or on MNIST, and writes one run fold
         logs/            TensorBoard event files (+ logs/peering/index.jsonl, the callback's picture index)
         model.ckpt       the trained model (a Lightning checkpoint; `peering explain` / `morph` read it)
         morph/           film strips (PNG) and animations (GIF) of test digits morphed into other classes
+        portraits.png    one class portrait per class, side by side
         sanity/          the randomisation sanity check: its curve per method and example maps (PNG)
         run.json         what was run and measured (the report reads it)
         report.html      the static report (`peering.report.build_report`)
@@ -41,13 +42,13 @@ from torch import Tensor
 from peering._files import atomic_path, atomic_write
 
 __all__ = [
-    "CONFIDENT",
     "DEFAULT_EPOCHS",
     "DemoResult",
     "load_demo_data",
     "morph_view",
     "run_demo",
     "tensorboard_command",
+    "training_data",
     "write_json_atomic",
 ]
 
@@ -61,6 +62,7 @@ DEFAULT_EPOCHS: dict[str, int] = {"digits": 10, "mnist": 2}
 RUN_FILE = "run.json"
 REPORT_FILE = "report.html"
 CHECKPOINT_FILE = "model.ckpt"
+PORTRAITS_FILE = "portraits.png"
 LOG_DIR = "logs"
 MORPH_DIR = "morph"
 SANITY_DIR = "sanity"
@@ -78,6 +80,7 @@ class DemoResult:
         tensorboard_command: the exact command that shows the run in TensorBoard.
         test_accuracy: accuracy on the held-out digits.
         morphs: one dict per film strip (label, target, kind, success, step, distance, files).
+        judges: what the two judges said about the morphs and the portraits (run.json's "judges").
         sanity: the sanity check's numbers and verdicts (`peering.sanity.SanityResult.to_dict`) and its
             pictures, or None when it was not run.
         seconds: wall time of the whole run.
@@ -90,6 +93,7 @@ class DemoResult:
     tensorboard_command: str
     test_accuracy: float
     morphs: list[dict[str, Any]] = field(default_factory=list)
+    judges: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     sanity: dict[str, Any] | None = None
 
@@ -120,7 +124,8 @@ def run_demo(
         epochs: training epochs (default `DEFAULT_EPOCHS`: 10 for digits, 2 for MNIST).
         seed: seeds the split, the initialisation and the shuffling.
         track: how many of the most confused validation digits to follow through training.
-        morph_digits: how many test digits to morph, each to (label + 1) mod 10 and to its runner-up.
+        morph_digits: how many test digits to morph, each to (label + 1) mod 10 and to its runner-up, with
+            `morph`'s defaults and the training digits as its data prior (`peering.priors.Prototypes`).
         morph_steps: the most morph steps.
         sanity_digits: how many test digits the randomisation sanity check (`peering.sanity`) explains
             with each of the four methods; 0 skips it.
@@ -273,7 +278,17 @@ def _run(
     say(f"Test accuracy: {test_accuracy:.2%} on {len(test_x):,} held-out digits")
 
     stop.check()
-    morphs = _morph_digits(model, test_x, test_y, run_dir, morph_digits, morph_steps, zoom, progress, say)
+    from peering.priors import Prototypes
+
+    prior = Prototypes(train_x, train_y)  # the data prior: the digits the model was trained on
+    # the held-out digits, halved: the judges learn from one half, the morphs come from the other
+    judge_rows, morph_rows = _halves(len(test_x), seed)
+    morphs = _morph_digits(
+        model, test_x, test_y, morph_rows, prior, run_dir, morph_digits, morph_steps, zoom, progress, say
+    )
+    stop.check()
+    judges = _judge(model, prior, train_x, test_x, test_y, judge_rows, morph_rows, dataset, seed, morph_steps,
+                    run_dir, zoom, say, stop)
     stop.check()
     sanity = _sanity_check(model, test_x[:sanity_digits], run_dir, seed, zoom, say)
     stop.check()  # after this, the last second of writing run.json and the report goes on to the end
@@ -298,8 +313,11 @@ def _run(
         "tensorboard": tensorboard_command(log_dir, relative=False),
         "callback": {k: v for k, v in callback_settings.items()},
         "morphs": morphs,
+        "judges": judges,
         "sanity": sanity,
     }
+    if dataset == "mnist":
+        summary["data_dir"] = str(Path(data_dir if data_dir is not None else _mnist_folder(None)).resolve())
     write_json_atomic(run_dir / RUN_FILE, summary)
 
     from peering.report import build_report
@@ -314,6 +332,7 @@ def _run(
         tensorboard_command=command,
         test_accuracy=test_accuracy,
         morphs=morphs,
+        judges=judges,
         seconds=seconds,
         sanity=sanity,
     )
@@ -402,14 +421,13 @@ def load_demo_data(
     if dataset not in DEFAULT_EPOCHS:
         raise ValueError(f"dataset must be 'digits' or 'mnist', got {dataset!r}")
     say = say or log.info
-    from peering.data import DATA_DIR_ENV, available_mnist_splits, load_digits, load_mnist, train_test_split
+    from peering.data import available_mnist_splits, load_digits, load_mnist, train_test_split
 
     if dataset == "digits":
         images, labels = load_digits()
         train_x, train_y, test_x, test_y = train_test_split(images, labels, test_fraction=0.2, seed=seed)
         return train_x, train_y, test_x, test_y, f"{len(train_x):,} scikit-learn 8x8 digits"
-    root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
-    folder = Path(root).expanduser() if root else Path.home() / ".cache" / "peering" / "mnist"
+    folder = _mnist_folder(data_dir)
     download = "test" not in (available_mnist_splits(folder) if folder.is_dir() else [])
     if download:
         say(f"Downloading MNIST's t10k digits to {folder} (checksummed)")
@@ -418,9 +436,40 @@ def load_demo_data(
     return train_x, train_y, test_x, test_y, f"{len(train_x):,} MNIST digits (t10k)"
 
 
+def _mnist_folder(data_dir: str | os.PathLike[str] | None) -> Path:
+    """Where the demo reads MNIST from: ``data_dir``, else ``$PEERING_DATA_DIR``, else the download cache."""
+    from peering.data import DATA_DIR_ENV
+
+    root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "peering" / "mnist"
+
+
+def training_data(run_dir: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
+    """The digits a demo run trained its model on, rebuilt from its ``run.json`` (dataset, seed, folder).
+
+    The reference data for `morph`'s data prior (`peering.priors.Prototypes`) when morphing with a demo
+    checkpoint: ``peering morph`` and ``peering portraits`` use it. Raises `FileNotFoundError` when
+    ``run_dir`` holds no ``run.json``, ValueError when it does not say which data the run used.
+
+    >>> import tempfile
+    >>> run_dir = Path(tempfile.mkdtemp())
+    >>> _ = (run_dir / RUN_FILE).write_text('{"dataset": "digits", "seed": 0}')  # what a digits run records
+    >>> images, labels = training_data(run_dir)
+    >>> images.shape, labels.shape
+    (torch.Size([1438, 1, 8, 8]), torch.Size([1438]))
+    """
+    path = Path(run_dir) / RUN_FILE
+    summary = json.loads(path.read_text())
+    dataset, seed = summary.get("dataset"), summary.get("seed")
+    if dataset not in DEFAULT_EPOCHS or not isinstance(seed, int):
+        raise ValueError(f"{path} does not say which data set and seed the run used")
+    train_x, train_y, _, _, _ = load_demo_data(dataset, summary.get("data_dir"), seed, lambda line: None)
+    return train_x, train_y
+
+
 def _clear_previous(run_dir: Path) -> None:
     """Remove what an earlier run of the same name wrote (only the demo's own files and folders)."""
-    for file in (REPORT_FILE, RUN_FILE, CHECKPOINT_FILE):
+    for file in (REPORT_FILE, RUN_FILE, CHECKPOINT_FILE, PORTRAITS_FILE):
         (run_dir / file).unlink(missing_ok=True)
     for folder in (LOG_DIR, MORPH_DIR, SANITY_DIR):
         if (run_dir / folder).is_dir():
@@ -520,6 +569,8 @@ def _morph_digits(
     model: torch.nn.Module,
     test_x: Tensor,
     test_y: Tensor,
+    rows: Tensor,
+    prior: Any,
     run_dir: Path,
     n: int,
     steps: int,
@@ -527,77 +578,182 @@ def _morph_digits(
     progress: bool,
     say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Morph ``n`` test digits to (label + 1) mod 10 and to their runner-up; write strips and GIFs.
+    """Morph ``n`` of the test digits ``rows`` to (label + 1) mod 10 and to their runner-up; write strips
+    and GIFs.
 
-    The morph runs all ``steps`` (no early stop), and each strip ends at the first frame where the model
-    gives the target a probability of at least `CONFIDENT` (or at the last step): the flip itself happens
-    at a probability near one half, where the change is still hard to see.
+    `morph` runs with its defaults (each morph stops where the model gives its target a probability of
+    0.99, smoothed steps) and ``prior``; the strips and GIFs end where each morph stopped.
     """
     import peering
     from peering.render import film_strip, save_gif, save_png
 
     if n == 0:
         return []
-    picked, logits = _pick_digits(model, test_x, test_y, n)
-    rows: list[tuple[int, int, str]] = []  # (test index, target, kind)
-    for i in picked:
-        label = int(test_y[i])
-        plus_one = (label + 1) % 10
-        runner_up = int(logits[i].topk(2).indices[1])
+    picked_local, logits = _pick_digits(model, test_x[rows], test_y[rows], n)
+    jobs: list[tuple[int, int, str, Tensor]] = []  # (test index, target, kind, logits)
+    for j in picked_local:
+        i = int(rows[j])
+        plus_one = (int(test_y[i]) + 1) % 10
+        runner_up = int(logits[j].topk(2).indices[1])
         if runner_up == plus_one:
-            rows.append((i, plus_one, "label + 1, also the runner-up"))
+            jobs.append((i, plus_one, "label + 1, also the runner-up", logits[j]))
         else:
-            rows.append((i, plus_one, "label + 1"))
-            rows.append((i, runner_up, "runner-up"))
-    if not rows:
+            jobs.append((i, plus_one, "label + 1", logits[j]))
+            jobs.append((i, runner_up, "runner-up", logits[j]))
+    if not jobs:
         return []
-    say(f"Morphing {len(picked)} test digits into other classes ({len(rows)} morphs of {steps} steps)")
-    inputs = test_x[[i for i, _, _ in rows]]
-    targets = torch.tensor([t for _, t, _ in rows], dtype=torch.int64)
-    result = peering.morph(model, inputs, targets, steps=steps, early_stop=False, progress=progress)
-    frames = result.frames  # [F, B, ...]
-    with torch.no_grad():
-        frame_probs = model(frames.flatten(0, 1)).softmax(dim=1).view(frames.shape[0], frames.shape[1], -1)
+    say(f"Morphing {len(picked_local)} test digits into other classes ({len(jobs)} morphs, <= {steps} steps)")
+    inputs = test_x[[i for i, _, _, _ in jobs]]
+    targets = torch.tensor([t for _, t, _, _ in jobs], dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a morph that does not arrive is recorded as such
+        result = peering.morph(model, inputs, targets, steps=steps, prior=prior, progress=progress)
     morph_dir = run_dir / MORPH_DIR
     records = []
-    for k, (i, target, kind) in enumerate(rows):
+    for k, (i, target, kind, start_logits) in enumerate(jobs):
         label = int(test_y[i])
-        p_target = frame_probs[:, k, target]
-        predicted = frame_probs[:, k].argmax(dim=1)
-        flipped = (predicted == target).nonzero().flatten()
-        confident = ((p_target >= CONFIDENT) & (predicted == target)).nonzero().flatten()
-        end = int(confident[0]) if len(confident) else frames.shape[0] - 1
-        flip = int(flipped[0]) if len(flipped) else -1
-        view = morph_view(result, k, last_frame=end, probabilities=frame_probs[end, k])
         stem = f"{k:02d}_{label}_to_{target}"
-        save_png(film_strip(view, 0, zoom=zoom, max_frames=10), morph_dir / f"{stem}.png")
-        save_gif(view, 0, morph_dir / f"{stem}.gif", zoom=zoom, duration_ms=100)
-        step_of = result.frame_steps.tolist()
-
-        def distance(f: int, k: int = k) -> float:
-            return round(float((frames[f, k] - frames[0, k]).norm()), 4)
-
+        save_png(film_strip(result, k, zoom=zoom, max_frames=10), morph_dir / f"{stem}.png")
+        save_gif(result, k, morph_dir / f"{stem}.gif", zoom=zoom, duration_ms=100)
+        arrived = bool(result.success[k])
         records.append(
             {
                 "test_index": i,
                 "label": label,
                 "target": target,
                 "kind": kind,
-                "success": flip >= 0,
-                "step": step_of[flip] if flip >= 0 else -1,
-                "distance": distance(flip) if flip >= 0 else None,
-                "end_step": step_of[end],
-                "end_distance": distance(end),
+                "success": arrived,
+                "confidence": result.confidence,
+                "step": int(result.steps[k]),
+                "distance": round(float(result.distance[k]), 4),
                 "steps": steps,
-                "p_target_start": round(float(p_target[0]), 4),
-                "p_target_end": round(float(p_target[end]), 4),
+                "p_target_start": round(float(start_logits.softmax(0)[target]), 4),
+                "p_target_end": round(float(result.probabilities[k, target]), 4),
                 "strip": f"{MORPH_DIR}/{stem}.png",
                 "gif": f"{MORPH_DIR}/{stem}.gif",
             }
         )
-    flipped_count = sum(r["success"] for r in records)
-    say(f"{flipped_count} of {len(records)} morphs flipped the prediction; film strips in {morph_dir}")
+    arrived_count = int(result.success.sum())
+    say(f"{arrived_count} of {len(records)} morphs reached p >= {result.confidence}; strips in {morph_dir}")
     return records
+
+
+def _halves(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The test digits' indices split in two at random (seeded): the judges' half and the morphs' half."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: n // 2].sort().values, order[n // 2 :].sort().values
+
+
+JUDGE_EPOCHS: dict[str, tuple[int, int]] = {"digits": (30, 20), "mnist": (15, 5)}
+"""Training epochs of the demo's two judges (MLP, LeNet) on their half of the held-out digits."""
+
+JUDGED_MORPHS = 256
+"""At most this many held-out digits are morphed for the judges."""
+
+JUDGED_STEPS = 300
+"""The fewest steps of the morphs and portraits shown to the judges."""
+
+
+def _judge(
+    model: torch.nn.Module,
+    prior: Any,
+    train_x: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    judge_rows: Tensor,
+    morph_rows: Tensor,
+    dataset: str,
+    seed: int,
+    steps: int,
+    run_dir: Path,
+    zoom: int,
+    say: Callable[[str], None],
+    stop: _StopRequest,
+) -> dict[str, Any]:
+    """Train two judges on data the model never saw, and ask them about morphs and portraits.
+
+    The judges (`DigitMLP`, `DigitLeNet`, other seeds) learn from the ``judge_rows`` half of the test
+    digits; up to `JUDGED_MORPHS` digits of the other half are morphed to (label + 1) mod 10 by plain
+    ascent that stops at the flip (morph's old default) and by morph's defaults with ``prior``, with at
+    least `JUDGED_STEPS` steps (a model trained for few epochs needs more to reach 0.99); then one portrait
+    per class is drawn from the mean training digit with the same prior. Returns run.json's "judges"
+    record.
+    """
+    import peering
+    from peering.models import DigitLeNet, DigitMLP, accuracy, train_classifier
+    from peering.render import portrait_row, save_png
+
+    size = int(test_x.shape[-1])
+    jx, jy = test_x[judge_rows], test_y[judge_rows]
+    mlp_epochs, lenet_epochs = JUDGE_EPOCHS[dataset]
+    say(f"Training two judges (an MLP and a LeNet) on {len(jx):,} held-out digits the model never saw")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        mlp = DigitMLP(image_size=size)
+        torch.manual_seed(seed + 2)
+        lenet = DigitLeNet(image_size=size)
+    judges = {
+        "MLP": train_classifier(mlp, jx, jy, epochs=mlp_epochs, batch_size=32, lr=2e-3, seed=seed + 1),
+        "LeNet": train_classifier(lenet, jx, jy, epochs=lenet_epochs, batch_size=32, lr=2e-3, seed=seed + 2),
+    }
+    rows = morph_rows[:JUDGED_MORPHS]
+    steps = max(steps, JUDGED_STEPS)
+    x, y = test_x[rows], test_y[rows]
+    record: dict[str, Any] = {
+        "names": list(judges),
+        "trained_on": len(jx),
+        "accuracy": {name: round(accuracy(j, x, y), 4) for name, j in judges.items()},
+        "steps": steps,
+        "morphs": [],
+    }
+    stop.check()
+    say(f"Morphing {len(x)} other held-out digits to (label + 1) mod 10 and asking the judges")
+    methods = {
+        "plain ascent, stops at the flip (the old default)": {"confidence": None, "smoothing": 0},
+        "morph's defaults with the training digits as prior": {"prior": prior},
+    }
+    for method, options in methods.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = peering.morph(model, x, (y + 1) % 10, steps=steps, keep_every=steps, **options)
+        stop.check()
+        row: dict[str, Any] = {
+            "method": method,
+            "n": len(x),
+            "success": round(float(res.success.float().mean()), 4),
+            "mean_l2": round(float(res.distance.mean()), 4),
+        }
+        if bool(res.success.any()):
+            check = peering.agreement(res, judges, seed=seed)
+            row["agreement"] = {n: round(float(v), 4) for n, v in zip(check.names, check.morphs, strict=True)}
+            row["noise"] = {n: round(float(v), 4) for n, v in zip(check.names, check.noise, strict=True)}
+        record["morphs"].append(row)
+    say("Drawing one portrait per class from the mean training digit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = train_x.mean(0, keepdim=True)
+        portraits = peering.portraits(model, start, prior=prior, steps=steps)
+    picture = PORTRAITS_FILE
+    save_png(portrait_row(portraits, zoom=zoom), run_dir / picture)
+    record["portraits"] = {
+        "picture": picture,
+        "classes": portraits.targets.tolist(),
+        "success": portraits.success.tolist(),
+        "probabilities": [round(float(p), 4) for p in portraits.probabilities.diagonal()],
+    }
+    if bool(portraits.success.any()):
+        check = peering.agreement(portraits, judges, seed=seed)
+        record["portraits"]["agreement"] = {
+            n: round(float(v), 4) for n, v in zip(check.names, check.morphs, strict=True)
+        }
+        record["portraits"]["calls"] = {n: c.tolist() for n, c in zip(check.names, check.calls, strict=True)}
+    best = record["morphs"][-1]
+    say(
+        f"{best['success']:.0%} of {best['n']} morphs reached p >= 0.99; the judges call "
+        + " and ".join(f"{v:.0%} ({n})" for n, v in best.get("agreement", {}).items())
+        + " of those the target"
+    )
+    return record
 
 
 def _sanity_check(
@@ -624,10 +780,6 @@ def _sanity_check(
     said = ", ".join(f"{m} {verdicts[result.passed[m]]} ({result.final(m):.2f})" for m in result.methods)
     say(f"Sanity check: {said}; pictures in {folder}")
     return {**result.to_dict(), "curves": f"{SANITY_DIR}/curves.png", "maps": maps}
-
-
-CONFIDENT = 0.9
-"""The demo's film strips end where the model gives the target class this probability."""
 
 
 def morph_view(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DigitCNN", "DigitClassifier", "accuracy", "train_classifier"]
+__all__ = ["DigitCNN", "DigitClassifier", "DigitLeNet", "DigitMLP", "accuracy", "train_classifier"]
 
 
 class DigitCNN(nn.Module):
@@ -81,6 +81,91 @@ class DigitCNN(nn.Module):
         x = F.relu(self.fc1(x))
         x = self.dropout2(x)
         return self.fc2(x)
+
+
+class DigitMLP(nn.Module):
+    """A fully connected digit classifier: flatten - (Linear - ReLU - dropout) per hidden layer - Linear.
+
+    Another architecture than `DigitCNN`, e.g. to judge morphs (`peering.agreement`): it sees pixels, not
+    local patterns, so it is not fooled by the same changes.
+
+    Args:
+        in_channels, num_classes, image_size: the input images [B, in_channels, image_size, image_size].
+        hidden: widths of the hidden layers.
+        dropout: dropout after each hidden layer.
+        mean, std: pixel statistics; `forward` computes `(x - mean) / std` first (MNIST's by default).
+
+    >>> DigitMLP(image_size=8).eval()(torch.rand(4, 1, 8, 8)).shape
+    torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        hidden: tuple[int, ...] = (512, 256),
+        dropout: float = 0.2,
+        mean: float = 0.1307,
+        std: float = 0.3081,
+    ) -> None:
+        super().__init__()
+        if std <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean = float(mean)
+        self.std = float(std)
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_channels * image_size * image_size
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits `[B, num_classes]` for pixels `x` in `[0, 1]`."""
+        return self.layers((x - self.mean) / self.std)
+
+
+class DigitLeNet(nn.Module):
+    """A LeNet-style CNN with batch norm and average pooling: another CNN than `DigitCNN`.
+
+    conv5x5(in, 16) - batch norm - ReLU - avgpool 2 - conv5x5(16, 32) - batch norm - ReLU - avgpool 2 -
+    flatten - Linear(32 * (image_size // 4)^2, num_classes); the convolutions are padded ("same").
+
+    Args:
+        in_channels, num_classes, image_size: the input images [B, in_channels, image_size, image_size];
+            image_size at least 4.
+        mean, std: pixel statistics; `forward` computes `(x - mean) / std` first (MNIST's by default).
+
+    >>> DigitLeNet(image_size=8).eval()(torch.rand(4, 1, 8, 8)).shape
+    torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        mean: float = 0.1307,
+        std: float = 0.3081,
+    ) -> None:
+        super().__init__()
+        if image_size < 4:
+            raise ValueError(f"image_size must be at least 4 (two 2x2 poolings), got {image_size}")
+        if std <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean = float(mean)
+        self.std = float(std)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 5, padding=2), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(16, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2),
+        )
+        self.classifier = nn.Linear(32 * (image_size // 4) ** 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits `[B, num_classes]` for pixels `x` in `[0, 1]` of shape `[B, C, H, W]`."""
+        return self.classifier(torch.flatten(self.features((x - self.mean) / self.std), 1))
 
 
 class DigitClassifier(pl.LightningModule):

@@ -5,7 +5,7 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.images`: `diverging`, `to_rgb`, `explanation_image`, `confusion_panels`;
 - `peering.render.features`: tabular inputs as bar charts (drawn by the two above), `input_kind`;
 - `peering.render.tokens`: text: `token_scores`, `token_image`, `token_html`, `token_panels`;
-- `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped);
+- `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped), `portrait_row`;
 - `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
 - `peering.render.confusion`: the confusion atlas: `confusion_matrix_image`, `confused_pair_panels`;
 - `peering.render.layout`: `grid`, `save_png`;
@@ -42,7 +42,7 @@ from peering.render.datasets import class_mean_maps
 from peering.render.features import input_kind
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
-from peering.render.morphs import film_strip, save_gif
+from peering.render.morphs import film_strip, portrait_row, save_gif
 from peering.render.sanity import sanity_curves, sanity_maps
 from peering.render.tokens import token_html, token_image, token_panels, token_scores
 
@@ -57,6 +57,7 @@ __all__ = [
     "film_strip",
     "grid",
     "input_kind",
+    "portrait_row",
     "save_gif",
     "sanity_curves",
     "sanity_maps",

@@ -1,8 +1,10 @@
-"""Pictures of morphs: a film strip of one sample's frames, and the same frames as an animated GIF."""
+"""Pictures of morphs: a film strip of one sample's frames, the same frames as an animated GIF, and a row of
+class portraits."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, TYPE_CHECKING
@@ -17,7 +19,7 @@ from peering.render._draw import Display, _compose, _rgb, display_images
 if TYPE_CHECKING:  # only for type hints: render never imports the modules that produce these
     from peering.morph import MorphResult
 
-__all__ = ["film_strip", "save_gif"]
+__all__ = ["film_strip", "portrait_row", "save_gif"]
 
 
 def _frame_indices(n_frames: int, max_frames: int) -> list[int]:
@@ -83,8 +85,9 @@ def film_strip(
 ) -> Image.Image:
     """One sample's morph as a row of frames captioned "step s", ending where the sample stopped.
 
-    The strip ends at the sample's arrival step (``result.steps``: the first step the model predicted its
-    target) and the last caption says so: "step 37: reached 8" (or "reached 8 at step 37" when frames
+    The strip ends at the sample's arrival step (``result.steps``: the first step the sample met morph's
+    stopping rule: its target is the model's top class, with the asked-for confidence) and the last
+    caption says so: "step 37: reached 8" (or "reached 8 at step 37" when frames
     were kept every few steps, "already 8" at step 0, "still not 8" when it never arrived), with the
     target's probability when the last frame is the final input.
 
@@ -145,3 +148,50 @@ def save_gif(
         images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
 
     return atomic_write(path, write, fsync=True)
+
+
+def portrait_row(
+    result: MorphResult | SimpleNamespace,
+    *,
+    zoom: int = 4,
+    names: Sequence[str] | None = None,
+    display: Display = None,
+) -> Image.Image:
+    """Class portraits (what `peering.portraits` returns) side by side, each captioned with its class and
+    the model's probability for it, e.g. "8" over "p=0.99".
+
+    Args:
+        result: a `MorphResult` (or any object with ``.inputs`` [K, ...], ``.targets`` [K] and optionally
+            ``.probabilities`` [K, C] and ``.success`` [K]); a portrait that did not meet the stopping rule
+            is captioned "(not reached)".
+        zoom: integer nearest-neighbour magnification.
+        names: a display name for each class index (default: the index).
+        display: how inputs become pictures (see `explanation_image`).
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> from peering.render import portrait_row
+    >>> res = SimpleNamespace(inputs=torch.rand(10, 1, 28, 28), targets=torch.arange(10),
+    ...                       probabilities=torch.eye(10), success=torch.ones(10, dtype=torch.bool))
+    >>> portrait_row(res, zoom=2).size
+    (696, 100)
+    """
+    inputs = result.inputs
+    targets = [int(t) for t in result.targets.reshape(-1).tolist()]
+    if len(targets) != inputs.shape[0]:
+        raise ValueError(f"{inputs.shape[0]} portraits but {len(targets)} targets")
+    probs = getattr(result, "probabilities", None)
+    success = getattr(result, "success", None)
+    captions = []
+    for k, t in enumerate(targets):
+        name = names[t] if names is not None else str(t)
+        lines = [name]
+        if probs is not None:
+            lines.append(f"p={float(probs[k, t]):.2f}")
+        if success is not None and not bool(success[k]):
+            lines.append("(not reached)")
+        captions.append("\n".join(lines))
+    sample_ndim = inputs.ndim - 1
+    shown = display_images(inputs, display, sample_ndim)
+    tiles = _rgb(shown, sample_ndim)[None]  # [1, K, H, W, 3]
+    return Image.fromarray(_compose(tiles, [captions], zoom=zoom)[0])

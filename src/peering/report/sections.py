@@ -397,13 +397,20 @@ def _morph_caption(m: dict[str, Any]) -> str:
         head += f" ({m['kind']})"
     parts = [head]
     distance = m.get("distance")
-    if m.get("success"):
+    confidence = m.get("confidence")
+    if m.get("success") and isinstance(confidence, (int, float)):
+        reached = f"p({m['target']}) ≥ {confidence:g} at step {m.get('step')}"
+        if isinstance(distance, (int, float)):
+            reached += f" (L2 distance {distance:.2f})"
+        parts.append(reached)
+    elif m.get("success"):
         flip = f"flipped at step {m.get('step')}"
         if isinstance(distance, (int, float)):
             flip += f" (L2 distance {distance:.2f})"
         parts.append(flip)
     elif "success" in m:
-        parts.append(f"did not flip in {m.get('steps', '?')} steps")
+        rule = f"reach p ≥ {confidence:g}" if isinstance(confidence, (int, float)) else "flip"
+        parts.append(f"did not {rule} in {m.get('steps', '?')} steps")
     start, end = m.get("p_target_start"), m.get("p_target_end")
     if isinstance(start, (int, float)) and isinstance(end, (int, float)):
         where = ""
@@ -434,6 +441,52 @@ def _morph(run: RunData, options: Options) -> dict[str, Any] | None:
                 animation = None
         strips.append({"missing": None, "png": png, "caption": _morph_caption(m), "gif": animation})
     return {"strips": strips}
+
+
+# ------------------------------------------------------------------------------------------------- judges
+
+
+def _judges(run: RunData, options: Options) -> dict[str, Any] | None:
+    record = run.summary.get("judges")
+    if not isinstance(record, dict) or not record.get("names"):
+        return None
+    names = [str(n) for n in record["names"]]
+    accuracy = record.get("accuracy", {})
+    rows = []
+    for m in record.get("morphs", []):
+        agreement, noise = m.get("agreement", {}), m.get("noise", {})
+        rows.append(
+            {
+                "method": str(m.get("method", "")),
+                "n": m.get("n", "–"),
+                "success": _fmt(m.get("success"), "{:.1%}"),
+                "agreement": [_fmt(agreement.get(n), "{:.1%}") for n in names],
+                "noise": [_fmt(noise.get(n), "{:.1%}") for n in names],
+                "mean_l2": _fmt(m.get("mean_l2"), "{:.2f}"),
+            }
+        )
+    portraits = None
+    entry = record.get("portraits")
+    if isinstance(entry, dict) and isinstance(entry.get("picture"), str):
+        try:
+            png: bytes | None = (run.root / entry["picture"]).read_bytes()
+        except OSError:
+            png = None
+        agreement = entry.get("agreement", {})
+        portraits = {
+            "picture": {"png": png} if png is not None else None,
+            "missing": entry["picture"] if png is None else None,
+            "agreement": [(n, _fmt(agreement.get(n), "{:.0%}")) for n in names],
+            "reached": sum(bool(v) for v in entry.get("success", [])),
+            "count": len(entry.get("classes", [])),
+        }
+    return {
+        "names": names,
+        "accuracy": [(n, _fmt(accuracy.get(n), "{:.1%}")) for n in names],
+        "trained_on": record.get("trained_on"),
+        "rows": rows,
+        "portraits": portraits,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -617,6 +670,7 @@ _ALL: tuple[Section, ...] = (
     Section("atlas", "Confusion atlas per epoch", "Confusion atlas", _atlas),
     Section("tracked", "Tracked samples over time", "Tracked samples", _tracked),
     Section("morph", "Morphing digits", "Morphing", _morph),
+    Section("judges", "Do other models believe the morphs?", "Judges", _judges),
     Section("dataset", "Dataset attributions", "Dataset", _dataset),
     Section("sanity", "Sanity check", "Sanity check", _sanity),
 )
