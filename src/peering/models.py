@@ -16,7 +16,21 @@ from torch import Tensor, nn
 __all__ = ["DigitCNN", "DigitClassifier", "DigitLeNet", "DigitMLP", "accuracy", "train_classifier"]
 
 
-class DigitCNN(nn.Module):
+class _Standardised(nn.Module):
+    """A digit classifier that standardises its pixels first: `standardise(x)` = `(x - mean) / std`."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        if std <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def standardise(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class DigitCNN(_Standardised):
     """The classic PyTorch MNIST example network, with the input normalisation built in.
 
     conv3x3(in, 32) - ReLU - conv3x3(32, 64) - ReLU - maxpool 2 - dropout - flatten - Linear(flat, hidden) -
@@ -49,18 +63,14 @@ class DigitCNN(nn.Module):
         hidden: int = 128,
         dropout: tuple[float, float] = (0.25, 0.5),
     ) -> None:
-        super().__init__()
+        super().__init__(mean, std)
         if image_size < 6:
             raise ValueError(
                 f"image_size must be at least 6 (two 3x3 convolutions and a 2x2 pool), got {image_size}"
             )
-        if std <= 0:
-            raise ValueError(f"std must be positive, got {std}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.image_size = image_size
-        self.mean = float(mean)
-        self.std = float(std)
         pooled = (image_size - 4) // 2
         self.flat_features = 64 * pooled * pooled
         self.conv1 = nn.Conv2d(in_channels, 32, 3, 1)
@@ -72,7 +82,7 @@ class DigitCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits `[B, num_classes]` for pixels `x` in `[0, 1]` of shape `[B, C, H, W]`."""
-        x = (x - self.mean) / self.std
+        x = self.standardise(x)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
         x = F.max_pool2d(x, 2)
@@ -83,7 +93,7 @@ class DigitCNN(nn.Module):
         return self.fc2(x)
 
 
-class DigitMLP(nn.Module):
+class DigitMLP(_Standardised):
     """A fully connected digit classifier: flatten - (Linear - ReLU - dropout) per hidden layer - Linear.
 
     Another architecture than `DigitCNN`, e.g. to judge morphs (`peering.agreement`): it sees pixels, not
@@ -109,11 +119,7 @@ class DigitMLP(nn.Module):
         mean: float = 0.1307,
         std: float = 0.3081,
     ) -> None:
-        super().__init__()
-        if std <= 0:
-            raise ValueError(f"std must be positive, got {std}")
-        self.mean = float(mean)
-        self.std = float(std)
+        super().__init__(mean, std)
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_channels * image_size * image_size
         for h in hidden:
@@ -124,10 +130,10 @@ class DigitMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits `[B, num_classes]` for pixels `x` in `[0, 1]`."""
-        return self.layers((x - self.mean) / self.std)
+        return self.layers(self.standardise(x))
 
 
-class DigitLeNet(nn.Module):
+class DigitLeNet(_Standardised):
     """A LeNet-style CNN with batch norm and average pooling: another CNN than `DigitCNN`.
 
     conv5x5(in, 16) - batch norm - ReLU - avgpool 2 - conv5x5(16, 32) - batch norm - ReLU - avgpool 2 -
@@ -150,13 +156,9 @@ class DigitLeNet(nn.Module):
         mean: float = 0.1307,
         std: float = 0.3081,
     ) -> None:
-        super().__init__()
+        super().__init__(mean, std)
         if image_size < 4:
             raise ValueError(f"image_size must be at least 4 (two 2x2 poolings), got {image_size}")
-        if std <= 0:
-            raise ValueError(f"std must be positive, got {std}")
-        self.mean = float(mean)
-        self.std = float(std)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 16, 5, padding=2), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
             nn.Conv2d(16, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2),
@@ -165,7 +167,7 @@ class DigitLeNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits `[B, num_classes]` for pixels `x` in `[0, 1]` of shape `[B, C, H, W]`."""
-        return self.classifier(torch.flatten(self.features((x - self.mean) / self.std), 1))
+        return self.classifier(torch.flatten(self.features(self.standardise(x)), 1))
 
 
 class DigitClassifier(pl.LightningModule):

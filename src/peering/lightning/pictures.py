@@ -337,7 +337,12 @@ class PictureJob:
 
 
 def is_token_ids(inputs: Tensor) -> bool:
-    """True for integer inputs [B, L]: token ids, drawn as text when explained at their embeddings."""
+    """True for integer inputs [B, L]: token ids, drawn as text when explained at their embeddings.
+
+    >>> import torch
+    >>> is_token_ids(torch.tensor([[101, 2023, 102]])), is_token_ids(torch.rand(1, 3))
+    (True, False)
+    """
     return inputs.ndim == 2 and not inputs.is_floating_point() and not inputs.is_complex() and (
         inputs.dtype != torch.bool
     )
