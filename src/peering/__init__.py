@@ -26,7 +26,7 @@ from peering.morph import MorphResult, morph
 from peering.portraits import portraits
 from peering.store import DatasetAttributions, load_attributions
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Agreement",
