@@ -243,8 +243,7 @@ class PictureJob:
         from peering.render import confusion_panels
 
         out, c = self.output, self.chosen
-        tokens = is_token_ids(c.inputs) and self.attributions.ndim == 3  # [n, 2, L] token scores
-        if tokens:
+        if is_token_ids(c.inputs) and self.attributions.ndim == 3:  # [n, 2, L]: one score per token
             panels, extra = self._token_panels()
         else:
             panels = confusion_panels(
@@ -294,7 +293,6 @@ class PictureJob:
         if written:
             out.written(self.stage, written)
         out.record(records)
-
 
     def _token_panels(self) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The panels of token ids (`peering.render.token_panels`), and per sample the ``tokens`` and
