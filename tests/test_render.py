@@ -490,3 +490,25 @@ def test_film_strip_and_gif_end_where_the_sample_stopped(tmp_path):
         np.array(film_strip(unknown, 0, zoom=2, max_frames=4)),
     )
     assert captioned.shape != plain.shape or not np.array_equal(captioned, plain)
+
+
+def test_an_unreached_morph_says_whether_its_target_leads():
+    """A morph that never met the rule: "still not 6" while 6 is not the top class; "5, not yet p ≥ 0.99"
+    when 5 is the top class but below the confidence morph asked for (not "still not 5")."""
+    from peering.render.morphs import _morph_frames
+
+    probabilities = torch.zeros(2, 10)
+    probabilities[0, 5], probabilities[0, 6] = 0.98, 0.02
+    probabilities[1, 0], probabilities[1, 6] = 0.6, 0.4
+    res = SimpleNamespace(
+        frames=torch.rand(3, 2, 1, 8, 8),
+        frame_steps=torch.arange(3),
+        steps=torch.tensor([-1, -1]),
+        targets=torch.tensor([5, 6]),
+        probabilities=probabilities,
+        confidence=0.99,
+    )
+    assert _morph_frames(res, 0)[2][-1] == "step 2: 5, not yet p ≥ 0.99\np(5)=0.98"
+    assert _morph_frames(res, 1)[2][-1] == "step 2: still not 6\np(6)=0.40"
+    res.confidence = None  # stopping at the top class: a leading target would have arrived
+    assert _morph_frames(res, 0)[2][-1] == "step 2: still not 5\np(5)=0.98"

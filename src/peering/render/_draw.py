@@ -25,7 +25,7 @@ _GAP = 8  # pixels of white between the cells of a row, so that neighbouring cap
 _NOTE_WIDTH = 560  # a panel with a note is at least this wide, so the note wraps into few lines
 _FONT_SIZE = 16  # pixels: digits 12 px tall, readable at 100% zoom (the report asks for >= 11 px)
 _BACKGROUND = 255  # white; captions are black on it
-_ASCII = str.maketrans({"→": "->", "∇": "grad ", "·": "*", "±": "+-", "…": "..."})  # fallback font
+_ASCII = str.maketrans({"→": "->", "∇": "grad ", "·": "*", "±": "+-", "…": "...", "≥": ">="})  # fallback font
 
 ChannelView = Literal["colour", "sum", "each", "magnitude"]
 CHANNEL_VIEWS: tuple[str, ...] = ("colour", "sum", "each", "magnitude")

@@ -64,7 +64,7 @@ def _morph_frames(result: MorphResult | SimpleNamespace, index: int) -> tuple[Te
     if arrival is None:
         head, tail = f"step {s}", p
     elif arrival < 0:
-        head, tail = f"step {s}: still not {target}", p
+        head, tail = f"step {s}: {_unreached(result, index, target, final)}", p
     elif arrival == 0:
         head, tail = f"step {s}: already {target}", p
     elif arrival == s:
@@ -73,6 +73,16 @@ def _morph_frames(result: MorphResult | SimpleNamespace, index: int) -> tuple[Te
         head, tail = f"step {s}", f"reached {target} at step {arrival}" + (f", {p}" if p else "")
     captions[-1] = f"{head}\n{tail}" if tail else head
     return sample[: last + 1], frames.ndim - 2, captions
+
+
+def _unreached(result: MorphResult | SimpleNamespace, index: int, target: int, final: bool) -> str:
+    """What the last caption of a morph that never met the stopping rule says: "still not 8" while 8 is
+    not the top class, "8, not yet p ≥ 0.99" when it is but below the asked-for confidence."""
+    confidence = getattr(result, "confidence", None)
+    probs = getattr(result, "probabilities", None)
+    if confidence is not None and probs is not None and final and int(probs[index].argmax()) == target:
+        return f"{target}, not yet p ≥ {confidence:g}"
+    return f"still not {target}"
 
 
 def film_strip(
@@ -88,7 +98,8 @@ def film_strip(
     The strip ends at the sample's arrival step (``result.steps``: the first step the sample met morph's
     stopping rule: its target is the model's top class, with the asked-for confidence) and the last
     caption says so: "step 37: reached 8" (or "reached 8 at step 37" when frames
-    were kept every few steps, "already 8" at step 0, "still not 8" when it never arrived), with the
+    were kept every few steps, "already 8" at step 0, "still not 8" when it never arrived, "8, not yet
+    p ≥ 0.99" when it is the top class but below morph's ``confidence``), with the
     target's probability when the last frame is the final input.
 
     Args:
