@@ -142,8 +142,9 @@ def test_pictures_look_like_a_matrix_and_like_attributions(atlas_run):
 
 
 def test_the_module_returned_logits_spare_a_forward_pass(data, tmp_path):
-    """With ``{"logits": ...}`` returned from validation_step the atlas runs no model; without them it
-    runs the model once per validation batch. The matrix is the same either way."""
+    """With ``{"logits": ...}`` returned from validation_step the atlas and the validation checks run no
+    model; without them the callback runs it once per validation batch, for both. The matrix and the
+    validation pictures are the same either way."""
 
     class Counting(TinyNet):
         def __init__(self, return_logits: bool, **kwargs):
@@ -168,12 +169,12 @@ def test_the_module_returned_logits_spare_a_forward_pass(data, tmp_path):
             return {"loss": loss, "logits": logits} if self.return_logits else loss
 
     train, val = loaders(data, n_val=N_VAL)
-    matrices = []
+    matrices, checked = [], []
     with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
         for return_logits in (True, False):
             torch.manual_seed(0)  # the same weights and dropout masks in both runs
             model = Counting(return_logits, size=data[0].shape[-1])
-            callback = ConfusedLogitCallback(on="train", background=False)  # no validation checks of its own
+            callback = ConfusedLogitCallback(logging_batch_interval=1, background=False, **ALWAYS)
             run = trainer(
                 tmp_path / str(return_logits),
                 [callback],
@@ -182,11 +183,13 @@ def test_the_module_returned_logits_spare_a_forward_pass(data, tmp_path):
                 num_sanity_val_steps=0,
             )
             run.fit(model, train, val)
-            assert model.calls == 3 * (1 if return_logits else 2)  # 3 validation batches
-            matrices.append(
-                [r["matrix"] for r in read_index(tmp_path / str(return_logits)) if r["tag"] == MATRIX]
-            )
+            assert model.calls == 3 * (1 if return_logits else 2)  # 3 validation batches, all checked
+            index = read_index(tmp_path / str(return_logits))
+            matrices.append([r["matrix"] for r in index if r["tag"] == MATRIX])
+            pictures = [r for r in index if r["tag"] == "peering/val/confused"]
+            checked.append([(r["label"], r["class_a"], r["class_b"]) for r in pictures])
     assert matrices[0] == matrices[1] and len(matrices[0]) == 1
+    assert checked[0] == checked[1] and len(checked[0]) == 4  # top_k validation pictures, the same samples
 
 
 def test_png_folder_and_index_without_a_logger(data, tmp_path):

@@ -201,7 +201,9 @@ class ConfusedLogitCallback(Callback):
             thread, e.g. for debugging).
 
     Needs nothing from the LightningModule but ``forward``: it computes the logits itself, in eval mode
-    (restoring every submodule's own mode after), and the gradients with ``torch.autograd.grad`` on a
+    (restoring every submodule's own mode after), except for validation and test batches whose step
+    returns ``{"logits": [B, C], ...}`` (Lightning runs those steps in eval mode: the checks and the atlas
+    use them and spare a forward pass), and the gradients with ``torch.autograd.grad`` on a
     detached copy of the inputs, so no parameter ``.grad`` is touched. Validation and test batches, which
     a stand-alone ``validate()``/``test()`` runs under ``torch.inference_mode``, are copied out of it
     first. Nothing happens during the sanity check. Pictures are written by global rank zero only, which
@@ -595,6 +597,8 @@ class ConfusedLogitCallback(Callback):
         if found is None:
             return
         inputs, labels, kwargs = found
+        # the logits the step returned (Lightning runs it in eval mode, as the callback would), else its own
+        returned = _returned_logits(outputs, inputs.shape[0])
         logits = None
         if check or choose_tracked:
             layout = layout_of(inputs, split_kwargs(kwargs, inputs.shape[0])[0])
@@ -603,7 +607,9 @@ class ConfusedLogitCallback(Callback):
                 check = choose_tracked = False
             else:
                 self._pool_layout = layout
-                logits = self._safe_scores(stage, pl_module, inputs, kwargs)
+                logits = returned
+                if logits is None:
+                    logits = self._safe_scores(stage, pl_module, inputs, kwargs)
                 if logits is None:
                     if atlas is not None:
                         atlas.fail("the model could not be run on a validation batch")
