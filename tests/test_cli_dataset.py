@@ -59,6 +59,32 @@ def test_digits_are_explained_in_order_and_a_rerun_resumes(checkpoint, digits, d
     assert "explained 0 of 1,797 samples" in again.stdout and "1,797 were already done" in again.stdout
 
 
+def test_normalised_inputs_are_explained_as_the_model_sees_them(checkpoint, digits, digits_cnn, tmp_path):
+    """--mean/--std: the model is fed (x - mean) / std, the attributions are those `explain` gives on them
+    (as `peering explain --mean/--std`), dataset.json records it, a rerun with another normalisation is
+    refused, and the report says what the model saw."""
+    from tests.test_report import parse
+
+    out = tmp_path / "run"
+    args = ("explain-dataset", checkpoint, "--data", "digits", "--out", out, "--no-progress")
+    result = invoke(*args, "--mean", "0.5", "--std", "0.25")
+    assert result.exit_code == 0, result.output
+    x, _ = digits
+    expected = peering.explain(digits_cnn, (x - 0.5) / 0.25, top_k=2)
+    run = peering.load_attributions(out)
+    assert torch.equal(run.targets, expected.targets)
+    assert_close(run.attributions[:], expected.attributions)
+    assert_close(run.logits, expected.logits)
+    with torch.no_grad():
+        assert not torch.allclose(run.logits, digits_cnn.eval()(x))  # not the raw images' logits
+    assert json.loads((out / "dataset.json").read_text())["normalisation"] == {"mean": [0.5], "std": [0.25]}
+    assert_bad_input(invoke(*args, "--mean", "0.4", "--std", "0.25"), "other data")
+    assert_bad_input(invoke(*args, "--mean", "0.5"), "--mean and --std go together")
+    assert invoke("report", out).exit_code == 0
+    text = " ".join(parse(out / "report.html").text)
+    assert "the model saw (x - mean) / std (mean [0.5], std [0.25])" in text
+
+
 def _save_png(path, pixels):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)

@@ -750,6 +750,20 @@ class _ImageFiles(torch.utils.data.Dataset):
         return image, self.labels[index]
 
 
+class _NormalisedImages(torch.utils.data.Dataset):
+    """The (image, label) pairs of ``dataset`` with the images normalised for the model: (x - mean) / std."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, mean: Tensor, std: Tensor) -> None:
+        self.dataset, self.mean, self.std = dataset, mean, std
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        image, label = self.dataset[index]
+        return (image - self.mean) / self.std, label
+
+
 def _folder_dataset(
     folder: Path, loaded: LoadedModel, invert: bool, num_classes: int
 ) -> tuple[_ImageFiles, dict[str, Any]]:
@@ -834,10 +848,14 @@ def explain_dataset(
     image_size: SizeOption = None,
     invert: InvertOption = False,
     progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
+    mean: MeanOption = None,
+    std: StdOption = None,
 ) -> None:
     """Explain every sample of a data set with Trainer.predict on one or more devices; shards in --out.
 
-    Read them with peering.load_attributions(OUT); `peering report OUT` shows them.
+    Read them with peering.load_attributions(OUT); `peering report OUT` shows them. With --mean/--std the
+    model is fed normalised images (the attributions are of those, as with `peering explain`), and the
+    report shows the images as read.
 
     Example: peering explain-dataset runs/demo/model.ckpt --data digits --out runs/digits-explained
     """
@@ -857,6 +875,13 @@ def explain_dataset(
             dataset, source = _folder_dataset(folder, loaded, invert, n_classes)
         else:
             _fail(f"--data must be mnist, digits or a folder of images; {data} is none of these")
+        normalisation = _normalisation(mean, std, int(dataset[0][0].shape[0]))
+        if normalisation is not None:
+            dataset = _NormalisedImages(dataset, *normalisation)
+            source["normalisation"] = {
+                "mean": normalisation[0].flatten().tolist(),
+                "std": normalisation[1].flatten().tolist(),
+            }
         parsed_target: int | str | None = None
         if target is not None:
             if target == "label":

@@ -525,6 +525,11 @@ def _dataset_facts(d: Any) -> list[tuple[str, str]]:
     if what:
         facts.append(("Data", what))
     facts.append(("Explained", f"{a.method} of the {a.output} of {_target_text(config)}"))
+    norm = source.get("normalisation")
+    if isinstance(norm, dict) and {"mean", "std"} <= norm.keys():
+        values = ", ".join(f"{k} {norm[k]}" for k in ("mean", "std"))
+        seen = f"the model saw (x - mean) / std ({values}); the pictures show x as read"
+        facts.append(("Normalised", seen))
     if config.get("layer"):
         facts.append(("Layer", str(config["layer"])))
     model = config.get("model", {})
