@@ -120,6 +120,28 @@ def digits_cnn(digits_split):
 
 
 @pytest.fixture(scope="session")
+def digits_checkpoint(digits_cnn, tmp_path_factory) -> Path:
+    """`digits_cnn`'s weights in a Lightning checkpoint of `DigitClassifier(image_size=8)`, saved the way
+    `peering demo` saves its model, for the command-line tests that need no demo run."""
+    import lightning.pytorch as pl
+
+    from peering.models import DigitClassifier
+
+    module = DigitClassifier(image_size=8)
+    module.model.load_state_dict(digits_cnn.state_dict())
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": {"image_size": 8},
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
 def digits_mlp(digits_split):
     """An MLP on flat digits, `[B, 64] -> [B, 10]` (Linear-ReLU-Linear), trained like `digits_cnn`."""
     train_x, train_y, _, _ = digits_split

@@ -27,19 +27,8 @@ def invoke(*args: str | Path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(digits_cnn, tmp_path_factory) -> Path:
-    module = DigitClassifier(image_size=8)
-    module.model.load_state_dict(digits_cnn.state_dict())
-    path = tmp_path_factory.mktemp("run") / "model.ckpt"
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": {"image_size": 8},
-            "pytorch-lightning_version": pl.__version__,
-        },
-        path,
-    )
-    return path
+def checkpoint(digits_checkpoint) -> Path:
+    return digits_checkpoint
 
 
 def test_check_prints_the_sanity_table_and_deletion_insertion(checkpoint):

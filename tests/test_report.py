@@ -26,18 +26,10 @@ from peering.demo import run_demo
 from peering.lightning import ConfusedLogitCallback
 from peering.models import DigitClassifier
 from peering.report import SECTIONS, ReportError, build_report, find_log_dir
+from tests._chromium import FLAGS as CHROMIUM_FLAGS
+from tests._chromium import find_chromium
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--hide-scrollbars",
-]
 
 
 class _Page(HTMLParser):
@@ -62,14 +54,6 @@ def parse(path: Path) -> _Page:
     page = _Page()
     page.feed(path.read_text(encoding="utf-8"))
     return page
-
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
 
 
 @pytest.fixture(scope="module")
