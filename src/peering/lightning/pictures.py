@@ -295,42 +295,32 @@ class PictureJob:
         out.record(records)
 
     def _token_panels(self) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """The panels of token ids (`peering.render.token_panels`), and per sample the ``tokens`` and
-        per-class ``scores`` its index record keeps (padding left out), from which the report draws
-        the coloured text as HTML."""
-        from peering.render import token_panels
-        from peering.render.tokens import _converter
+        """The panels of token ids (as `peering.render.token_panels` draws them), and per sample the
+        ``tokens`` and per-class ``scores`` its index record keeps (padding left out), from which the
+        report draws the coloured text as HTML."""
+        from peering.render.tokens import _converter, _panels, _unpadded
 
-        c, scores = self.chosen, self.attributions.float()
+        c, output = self.chosen, self.output.drawing.get("output")
         mask = c.kwargs.get("attention_mask")
         if mask is not None and tuple(mask.shape) != tuple(c.inputs.shape):
             mask = None
         tokenizer = self.output.tokenizer
-        panels = token_panels(
-            scores,
-            c.inputs,
+        words, kept = _unpadded(self.attributions, c.inputs, tokenizer, mask)
+        panels = _panels(
+            words,
+            kept,
             class_a=c.classes[:, 0],
             class_b=c.classes[:, 1],
             prob_a=self.probs[:, 0],
             prob_b=self.probs[:, 1],
             labels=c.labels,
-            tokenizer=tokenizer,
-            mask=mask,
-            output=self.output.drawing.get("output"),
+            ids_only=_converter(tokenizer) is None,
+            output=output,
         ).numpy()
-        convert = _converter(tokenizer)
-        keep = (mask != 0) if mask is not None else torch.ones(c.inputs.shape, dtype=torch.bool)
-        extra = []
-        for i in range(len(c)):
-            ids = c.inputs[i][keep[i]].tolist()
-            words = [str(t) for t in convert(ids)] if convert is not None else [str(t) for t in ids]
-            extra.append(
-                {
-                    "tokens": words,
-                    "output": self.output.drawing.get("output"),
-                    "scores": [[float(f"{v:.4g}") for v in row[keep[i]].tolist()] for row in scores[i]],
-                }
-            )
+        rounded = [[[float(f"{v:.4g}") for v in row] for row in k.tolist()] for k in kept]
+        extra = [
+            {"tokens": w, "output": output, "scores": r} for w, r in zip(words, rounded, strict=True)
+        ]
         return panels, extra
 
 

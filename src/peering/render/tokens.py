@@ -339,6 +339,27 @@ def token_panels(
     >>> panels.shape[0], panels.shape[2], panels.dtype
     (3, 720, torch.uint8)
     """
+    words, kept = _unpadded(scores, ids, tokenizer, mask)
+    return _panels(
+        words,
+        kept,
+        class_a=class_a,
+        class_b=class_b,
+        prob_a=prob_a,
+        prob_b=prob_b,
+        labels=labels,
+        ids_only=_converter(tokenizer) is None,
+        output=output,
+        width=width,
+    )
+
+
+def _unpadded(
+    scores: Tensor, ids: Tensor, tokenizer: Any, mask: Tensor | None
+) -> tuple[list[list[str]], list[Tensor]]:
+    """Per sample, its token strings and its scores [2, k] at those tokens (padding left out wherever the
+    mask puts it; ids as strings without a tokenizer), from scores [N, 2, L] (or [N, 2, L, H]) and ids
+    [N, L]."""
     if scores.ndim == 4:
         scores = token_scores(scores)
     n = ids.shape[0]
@@ -349,34 +370,65 @@ def token_panels(
         )
     length = ids.shape[1]
     ids, scores = ids.detach().cpu(), scores.detach().cpu().float()
-    lengths = torch.full((n,), length, dtype=torch.int64)
+    lengths = [length] * n
     if mask is not None:
         if tuple(mask.shape) != (n, length):
             raise ValueError(f"mask must be [N, L] = {(n, length)}, got {tuple(mask.shape)}")
         keep = mask.detach().cpu() != 0
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # the kept positions first
         ids, scores = ids.gather(1, order), scores.gather(2, order[:, None, :].expand(n, 2, length))
-        lengths = keep.sum(dim=1)
-    rows = [row[:k] for row, k in zip(ids.tolist(), lengths.tolist(), strict=True)]
+        lengths = keep.sum(dim=1).tolist()
+    rows = [row[:k] for row, k in zip(ids.tolist(), lengths, strict=True)]
     convert = _converter(tokenizer)
     if convert is not None:
         words = [[str(t) for t in convert(row)] for row in rows]
     else:
         words = [[str(i) for i in row] for row in rows]
-    classes = torch.stack([class_a.reshape(n), class_b.reshape(n)], dim=1).cpu().to(torch.int64)
-    probs = torch.zeros(n, int(classes.max()) + 1 if n else 1)
-    probs.scatter_(1, classes, torch.stack([prob_a.reshape(n), prob_b.reshape(n)], dim=1).cpu().float())
+    return words, [s[:, :k] for s, k in zip(scores, lengths, strict=True)]
+
+
+def _two_class_probabilities(classes: Tensor, probabilities: Tensor) -> Tensor:
+    """[N, C] holding each sample's probabilities [N, 2] of its two classes [N, 2] (zeros elsewhere): what
+    `token_image` and `token_html` take to caption them.
+
+    >>> import torch
+    >>> _two_class_probabilities(torch.tensor([[3, 1]]), torch.tensor([[0.5, 0.25]])).tolist()
+    [[0.0, 0.25, 0.0, 0.5]]
+    """
+    classes = classes.detach().cpu().to(torch.int64)
+    out = torch.zeros(classes.shape[0], int(classes.max()) + 1 if classes.numel() else 1)
+    return out.scatter_(1, classes, probabilities.detach().cpu().float())
+
+
+def _panels(
+    words: list[list[str]],
+    kept: list[Tensor],
+    *,
+    class_a: Tensor,
+    class_b: Tensor,
+    prob_a: Tensor,
+    prob_b: Tensor,
+    labels: Tensor | None,
+    ids_only: bool,
+    output: str | None,
+    width: int = 720,
+) -> Tensor:
+    """`token_panels` from `_unpadded`'s tokens and scores."""
+    n = len(words)
+    classes = torch.stack([class_a.reshape(n), class_b.reshape(n)], dim=1)
+    probs = _two_class_probabilities(classes, torch.stack([prob_a.reshape(n), prob_b.reshape(n)], dim=1))
+    classes = classes.cpu().to(torch.int64)
     ls = [-1] * n if labels is None else labels.reshape(n).tolist()
     font, _ = _font()
     band = _band_height(font)
     pictures = []
     for i in range(n):
         body = token_image(
-            scores[i : i + 1], [words[i]], targets=classes[i : i + 1], probabilities=probs[i : i + 1],
+            kept[i][None], [words[i]], targets=classes[i : i + 1], probabilities=probs[i : i + 1],
             output=output, max_samples=None, width=width,
         )
         head = f"label {ls[i]}" if ls[i] >= 0 else "label ?"
-        if convert is None:
+        if ids_only:
             head += " · tokens shown as ids: pass tokenizer= to see the words"
         lines = _wrap(head, font, width - 8)
         picture = Image.new("RGB", (width, 4 + band * len(lines) + body.height), (_BACKGROUND,) * 3)

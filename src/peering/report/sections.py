@@ -206,15 +206,15 @@ def _tokens(p: Picture) -> Any:
         import torch
 
         from peering.render import token_html
+        from peering.render.tokens import _two_class_probabilities
 
-        a, b = int(r["class_a"]), int(r["class_b"])
-        probabilities = torch.zeros(1, max(a, b) + 1)
-        probabilities[0, a], probabilities[0, b] = float(r["prob_a"]), float(r["prob_b"])
+        classes = torch.tensor([[int(r["class_a"]), int(r["class_b"])]])
+        probabilities = torch.tensor([[float(r["prob_a"]), float(r["prob_b"])]])
         return token_html(
             torch.tensor([scores], dtype=torch.float32),
             [[str(t) for t in tokens]],
-            targets=torch.tensor([[a, b]]),
-            probabilities=probabilities,
+            targets=classes,
+            probabilities=_two_class_probabilities(classes, probabilities),
             output=r.get("output"),
         )
     except (KeyError, TypeError, ValueError):
