@@ -5,11 +5,9 @@ that `load_attributions` reads back with `peering.explain`'s numbers; reruns res
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,6 @@ from PIL import Image
 
 import peering
 from peering.cli import app, read_image
-from peering.models import DigitClassifier
 from tests._close import assert_close
 from tests.test_cli import assert_bad_input, invoke
 
@@ -25,20 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def checkpoint(digits_cnn, tmp_path_factory):
+def checkpoint(digits_checkpoint):
     """A Lightning checkpoint of the demo model holding the trained `digits_cnn`'s weights."""
-    module = DigitClassifier(image_size=8)
-    module.model = copy.deepcopy(digits_cnn)
-    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": {"image_size": 8},
-            "pytorch-lightning_version": pl.__version__,
-        },
-        path,
-    )
-    return path
+    return digits_checkpoint
 
 
 def test_digits_are_explained_in_order_and_a_rerun_resumes(checkpoint, digits, digits_cnn, tmp_path):
@@ -237,6 +223,7 @@ def test_report_of_a_dataset_run(checkpoint, digits, tmp_path):
     assert 0.05 < changed.mean() < 0.5  # the input tiles, not the maps or the captions
     np.testing.assert_allclose(normalised[changed], plain[changed] * 0.5 + 127.5, atol=1.0)
     assert_bad_input(invoke("report", out, "--mean", "0.5"), "--mean and --std go together")
+    assert_bad_input(invoke("report", out, "--mean", "0.1,0.2", "--std", "0.5"), "mean has 2 values")
 
     shard = sorted((out / "shards").glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:200])

@@ -345,8 +345,9 @@ StdOption = Annotated[
 ]
 
 
-def _normalisation(mean: str | None, std: str | None, channels: int) -> tuple[Tensor, Tensor] | None:
-    """(mean, std) as [C, 1, 1] tensors from the --mean/--std options, or None without them."""
+def _normalisation(mean: str | None, std: str | None, channels: int | None) -> tuple[Tensor, Tensor] | None:
+    """(mean, std) as [C, 1, 1] tensors from the --mean/--std options, or None without them. With
+    ``channels`` None, any number of values is taken (the pictures check it against their images)."""
     if mean is None and std is None:
         return None
     if mean is None or std is None:
@@ -357,7 +358,7 @@ def _normalisation(mean: str | None, std: str | None, channels: int) -> tuple[Te
             values = [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
             _fail(f"{name} must be numbers separated by commas, got {text!r}")
-        if len(values) not in (1, channels):
+        if channels is not None and len(values) not in (1, channels):
             _fail(
                 f"{name} has {len(values)} values; the images have {channels} channels (give 1 or {channels})"
             )
@@ -367,6 +368,11 @@ def _normalisation(mean: str | None, std: str | None, channels: int) -> tuple[Te
     if not bool((s > 0).all()):
         _fail(f"--std must be positive, got {std}")
     return m, s
+
+
+def _as_lists(normalisation: tuple[Tensor, Tensor]) -> tuple[list[float], list[float]]:
+    """(mean, std) as lists of numbers: a ``display=`` for the pictures, or JSON."""
+    return normalisation[0].flatten().tolist(), normalisation[1].flatten().tolist()
 
 
 class _Normalising(torch.nn.Module):
@@ -483,7 +489,7 @@ def explain(
         display = None
         if normalisation is not None:  # the model sees normalised images; the pictures undo it
             x = (x - normalisation[0]) / normalisation[1]
-            display = (normalisation[0].flatten().tolist(), normalisation[1].flatten().tolist())
+            display = _as_lists(normalisation)
         n_classes = _class_count(loaded, x)
         _check_target(target, n_classes)
         if target is None and top_k > n_classes:
@@ -878,10 +884,7 @@ def explain_dataset(
         normalisation = _normalisation(mean, std, int(dataset[0][0].shape[0]))
         if normalisation is not None:
             dataset = _NormalisedImages(dataset, *normalisation)
-            source["normalisation"] = {
-                "mean": normalisation[0].flatten().tolist(),
-                "std": normalisation[1].flatten().tolist(),
-            }
+            source["normalisation"] = dict(zip(("mean", "std"), _as_lists(normalisation), strict=True))
         parsed_target: int | str | None = None
         if target is not None:
             if target == "label":
@@ -1298,16 +1301,16 @@ def report(
     from peering.report import build_report, find_log_dir
 
     with _bad_input():
-        display = None
-        if mean is not None or std is not None:
-            channels = max(len(text.split(",")) for text in (mean or "0", std or "1"))
-            normalisation = _normalisation(mean, std, channels)
-            assert normalisation is not None
-            display = (normalisation[0].flatten().tolist(), normalisation[1].flatten().tolist())
+        normalisation = _normalisation(mean, std, None)  # the report checks them against its images
+        display = None if normalisation is None else _as_lists(normalisation)
         try:
             path = build_report(run_dir, out, max_per_epoch=max_per_epoch, display=display)
         except OSError as err:
             _fail(f"cannot write the report of {run_dir}: {err.strerror or err}")
+        except ValueError as err:
+            if display is None:
+                raise
+            _fail(f"--mean/--std do not fit the run's inputs: {err}")
     log_dir = find_log_dir(run_dir)
     if log_dir is not None and (why := no_pictures_reason(log_dir)):
         typer.echo(why)
