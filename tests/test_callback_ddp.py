@@ -97,23 +97,35 @@ class RecordingCallback(ConfusedLogitCallback):
         )
 
 
-@pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
+def two_processes(callback, tmp_path, **options) -> pl.Trainer:
+    """A Trainer on 2 CPU processes (``ddp_spawn``, gloo) with ``callback`` and nothing else that writes;
+    ``options`` add to or override the Trainer's. Skips the test where gloo is not available."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
+    settings = {
+        "strategy": "ddp_spawn",
+        "accelerator": "cpu",
+        "devices": 2,
+        "max_epochs": 1,
+        "logger": False,
+        "default_root_dir": tmp_path,
+        "callbacks": [callback],
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**settings, **options})
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
     callback = RecordingCallback(
         str(tmp_path), top_k=TOP_K, logging_batch_interval=INTERVAL, max_logit_difference=0.1, track=2
     )
-    trainer = pl.Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=1,
+    trainer = two_processes(
+        callback,
+        tmp_path,
         logger=TensorBoardLogger(tmp_path),
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=2,
         use_distributed_sampler=False,  # each rank keeps its own data (see rank_data)
     )
@@ -218,23 +230,8 @@ class OddValidation(TieNet):
 def test_ddp_repeated_validation_samples_are_said(tmp_path):
     """Lightning's DistributedSampler repeats samples to even out the ranks; the matrix then counts them
     twice, and the callback says so (once) instead of passing the count off as exact."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     callback = SaysWhat(str(tmp_path), on="train")
-    trainer = pl.Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=2,
-        logger=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_train_batches=1,
-    )
+    trainer = two_processes(callback, tmp_path, max_epochs=2, num_sanity_val_steps=0, limit_train_batches=1)
     trainer.fit(OddValidation())
     (matrix, _) = [r for r in read_index(tmp_path) if r["tag"] == "peering/confusion_matrix"]
     assert (matrix["samples"], matrix["repeated"]) == (10, 1)
@@ -292,24 +289,10 @@ class RecordsExplained(ConfusedLogitCallback):
 def test_ddp_forward_kwargs_travel_with_their_samples(tmp_path):
     """A per-sample forward argument (through a custom ``unpack``) reaches rank zero's explanations with its
     own sample: rank 1's confused samples are explained on rank zero, each with its own weight."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     callback = RecordsExplained(
         str(tmp_path), top_k=TOP_K, logging_batch_interval=INTERVAL, on="train", atlas=False
     )
-    trainer = pl.Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=1,
-        logger=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = two_processes(callback, tmp_path, use_distributed_sampler=False)
     trainer.fit(WeightedTieNet())
     explained = [json.loads((tmp_path / f"explained_{r}.json").read_text()) for r in range(2)]
     assert explained[1] == [] and len(explained[0]) == 2  # the two training checks
