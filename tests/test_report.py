@@ -50,6 +50,19 @@ class _Page(HTMLParser):
         return [attrs for t, attrs in self.tags if t == tag]
 
 
+def allow_inline_script(html: str) -> str:
+    """The page with its Content-Security-Policy also allowing one inline checking script (images stay
+    restricted to data: URIs exactly as in the original)."""
+    html, found = re.subn(
+        r'(<meta http-equiv="Content-Security-Policy" content=")([^"]*)(">)',
+        lambda m: m.group(1) + m.group(2) + "; script-src &#x27;unsafe-inline&#x27;" + m.group(3),
+        html,
+        count=1,
+    )
+    assert found == 1
+    return html
+
+
 def parse(path: Path) -> _Page:
     page = _Page()
     page.feed(path.read_text(encoding="utf-8"))
@@ -248,13 +261,7 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
     alone.mkdir()
     checked = alone / "report.html"
     html = report.read_text(encoding="utf-8")
-    html, found = re.subn(
-        r'(<meta http-equiv="Content-Security-Policy" content=")([^"]*)(">)',
-        lambda m: m.group(1) + m.group(2) + "; script-src &#x27;unsafe-inline&#x27;" + m.group(3),
-        html,
-        count=1,
-    )
-    assert found == 1
+    html = allow_inline_script(html)
     # two controls that must be reported broken: a corrupt data: image, and a real PNG file that the page's
     # CSP must refuse to load (only data: images are allowed: the page fetches nothing)
     strip = next((demo_run / "morph").glob("*.png"))
@@ -357,13 +364,7 @@ def test_atlas_stepper_shows_one_epoch_at_a_time_in_chromium(demo_run, tmp_path)
         pytest.skip("chromium not found: install Debian's chromium package (`apt-get install chromium`)")
     html = (demo_run / "report.html").read_text(encoding="utf-8")
     assert "<script" not in html
-    html, found = re.subn(
-        r'(<meta http-equiv="Content-Security-Policy" content=")([^"]*)(">)',
-        lambda m: m.group(1) + m.group(2) + "; script-src &#x27;unsafe-inline&#x27;" + m.group(3),
-        html,
-        count=1,
-    )
-    assert found == 1
+    html = allow_inline_script(html)
     checked = demo_run / "report.stepper.html"
     checked.write_text(html.replace("</body>", _STEPPER + "</body>", 1), encoding="utf-8")
     try:
