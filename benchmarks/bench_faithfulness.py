@@ -22,8 +22,8 @@ import torch
 
 import peering
 from _common import parse_args, race, trained_cnn  # the script's own folder is on sys.path
-from peering.faithfulness import _gaussian_blur, deletion_insertion
-from peering.sanity import randomisation_check, spearman
+from peering.checks.faithfulness import _gaussian_blur, deletion_insertion
+from peering.checks.sanity import randomisation_check, spearman
 
 METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
 

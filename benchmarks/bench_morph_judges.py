@@ -34,8 +34,8 @@ import peering
 from _common import parse_args, race, trained_cnn  # the script's own folder is on sys.path
 from peering.data import load_mnist
 from peering.models import DigitCNN, DigitLeNet, DigitMLP, accuracy, train_classifier
-from peering.morph import MorphResult
-from peering.priors import Jitter, Prototypes, TotalVariation
+from peering.morph.ascent import MorphResult
+from peering.morph.priors import Jitter, Prototypes, TotalVariation
 
 STEPS = 100
 STEP_SIZE = 0.005 * 28  # morph's default for 28x28 inputs in [0, 1]

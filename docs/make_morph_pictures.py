@@ -22,7 +22,7 @@ import torch
 import peering
 from peering.data import load_mnist
 from peering.models import DigitCNN, train_classifier
-from peering.priors import Prototypes
+from peering.morph.priors import Prototypes
 from peering.render import film_strip, save_png
 
 OUT = Path(__file__).parent / "img"

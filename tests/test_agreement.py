@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import peering
-from peering.agreement import noise_like
-from peering.priors import Prototypes
+from peering.checks.agreement import noise_like
+from peering.morph.priors import Prototypes
 from tests._close import assert_close
 from tests._state import assert_same_state, snapshot
 

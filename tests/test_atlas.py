@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
-from peering.confusion import pair_directions, top_confused_pairs
+from peering.attribution.confusion import pair_directions, top_confused_pairs
 from peering.lightning.atlas import ConfusionAtlas, PairExamples, pick_examples
 from tests._close import assert_close
 from tests._state import assert_same_state, snapshot

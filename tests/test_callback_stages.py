@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from peering import explain
-from peering.confusion import select_confused
+from peering.attribution.confusion import select_confused
 from peering.lightning import (
     ConfusedLogitCallback,
     image_tags,

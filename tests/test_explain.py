@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import peering
-from peering._guard import transform
+from peering._model import transform
 from tests._close import assert_close
 from tests._state import assert_same_state, snapshot
 

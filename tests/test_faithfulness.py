@@ -10,7 +10,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import peering
-from peering.faithfulness import DeletionInsertion, deletion_insertion, importance_ranks
+from peering.checks.faithfulness import DeletionInsertion, deletion_insertion, importance_ranks
 from tests._state import assert_same_state, snapshot
 
 

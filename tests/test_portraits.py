@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peering
-from peering.priors import Prototypes
+from peering.morph.priors import Prototypes
 from tests._close import assert_close
 
 

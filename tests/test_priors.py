@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peering
-from peering.priors import Jitter, Noise, Prior, Prototypes, TotalVariation, smooth
+from peering.morph.priors import Jitter, Noise, Prior, Prototypes, TotalVariation, smooth
 from tests._close import assert_close
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from peering.checks.sanity import randomisation_check
 from peering.render import _draw, diverging, sanity_curves, sanity_maps, to_rgb
 from peering.report import build_report
-from peering.sanity import randomisation_check
 
 PAD, GAP = _draw._PAD, _draw._GAP
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import peering
-from peering.sanity import SanityResult, randomisation_check, spearman
+from peering.checks.sanity import SanityResult, randomisation_check, spearman
 from tests._state import assert_same_state, snapshot
 
 

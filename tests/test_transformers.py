@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import peering
-from peering._guard import transform
+from peering._model import transform
 from tests._close import assert_close
 from tests._state import assert_same_state, snapshot
 

@@ -5,25 +5,42 @@
   (`peering.priors`) that keep the change on the data; `agreement` checks it with independent judges.
 - `portraits`: what the model thinks each class looks like, all classes in one batch.
 - `select_confused`: the samples whose top two classes are nearly tied.
+- `randomisation_check` and `deletion_insertion`: can the maps be trusted?
 - `peering.lightning.ConfusedLogitCallback`: watch what confuses a model while it trains.
 - `peering.lightning.AttributionWriter` and `load_attributions`: a whole dataset's attributions, on every
   device, as shards on disk read back in dataset order.
 - `peering.render`: pictures of all of the above.
+- `PeeringError`: the base class of every error peering raises on purpose.
+
+Where things live: `peering.attribution` (the engine, the methods, `explain`), `peering.morph` (morphs,
+priors, portraits), `peering.checks` (sanity, faithfulness, agreement), `peering.data` (MNIST, digits,
+image files, normalisation), `peering.render` (pictures), `peering.lightning` (callbacks and the dataset
+writer), `peering.report` (the HTML report), `peering.runs` (the run folder's files), `peering.cli` and
+`peering.demo` (the command line and the demo, which nothing in the library imports).
 """
 
 from peering import priors, render
-from peering.agreement import Agreement, agreement
-from peering.confusion import ConfusedSamples, select_confused
-from peering.explain import Explanation, explain
-from peering.methods import (
+from peering.attribution import (
     AttributionMethod,
+    ConfusedSamples,
+    Explanation,
     Gradient,
     InputXGradient,
     IntegratedGradients,
     SmoothGrad,
+    explain,
+    select_confused,
 )
-from peering.morph import MorphResult, morph
-from peering.portraits import portraits
+from peering.checks import (
+    Agreement,
+    DeletionInsertion,
+    SanityResult,
+    agreement,
+    deletion_insertion,
+    randomisation_check,
+)
+from peering.errors import PeeringError
+from peering.morph import MorphResult, morph, portraits
 from peering.store import DatasetAttributions, load_attributions
 
 __version__ = "0.2.0"
@@ -33,18 +50,23 @@ __all__ = [
     "AttributionMethod",
     "ConfusedSamples",
     "DatasetAttributions",
+    "DeletionInsertion",
     "Explanation",
     "Gradient",
     "InputXGradient",
     "IntegratedGradients",
     "MorphResult",
+    "PeeringError",
+    "SanityResult",
     "SmoothGrad",
     "agreement",
+    "deletion_insertion",
     "explain",
     "load_attributions",
     "morph",
     "portraits",
     "priors",
+    "randomisation_check",
     "render",
     "select_confused",
 ]

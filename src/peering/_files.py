@@ -9,11 +9,12 @@ file is removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 @contextlib.contextmanager
@@ -52,3 +53,30 @@ def atomic_write(
             f.flush()
             os.fsync(f.fileno())
     return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented JSON to a temp file beside ``path``, then rename it into place.
+
+    Paths are written as POSIX strings and tensors as lists; NaN and infinities are refused.
+
+    >>> import tempfile
+    >>> write_json_atomic(Path(tempfile.mkdtemp()) / "x.json", {"a": 1}).read_text()
+    '{\\n  "a": 1\\n}\\n'
+    """
+    encoded = (json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
+
+    def write(f: IO[bytes]) -> None:
+        f.write(encoded)
+
+    return atomic_write(path, write)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.as_posix()
+    tolist = getattr(value, "tolist", None)  # tensors and arrays, without importing torch here
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"cannot write a {type(value).__name__} to JSON")
+

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peering.errors import CheckpointError
+
 __all__ = [
     "CheckpointError",
     "LoadedModel",
@@ -44,8 +46,6 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or model cannot be used; the message (one line) names the file and the problem."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peering.errors import PeeringValueError
+
 __all__ = ["DigitCNN", "DigitClassifier", "DigitLeNet", "DigitMLP", "accuracy", "train_classifier"]
 
 
@@ -22,7 +24,7 @@ class _Standardised(nn.Module):
     def __init__(self, mean: float, std: float) -> None:
         super().__init__()
         if std <= 0:
-            raise ValueError(f"std must be positive, got {std}")
+            raise PeeringValueError(f"std must be positive, got {std}")
         self.mean = float(mean)
         self.std = float(std)
 
@@ -65,7 +67,7 @@ class DigitCNN(_Standardised):
     ) -> None:
         super().__init__(mean, std)
         if image_size < 6:
-            raise ValueError(
+            raise PeeringValueError(
                 f"image_size must be at least 6 (two 3x3 convolutions and a 2x2 pool), got {image_size}"
             )
         self.in_channels = in_channels
@@ -158,7 +160,7 @@ class DigitLeNet(_Standardised):
     ) -> None:
         super().__init__(mean, std)
         if image_size < 4:
-            raise ValueError(f"image_size must be at least 4 (two 2x2 poolings), got {image_size}")
+            raise PeeringValueError(f"image_size must be at least 4 (two 2x2 poolings), got {image_size}")
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 16, 5, padding=2), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
             nn.Conv2d(16, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2),
@@ -254,9 +256,9 @@ def train_classifier(
     True
     """
     if len(images) != len(labels):
-        raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+        raise PeeringValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
     if epochs < 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+        raise PeeringValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
     labels = labels.long()
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

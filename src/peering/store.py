@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from peering._files import atomic_write
+from peering.errors import PeeringIndexError, PeeringValueError, ShardError
 
 __all__ = [
     "DatasetAttributions",
@@ -57,11 +58,6 @@ TENSORS = ("indices", "attributions", "targets", "logits", "labels", "valid")
 _CRC_BLOCK_BYTES = 64 << 20  # verify attributions in blocks of about this many bytes (bounded memory)
 
 
-class ShardError(ValueError):
-    """A shard or the manifest of an attributions folder is missing, corrupt or inconsistent.
-
-    The message names the file and says what to do.
-    """
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -345,7 +341,7 @@ class ShardedAttributions:
         if isinstance(key, (int, np.integer)):
             i = int(key) + (n if key < 0 else 0)
             if not 0 <= i < n:
-                raise IndexError(f"index {int(key)} is out of range for {n} samples")
+                raise PeeringIndexError(f"index {int(key)} is out of range for {n} samples")
             return self._rows(torch.tensor([i]))[0][rest]
         if isinstance(key, slice):
             positions = torch.arange(n)[key]
@@ -353,11 +349,13 @@ class ShardedAttributions:
             positions = torch.as_tensor(key if isinstance(key, Tensor) else np.asarray(key))
             if positions.dtype == torch.bool:
                 if positions.shape != (n,):
-                    raise IndexError(f"a boolean mask must have shape [{n}], got {list(positions.shape)}")
+                    raise PeeringIndexError(
+                        f"a boolean mask must have shape [{n}], got {list(positions.shape)}"
+                    )
                 positions = positions.nonzero().flatten()
             positions = positions.to("cpu", torch.int64).flatten()
             if len(positions) and (positions.min() < -n or positions.max() >= n):
-                raise IndexError(f"positions out of range for {n} samples")
+                raise PeeringIndexError(f"positions out of range for {n} samples")
             positions = torch.where(positions < 0, positions + n, positions)
         return self._rows(positions)[(slice(None),) + rest]
 
@@ -375,7 +373,7 @@ class ShardedAttributions:
         [(0, 2), (2, 1)]
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise PeeringValueError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             yield start, self[start : start + batch_size]
 

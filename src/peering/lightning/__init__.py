@@ -7,6 +7,8 @@ which explains a whole dataset on ``Trainer.predict``.
 """
 
 from peering.lightning.callback import ConfusedLogitCallback, default_unpack
+from peering.lightning.predict import explain_dataset
+from peering.lightning.quiet import quiet_lightning
 from peering.lightning.sinks import (
     image_tags,
     no_pictures_reason,
@@ -21,8 +23,10 @@ __all__ = [
     "AttributionWriter",
     "ConfusedLogitCallback",
     "default_unpack",
+    "explain_dataset",
     "image_tags",
     "no_pictures_reason",
+    "quiet_lightning",
     "read_images",
     "read_index",
     "read_scalars",

@@ -27,6 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from peering._validate import int_at_least
+from peering.errors import PeeringValueError
+
 __all__ = ["AtlasMatrix", "ConfusionAtlas", "PairExamples", "pick_examples"]
 
 IGNORE = -1
@@ -176,8 +179,7 @@ class ConfusionAtlas:
             ("examples_per_pair", examples_per_pair, 0),
             ("max_cells", max_cells, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+            int_at_least(name, value, least)
         self.pairs = pairs
         self.examples_per_pair = examples_per_pair
         self.max_cells = max_cells
@@ -225,7 +227,7 @@ class ConfusionAtlas:
 
     def _update(self, inputs: Tensor, labels: Tensor, logits: Tensor) -> None:
         if logits.ndim != 2 or logits.shape[0] != inputs.shape[0] or labels.shape != (inputs.shape[0],):
-            raise ValueError(
+            raise PeeringValueError(
                 f"need logits [B, C] and labels [B] for inputs [B, ...]; got logits {list(logits.shape)}, "
                 f"labels {list(labels.shape)}, inputs {list(inputs.shape)}"
             )
@@ -233,14 +235,14 @@ class ConfusionAtlas:
         if self._metric is None:
             self._metric = _confusion_matrix(classes, logits.device)
         elif classes != self._metric.num_classes:
-            raise ValueError(
+            raise PeeringValueError(
                 f"the model gave {classes} class scores, but {self._metric.num_classes} in earlier batches"
             )
         labels = labels.to(logits.device, torch.int64)
         if labels.numel():
             low, high = torch.stack([labels.min(), labels.max()]).tolist()  # one device sync
             if low < IGNORE or high >= classes:
-                raise ValueError(
+                raise PeeringValueError(
                     f"labels must be class indices in [0, {classes - 1}] (or -1 for unknown); got min "
                     f"{low}, max {high} for a model with {classes} classes"
                 )

@@ -34,9 +34,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from peering._guard import OUTPUTS, class_scores, eval_mode
-from peering.confusion import pair_directions, top_confused_pairs
-from peering.explain import explain
+from peering._model import OUTPUTS, class_scores, eval_mode
+from peering._validate import int_at_least
+from peering.attribution.confusion import pair_directions, top_confused_pairs
+from peering.attribution.explanation import explain
+from peering.attribution.methods import AttributionMethod, make_method
+from peering.errors import PeeringTypeError, PeeringValueError
 from peering.lightning.atlas import ConfusionAtlas, PairExamples, pick_examples
 from peering.lightning.pictures import AtlasJob, PictureOutput, is_token_ids
 from peering.lightning.selection import (
@@ -49,7 +52,6 @@ from peering.lightning.selection import (
     layout_of,
     split_kwargs,
 )
-from peering.methods import AttributionMethod, make_method
 from peering.render import Display, token_scores
 
 __all__ = ["ConfusedLogitCallback", "default_unpack"]
@@ -96,7 +98,7 @@ def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
         return batch, None, {}
     if isinstance(batch, (tuple, list)):
         if not batch:
-            raise TypeError("the batch is an empty sequence")
+            raise PeeringTypeError("the batch is an empty sequence")
         return batch[0], batch[1] if len(batch) > 1 else None, {}
     if isinstance(batch, Mapping):
         label_key = next((k for k in _LABEL_KEYS if k in batch), None)
@@ -109,12 +111,12 @@ def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
             return batch[hf_key], labels, others
         inputs = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
         if inputs is None:
-            raise TypeError(
+            raise PeeringTypeError(
                 f"the batch dict has none of the input keys {_HF_INPUT_KEYS + _INPUT_KEYS} (keys: "
                 f"{list(batch)[:10]})"
             )
         return inputs, labels, {}
-    raise TypeError(f"cannot take inputs and labels from a batch of type {type(batch).__name__}")
+    raise PeeringTypeError(f"cannot take inputs and labels from a batch of type {type(batch).__name__}")
 
 
 class ConfusedLogitCallback(Callback):
@@ -257,26 +259,29 @@ class ConfusedLogitCallback(Callback):
         background: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        int_at_least("top_k", top_k, 1)
         if not isinstance(projection_factor, (int, float)) or not math.isfinite(projection_factor):
-            raise ValueError(f"projection_factor must be a finite number, got {projection_factor!r}")
+            raise PeeringValueError(f"projection_factor must be a finite number, got {projection_factor!r}")
         if min_logit_value is not None and (
             not isinstance(min_logit_value, (int, float)) or math.isnan(min_logit_value)
         ):
-            raise ValueError(f"min_logit_value must be a number or None, got {min_logit_value!r}")
+            raise PeeringValueError(f"min_logit_value must be a number or None, got {min_logit_value!r}")
         if (
             isinstance(logging_batch_interval, bool)
             or not isinstance(logging_batch_interval, int)
             or (logging_batch_interval < 1)
         ):
-            raise ValueError(f"logging_batch_interval must be a positive int, got {logging_batch_interval!r}")
+            raise PeeringValueError(
+                f"logging_batch_interval must be a positive int, got {logging_batch_interval!r}"
+            )
         if not isinstance(max_logit_difference, (int, float)) or not max_logit_difference >= 0:
-            raise ValueError(f"max_logit_difference must be a number >= 0, got {max_logit_difference!r}")
+            raise PeeringValueError(
+                f"max_logit_difference must be a number >= 0, got {max_logit_difference!r}"
+            )
         if margin not in ("logit", "probability"):
-            raise ValueError(f"margin must be 'logit' or 'probability', got {margin!r}")
+            raise PeeringValueError(f"margin must be 'logit' or 'probability', got {margin!r}")
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+            raise PeeringValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         options = dict(method_options or {})
         if method is None:
             method = "gradient" if layer is None else "input_x_gradient"
@@ -284,49 +289,49 @@ class ConfusedLogitCallback(Callback):
         stages = (on,) if isinstance(on, str) else tuple(on)
         stages = tuple("validation" if s == "val" else s for s in stages)
         if not stages or any(s not in _STAGES for s in stages):
-            raise ValueError(f"on must name stages among {_STAGES}, got {on!r}")
+            raise PeeringValueError(f"on must name stages among {_STAGES}, got {on!r}")
         if max_pictures_per_epoch is not None and (
             isinstance(max_pictures_per_epoch, bool)
             or not isinstance(max_pictures_per_epoch, int)
             or max_pictures_per_epoch < 1
         ):
-            raise ValueError(
+            raise PeeringValueError(
                 f"max_pictures_per_epoch must be a positive int or None, got {max_pictures_per_epoch!r}"
             )
         if unpack is not None and not callable(unpack):
-            raise TypeError(
+            raise PeeringTypeError(
                 "unpack must be a callable batch -> (inputs, labels) or (inputs, labels, forward_kwargs), or "
                 f"None, got {unpack!r}"
             )
         if layer is not None and not isinstance(layer, (nn.Module, str)):
-            raise TypeError(
+            raise PeeringTypeError(
                 f"layer must be a submodule of the model or its name (e.g. 'model.embed'), got {layer!r}"
             )
-        if isinstance(track, bool) or not isinstance(track, int) or track < 0:
-            raise ValueError(f"track must be an int >= 0, got {track!r}")
-        if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
-            raise ValueError(f"zoom must be a positive int, got {zoom!r}")
+        int_at_least("track", track, 0)
+        int_at_least("zoom", zoom, 1)
         if (
             display is not None
             and not callable(display)
             and not (isinstance(display, (tuple, list)) and len(display) == 2)
         ):
-            raise TypeError(f"display must be None, (mean, std) or a function of the inputs, got {display!r}")
+            raise PeeringTypeError(
+                f"display must be None, (mean, std) or a function of the inputs, got {display!r}"
+            )
         if tokenizer is not None and not (
             callable(getattr(tokenizer, "convert_ids_to_tokens", None)) or callable(tokenizer)
         ):
-            raise TypeError(
+            raise PeeringTypeError(
                 "tokenizer must have convert_ids_to_tokens (a Hugging Face tokenizer) or be a function from "
                 f"a list of ids to a list of strings, got {type(tokenizer).__name__}"
             )
         if input_kind not in ("auto", "image", "features"):
-            raise ValueError(f"input_kind must be 'auto', 'image' or 'features', got {input_kind!r}")
+            raise PeeringValueError(f"input_kind must be 'auto', 'image' or 'features', got {input_kind!r}")
         if feature_names is not None and (
             isinstance(feature_names, str) or not all(isinstance(n, str) for n in feature_names)
         ):
-            raise TypeError("feature_names must be a sequence of strings (one per feature), or None")
+            raise PeeringTypeError("feature_names must be a sequence of strings (one per feature), or None")
         if not isinstance(atlas, bool):
-            raise ValueError(f"atlas must be True or False, got {atlas!r}")
+            raise PeeringValueError(f"atlas must be True or False, got {atlas!r}")
         atlas_state = ConfusionAtlas(pairs, examples_per_pair)  # checks pairs and examples_per_pair
 
         self.top_k = top_k
@@ -734,7 +739,7 @@ class ConfusedLogitCallback(Callback):
             stages[s] = {
                 "watched": s in self.on,
                 "checks": self._checks[s],
-                **self._seen[s].as_dict(),
+                **self._seen[s].to_dict(),
                 "chosen": self._chosen[s],
                 "pictures": self._pictures[s],
                 "why_no_pictures": None if self._pictures[s] else self._why_no_pictures(s),
@@ -782,7 +787,7 @@ class ConfusedLogitCallback(Callback):
         try:
             unpacked = (self.unpack or default_unpack)(batch)
             if not isinstance(unpacked, (tuple, list)) or len(unpacked) not in (2, 3):
-                raise TypeError(
+                raise PeeringTypeError(
                     "unpack must return (inputs, labels) or (inputs, labels, forward_kwargs), got "
                     f"{type(unpacked).__name__}"
                 )
@@ -791,7 +796,7 @@ class ConfusedLogitCallback(Callback):
             if kwargs is None:
                 kwargs = {}
             if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-                raise TypeError(
+                raise PeeringTypeError(
                     f"forward_kwargs must be a dict of argument names, got {type(kwargs).__name__}"
                 )
             self._check_inputs(inputs)
@@ -829,7 +834,7 @@ class ConfusedLogitCallback(Callback):
             hint = ""
             if isinstance(inputs, Tensor) and not inputs.is_floating_point():
                 hint = " (for token ids, pass layer=<the embedding module> to the callback)"
-            raise TypeError(f"the inputs must be a floating-point tensor [B, ...], got {what}{hint}")
+            raise PeeringTypeError(f"the inputs must be a floating-point tensor [B, ...], got {what}{hint}")
 
     def _scores(
         self, pl_module: pl.LightningModule, inputs: Tensor, kwargs: Mapping[str, Any] | None = None

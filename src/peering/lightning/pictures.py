@@ -298,15 +298,15 @@ class PictureJob:
         """The panels of token ids (as `peering.render.token_panels` draws them), and per sample the
         ``tokens`` and per-class ``scores`` its index record keeps (padding left out), from which the
         report draws the coloured text as HTML."""
-        from peering.render.tokens import _converter, _panels, _unpadded
+        from peering.render.tokens import token_panels_of, unpadded_tokens
 
         c, output = self.chosen, self.output.drawing.get("output")
         mask = c.kwargs.get("attention_mask")
         if mask is not None and tuple(mask.shape) != tuple(c.inputs.shape):
             mask = None
         tokenizer = self.output.tokenizer
-        words, kept = _unpadded(self.attributions, c.inputs, tokenizer, mask)
-        panels = _panels(
+        words, kept = unpadded_tokens(self.attributions, c.inputs, tokenizer, mask)
+        panels = token_panels_of(
             words,
             kept,
             class_a=c.classes[:, 0],
@@ -314,7 +314,7 @@ class PictureJob:
             prob_a=self.probs[:, 0],
             prob_b=self.probs[:, 1],
             labels=c.labels,
-            ids_only=_converter(tokenizer) is None,
+            ids_only=tokenizer is None,
             output=output,
         ).numpy()
         rounded = [[[float(f"{v:.4g}") for v in row] for row in k.tolist()] for k in kept]

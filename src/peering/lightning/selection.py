@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from peering.confusion import select_confused
+from peering.attribution.confusion import select_confused
 
 __all__: list[str] = []
 
@@ -159,7 +159,7 @@ class Stats:
     def fraction(self) -> float:
         return self.confused / self.samples if self.samples else 0.0
 
-    def as_dict(self) -> dict[str, int | float | None]:
+    def to_dict(self) -> dict[str, int | float | None]:
         """JSON-ready (infinities as None)."""
         return {
             "samples": self.samples,

@@ -1,4 +1,4 @@
-"""Where `ConfusedLogitCallback`'s pictures go, and how to read them back.
+"""Where `ConfusedLogitCallback`'s pictures go: the writers (sinks) and the background writer thread.
 
 The callback draws one panel per sample once (`peering.render.confusion_panels`, uint8 RGB arrays) and
 hands them to *sinks*: one adapter per Lightning logger that takes images, or a PNG folder when none does.
@@ -83,21 +83,18 @@ Run summary (always, whatever the sinks)
 
 Reading back
 ------------
-`read_images` (PNG bytes per step), `read_scalars`, `read_index`, `read_summary` and `image_tags` read a
-run directory, from TensorBoard event files when they hold the tag and from the PNG folder otherwise. A
+`peering.runs` reads all of this back (`read_images`, `read_scalars`, `read_index`, `read_summary`,
+`image_tags`, `no_pictures_reason`; re-exported here), from TensorBoard event files when they hold the tag
+and from the PNG folder otherwise; the file names and tags are defined once in `peering.runs.names`. A
 run without pictures gives empty results; `no_pictures_reason` says why it has none.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
 import io
-import json
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -108,6 +105,14 @@ import numpy as np
 from PIL import Image
 
 from peering._files import atomic_write
+from peering.runs.events import append_scalar, image_tags, png_file, read_images, read_scalars
+from peering.runs.records import (
+    PictureIndex,
+    no_pictures_reason,
+    read_index,
+    read_summary,
+    write_summary,
+)
 
 __all__ = [
     "BackgroundWriter",
@@ -130,10 +135,6 @@ __all__ = [
     "write_summary",
 ]
 
-INDEX_FILE = "peering/index.jsonl"
-SCALARS_FILE = "peering/scalars.csv"
-SUMMARY_FILE = "peering/callback.json"
-_PNG_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
 
 
 def _write_bytes(f: IO[bytes], data: bytes) -> None:
@@ -397,42 +398,13 @@ class PNGFolderSink(Sink):
     ) -> list[str]:
         written = []
         for i, png in enumerate(pngs):
-            relative = Path(*tag.split("/")) / f"step_{int(step)}_{i}.png"
+            relative = png_file(tag, step, i)
             atomic_write(self.root / relative, functools.partial(_write_bytes, data=png))
             written.append(relative.as_posix())
         return written
 
     def log_scalar(self, tag: str, value: float, step: int) -> None:
-        path = self.root / SCALARS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            out = csv.writer(f)
-            if new:
-                out.writerow(["step", "tag", "value"])
-            out.writerow([int(step), tag, repr(float(value))])
-
-
-class PictureIndex:
-    """Appends one JSON line per picture to ``<root>/peering/index.jsonl`` (see the module docstring).
-
-    >>> import tempfile
-    >>> root = tempfile.mkdtemp()
-    >>> PictureIndex(root).append([{"tag": "peering/confused", "step": 3, "index": 0}])
-    >>> read_index(root)
-    [{'tag': 'peering/confused', 'step': 3, 'index': 0}]
-    """
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.path = Path(root) / INDEX_FILE
-
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in records)
-        if not lines:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(lines)
+        append_scalar(self.root, tag, value, step)
 
 
 def image_sinks(loggers: Iterable[Any]) -> list[Sink]:
@@ -542,184 +514,3 @@ class BackgroundWriter:
         with self._lock:
             errors, self._errors = self._errors, []
         return errors
-
-
-# ------------------------------------------------------------------------------------------------ readers
-
-
-def _event_files(logdir: Path) -> list[Path]:
-    return sorted(logdir.glob("events.out.tfevents.*"))
-
-
-def _accumulator(logdir: Path) -> Any:
-    """The run's events, loaded once per state of its event files (readers are often called tag by tag)."""
-    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _event_files(logdir))
-    return _load_events(str(logdir.resolve()), files)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_events(logdir: str, files: tuple[tuple[str, int, int], ...]) -> Any:
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    acc = ea.EventAccumulator(logdir, size_guidance=ea.STORE_EVERYTHING_SIZE_GUIDANCE)
-    acc.Reload()
-    return acc
-
-
-def image_tags(logdir: str | os.PathLike[str]) -> list[str]:
-    """The picture tags of a run directory (event files and PNG folder together), sorted.
-
-    >>> import tempfile
-    >>> image_tags(tempfile.mkdtemp())
-    []
-    """
-    root = Path(logdir)
-    tags: set[str] = set()
-    if _event_files(root):
-        acc = _accumulator(root)
-        with contextlib.suppress(KeyError):  # a run without pictures has no image plugin at all
-            tags.update(acc.PluginTagToContent("images"))
-    peering = root / "peering"
-    if peering.is_dir():
-        for png in peering.rglob("step_*_*.png"):
-            if _PNG_NAME.match(png.name):
-                tags.add(png.parent.relative_to(root).as_posix())
-    return sorted(tags)
-
-
-def read_images(logdir: str | os.PathLike[str], tag: str) -> list[tuple[int, list[bytes]]]:
-    """The pictures logged under ``tag`` in a run directory: ``[(step, [png_bytes, ...]), ...]`` by step.
-
-    Reads TensorBoard event files in ``logdir`` (the logger's version folder) when they hold the tag
-    (also per-sample ``<tag>/<i>`` images), else the PNG folder ``<logdir>/<tag>/step_<n>_<i>.png``.
-    Several writes at the same step stay separate entries, in writing order.
-
-    >>> import tempfile, numpy as np
-    >>> root = tempfile.mkdtemp()
-    >>> picture = np.zeros((3, 4, 3), np.uint8)
-    >>> _ = PNGFolderSink(root).log_images("peering/confused", [picture] * 2, [encode_png(picture)] * 2, 8)
-    >>> [(step, len(pngs)) for step, pngs in read_images(root, "peering/confused")]
-    [(8, 2)]
-    """
-    root = Path(logdir)
-    if _event_files(root):
-        acc = _accumulator(root)
-        tags = acc.Tags()
-        if tag in tags.get("tensors", []):
-            events = sorted(acc.Tensors(tag), key=lambda e: (e.step, e.wall_time))
-            return [(int(e.step), list(e.tensor_proto.string_val[2:])) for e in events]
-        prefix = tag + "/"
-        legacy = [t for t in tags.get("images", []) if t == tag or t.startswith(prefix)]
-        if legacy:
-            by_step: dict[int, list[tuple[int, float, bytes]]] = {}
-            for t in legacy:
-                i = int(t[len(prefix) :]) if t.startswith(prefix) and t[len(prefix) :].isdigit() else 0
-                for e in acc.Images(t):
-                    by_step.setdefault(int(e.step), []).append((i, e.wall_time, e.encoded_image_string))
-            return [(s, [png for _, _, png in sorted(v)]) for s, v in sorted(by_step.items())]
-    folder = root / Path(*tag.split("/"))
-    found: dict[int, list[tuple[int, Path]]] = {}
-    if folder.is_dir():
-        for png in folder.iterdir():
-            m = _PNG_NAME.match(png.name)
-            if m:
-                found.setdefault(int(m.group(1)), []).append((int(m.group(2)), png))
-    return [(step, [p.read_bytes() for _, p in sorted(files)]) for step, files in sorted(found.items())]
-
-
-def read_scalars(logdir: str | os.PathLike[str], tag: str) -> list[tuple[int, float]]:
-    """The scalar ``tag`` of a run directory, ``[(step, value), ...]``: from the event files when they hold
-    it, else from ``<logdir>/peering/scalars.csv``.
-
-    >>> import tempfile
-    >>> root = tempfile.mkdtemp()
-    >>> PNGFolderSink(root).log_scalar("peering/confused_fraction", 0.25, 40)
-    >>> read_scalars(root, "peering/confused_fraction")
-    [(40, 0.25)]
-    """
-    root = Path(logdir)
-    if _event_files(root):
-        acc = _accumulator(root)
-        if tag in acc.Tags().get("scalars", []):
-            return [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
-    path = root / SCALARS_FILE
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [(int(row["step"]), float(row["value"])) for row in csv.DictReader(f) if row["tag"] == tag]
-
-
-def read_index(logdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of ``<logdir>/peering/index.jsonl`` (one per picture, see the module docstring).
-
-    >>> import tempfile
-    >>> read_index(tempfile.mkdtemp())
-    []
-    """
-    path = Path(logdir) / INDEX_FILE
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_summary(logdir: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
-    """Write the callback's run summary to ``<logdir>/peering/callback.json`` (atomically); its path.
-
-    >>> import tempfile
-    >>> root = tempfile.mkdtemp()
-    >>> write_summary(root, {"settings": {"top_k": 4}}).name
-    'callback.json'
-    """
-    data = json.dumps(summary, indent=1, allow_nan=False).encode("utf-8")
-    return atomic_write(Path(logdir) / SUMMARY_FILE, functools.partial(_write_bytes, data=data))
-
-
-def read_summary(logdir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The callback's run summary of ``<logdir>/peering/callback.json`` (see the module docstring), or
-    ``{}`` when there is none (or it cannot be read).
-
-    >>> import tempfile
-    >>> root = tempfile.mkdtemp()
-    >>> read_summary(root)
-    {}
-    >>> _ = write_summary(root, {"settings": {"top_k": 4}})
-    >>> read_summary(root)["settings"]
-    {'top_k': 4}
-    """
-    path = Path(logdir) / SUMMARY_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def no_pictures_reason(logdir: str | os.PathLike[str]) -> str | None:
-    """None when the run in ``logdir`` has pictures of confused samples (training, validation, test or
-    tracked; the confusion atlas's do not count); otherwise one sentence saying that it has none and why
-    (from the callback's run summary, when it wrote one).
-
-    >>> import tempfile
-    >>> root = tempfile.mkdtemp()
-    >>> print(no_pictures_reason(root))  # doctest: +NORMALIZE_WHITESPACE
-    No confused-sample pictures: there is no peering/callback.json either (was ConfusedLogitCallback in
-    the run?).
-    >>> stage = {"watched": True, "pictures": 0, "why_no_pictures": "no batch was checked"}
-    >>> _ = write_summary(root, {"stages": {"train": stage}})
-    >>> no_pictures_reason(root)
-    'No confused-sample pictures: train: no batch was checked.'
-    """
-    samples = ("peering/confused", "peering/val/confused", "peering/test/confused")
-    if any(tag in samples or tag.startswith("peering/tracked/") for tag in image_tags(logdir)):
-        return None
-    stages = read_summary(logdir).get("stages")
-    if not isinstance(stages, dict):
-        return (
-            f"No confused-sample pictures: there is no {SUMMARY_FILE} either (was ConfusedLogitCallback in "
-            "the run?)."
-        )
-    watched = {s: i for s, i in stages.items() if isinstance(i, dict) and i.get("watched")}
-    ran = {s: i for s, i in watched.items() if i.get("checks")} or watched  # stages of other runs: noise
-    reasons = [f"{stage}: {info.get('why_no_pictures') or 'none written'}" for stage, info in ran.items()]
-    return "No confused-sample pictures: " + ("; ".join(reasons) or "no stage was watched") + "."

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,11 +27,13 @@ from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from peering._guard import OUTPUTS
-from peering.explain import Explanation, explain
+from peering._model import OUTPUTS
+from peering._validate import int_at_least
+from peering.attribution.explanation import Explanation, explain
+from peering.attribution.methods import AttributionMethod, make_method
+from peering.errors import PeeringRuntimeError, PeeringTypeError, PeeringValueError
 from peering.lightning.callback import default_unpack
 from peering.lightning.sinks import BackgroundWriter
-from peering.methods import AttributionMethod, make_method
 from peering.store import (
     SHARDS,
     ShardError,
@@ -124,7 +127,7 @@ class AttributionWriter(BasePredictionWriter):
 
     def __init__(
         self,
-        out_dir: str | Path,
+        out_dir: str | os.PathLike[str],
         top_k: int = 2,
         method: str | AttributionMethod = "gradient",
         output: Literal["probability", "log_probability", "logit"] = "probability",
@@ -139,30 +142,32 @@ class AttributionWriter(BasePredictionWriter):
         **method_options: Any,
     ) -> None:
         super().__init__("batch")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        int_at_least("top_k", top_k, 1)
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+            raise PeeringValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        int_at_least("chunk_size", chunk_size, 1)
         if layer is not None and not isinstance(layer, (str, nn.Module)):
-            raise TypeError(f"layer must be a submodule of the model or its name, got {type(layer).__name__}")
+            raise PeeringTypeError(
+                f"layer must be a submodule of the model or its name, got {type(layer).__name__}"
+            )
         if unpack is not None and not callable(unpack):
-            raise TypeError(f"unpack must be a callable batch -> (inputs, labels) or None, got {unpack!r}")
+            raise PeeringTypeError(
+                f"unpack must be a callable batch -> (inputs, labels) or None, got {unpack!r}"
+            )
         if not (
             target is None
             or target == "label"
             or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)
         ):
-            raise ValueError(f"target must be None, 'label' or a class index >= 0, got {target!r}")
+            raise PeeringValueError(f"target must be None, 'label' or a class index >= 0, got {target!r}")
         if (
             isinstance(samples_per_shard, bool)
             or not isinstance(samples_per_shard, int)
             or samples_per_shard < 1
         ):
-            raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+            raise PeeringValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
         if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+            raise PeeringValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self._method_instance = make_method(method, dict(method_options))  # bad names fail now, not mid-run
         self.out_dir = Path(out_dir)
         self.top_k = top_k
@@ -197,7 +202,7 @@ class AttributionWriter(BasePredictionWriter):
         manifest = read_manifest(self.out_dir)
         if manifest is not None and manifest.get("config_hash") != self._config_hash:
             changed = _differences(manifest.get("config", {}), config)
-            raise ValueError(
+            raise PeeringValueError(
                 f"{self.out_dir} holds a run with other arguments ({changed}); use another out_dir, or "
                 "delete it to start over"
             )
@@ -225,19 +230,19 @@ class AttributionWriter(BasePredictionWriter):
         unpacked = (self.unpack or default_unpack)(batch)
         inputs, labels = unpacked[0], unpacked[1]
         if len(unpacked) > 2 and unpacked[2]:
-            raise TypeError(
+            raise PeeringTypeError(
                 f"AttributionWriter: the batch has forward arguments ({', '.join(unpacked[2])}), which the "
                 "writer does not pass to the model yet; for a model that needs none, pass "
                 "unpack=lambda batch: (inputs, labels)"
             )
         if not isinstance(inputs, Tensor):
-            raise TypeError(
+            raise PeeringTypeError(
                 f"AttributionWriter: the batch's inputs are a {type(inputs).__name__}, not a tensor; pass "
                 "unpack=lambda batch: (inputs, labels)"
             )
         n = inputs.shape[0]
         if batch_indices is None or len(batch_indices) != n:
-            raise RuntimeError(
+            raise PeeringRuntimeError(
                 "AttributionWriter needs the dataset index of every sample, which Lightning tracks only for "
                 "map-style datasets in a torch DataLoader (it got "
                 f"{'none' if not batch_indices else len(batch_indices)} for a batch of {n})"
@@ -254,7 +259,7 @@ class AttributionWriter(BasePredictionWriter):
         state.seen += n
         if state.done is not None:
             if state.length is not None and n and int(indices.max()) >= state.length:
-                raise RuntimeError(
+                raise PeeringRuntimeError(
                     f"dataset index {int(indices.max())} is beyond the dataset's {state.length}"
                 )
             todo = ~state.done[indices]
@@ -368,7 +373,7 @@ class AttributionWriter(BasePredictionWriter):
         target: int | Tensor | None = None
         if self.target == "label":
             if labels is None:
-                raise ValueError(
+                raise PeeringValueError(
                     "AttributionWriter(target='label') needs labels: the batch has none that "
                     "default_unpack finds; pass unpack=lambda batch: (inputs, labels)"
                 )
@@ -394,7 +399,9 @@ class AttributionWriter(BasePredictionWriter):
             )
         except RuntimeError as err:
             if "Inference tensors cannot be saved for backward" in str(err):
-                raise RuntimeError(f"AttributionWriter cannot explain this model: {_INFERENCE_HINT}") from err
+                raise PeeringRuntimeError(
+                    f"AttributionWriter cannot explain this model: {_INFERENCE_HINT}"
+                ) from err
             raise
 
     def _add(
@@ -454,32 +461,9 @@ class AttributionWriter(BasePredictionWriter):
             return
         errors = self._writer.pop_errors()
         if errors:
-            raise RuntimeError(
+            raise PeeringRuntimeError(
                 f"AttributionWriter could not write a shard to {self.out_dir}: {errors[0]}"
             ) from errors[0]
-
-
-class _ExplainedModule(pl.LightningModule):
-    """A plain classifier as the LightningModule ``Trainer.predict`` runs, its ``predict_step`` leaving the
-    work to the writer (``flatten``: the model takes flat vectors, the data images)."""
-
-    def __init__(self, model: nn.Module, flatten: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self.flatten = flatten
-
-    def forward(self, x: Tensor) -> Any:
-        return self.model(x.flatten(1) if self.flatten else x)
-
-    def setup(self, stage: str) -> None:
-        import multiprocessing
-        import warnings
-
-        if multiprocessing.parent_process() is not None:  # a process ddp_spawn started: quiet like its parent
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-
-    def predict_step(self, *args: Any, **kwargs: Any) -> tuple[()]:
-        return ()  # nothing to return (None would make Lightning warn once per process)
 
 
 def _write_parts(path: Path, parts: list[dict[str, Tensor]], metadata: dict[str, str], event: Any) -> None:
@@ -526,7 +510,7 @@ def _fingerprint(module: nn.Module) -> str:
     """CRC-32 of the module's parameters and buffers (names, shapes, dtypes and bytes), as hex."""
     lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if is_lazy(t)]
     if lazy:
-        raise ValueError(
+        raise PeeringValueError(
             f"AttributionWriter: the model has uninitialized lazy parameters ({lazy[:3]}); run one forward "
             "pass (outside torch.inference_mode()) before Trainer.predict so that its weights exist"
         )
@@ -540,8 +524,8 @@ def _fingerprint(module: nn.Module) -> str:
 
 
 def _model_class(pl_module: nn.Module) -> str:
-    """The model's class name (the wrapped model's, for the CLI's wrapper)."""
-    inner = pl_module.model if isinstance(pl_module, _ExplainedModule) else pl_module
+    """The model's class name (the wrapped model's, for `peering.lightning.predict.ExplainedModule`)."""
+    inner = pl_module.model if getattr(pl_module, "wraps_a_model", False) else pl_module
     return type(inner).__qualname__
 
 
@@ -554,13 +538,15 @@ def _resolve_layer(module: nn.Module, layer: nn.Module | str | None) -> nn.Modul
             return module.get_submodule(layer)
         except AttributeError:
             names = [n for n, _ in module.named_modules() if n][:8]
-            raise ValueError(
+            raise PeeringValueError(
                 f"AttributionWriter: the model has no submodule {layer!r} (it has {names}, ...)"
             ) from None
     if not isinstance(layer, nn.Module):
-        raise TypeError(f"layer must be a submodule of the model or its name, got {type(layer).__name__}")
+        raise PeeringTypeError(
+            f"layer must be a submodule of the model or its name, got {type(layer).__name__}"
+        )
     if not any(sub is layer for sub in module.modules()):
-        raise ValueError(
+        raise PeeringValueError(
             "AttributionWriter: layer is not a submodule of the model Trainer.predict runs (under ddp_spawn "
             "each process has its own copy of the model: pass the layer's name, e.g. layer='model.conv1')"
         )

@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from peering.errors import PeeringTypeError, PeeringValueError
+
 _PAD = 2  # pixels of white between and around the tiles of a panel
 _GAP = 8  # pixels of white between the cells of a row, so that neighbouring captions never touch
 _NOTE_WIDTH = 560  # a panel with a note is at least this wide, so the note wraps into few lines
@@ -98,7 +100,7 @@ def _band_height(font: Any) -> int:
 def _infer_sample_ndim(x: Tensor, flat: bool | None) -> int:
     """How many trailing dims are one picture: 1 (flat [D]), 2 ([H, W]) or 3 ([C, H, W])."""
     if x.ndim == 0:
-        raise ValueError("expected a tensor with at least one dimension, got a scalar")
+        raise PeeringValueError("expected a tensor with at least one dimension, got a scalar")
     if flat:
         return 1
     if x.ndim == 1:
@@ -118,7 +120,7 @@ def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
 def _canonical(x: Tensor | np.ndarray, sample_ndim: int) -> np.ndarray:
     """float32 [..., C, H, W] from pictures whose last ``sample_ndim`` dims are one picture."""
     if sample_ndim not in (1, 2, 3) or x.ndim < sample_ndim:
-        raise ValueError(
+        raise PeeringValueError(
             f"each picture must be [D], [H, W] or [C, H, W]; "
             f"got {sample_ndim} picture dims in {tuple(x.shape)}"
         )
@@ -126,7 +128,7 @@ def _canonical(x: Tensor | np.ndarray, sample_ndim: int) -> np.ndarray:
     if sample_ndim == 1:
         d = a.shape[-1]
         if d == 0:
-            raise ValueError("cannot draw an empty feature vector")
+            raise PeeringValueError("cannot draw an empty feature vector")
         s = math.isqrt(d)
         h, w = (s, s) if s * s == d else (1, d)
         return a.reshape(*a.shape[:-1], 1, h, w)
@@ -148,7 +150,7 @@ def _colorize(maps: np.ndarray, scale: float | Tensor | np.ndarray | None) -> np
         s = _numpy(scale) if isinstance(scale, Tensor) else np.asarray(scale, dtype=np.float32)
         lead = maps.shape[:-2]
         if s.ndim > len(lead) or np.broadcast_shapes(s.shape, lead) != lead:
-            raise ValueError(
+            raise PeeringValueError(
                 f"scale {tuple(s.shape)} does not broadcast to the maps' leading dims {tuple(lead)}"
             )
         s = s[..., None, None]
@@ -166,7 +168,7 @@ def _rgb(images: Tensor | np.ndarray, sample_ndim: int) -> np.ndarray:
     x = _canonical(images, sample_ndim)
     c = x.shape[-3]
     if c not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})")
+        raise PeeringValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})")
     x = np.nan_to_num(x, nan=0.0)  # a copy: the caller's tensor is never written
     np.clip(x, 0.0, 1.0, out=x)
     x = np.rint(x * 255.0).astype(np.uint8)
@@ -179,7 +181,7 @@ def _rgb(images: Tensor | np.ndarray, sample_ndim: int) -> np.ndarray:
 def _zoom(tiles: np.ndarray, zoom: int) -> np.ndarray:
     """Nearest-neighbour upscaling of [..., H, W, 3] by an integer factor, without loops."""
     if zoom < 1:
-        raise ValueError(f"zoom must be a positive integer, got {zoom}")
+        raise PeeringValueError(f"zoom must be a positive integer, got {zoom}")
     if zoom == 1:
         return tiles
     *lead, h, w, c = tiles.shape
@@ -242,7 +244,7 @@ def _compose(
     n_lines = max([1] + [len(lines) for row in split for lines in row])
     band = line_h * n_lines
     if notes is not None and len(notes) != n_rows:
-        raise ValueError(f"{len(notes)} notes for {n_rows} rows")
+        raise PeeringValueError(f"{len(notes)} notes for {n_rows} rows")
     step = cell_w + (_GAP if n_tiles > 1 else _PAD)
     width = _PAD + n_tiles * step - (_GAP - _PAD if n_tiles > 1 else 0)
     if notes is not None and any(notes):
@@ -333,7 +335,7 @@ def channel_view(channels: str | None, n_channels: int) -> str:
     A 1-channel attribution has no colour to show: "colour" draws it as "sum" (the same map).
     """
     if channels is not None and channels not in CHANNEL_VIEWS:
-        raise ValueError(f"channels must be one of {CHANNEL_VIEWS} or None, got {channels!r}")
+        raise PeeringValueError(f"channels must be one of {CHANNEL_VIEWS} or None, got {channels!r}")
     if channels is None:
         return "colour" if n_channels == 3 else "sum"
     if channels == "colour" and n_channels != 3:
@@ -399,19 +401,19 @@ def display_images(x: Tensor | np.ndarray, display: Display, sample_ndim: int) -
         out = display(t)
         if not isinstance(out, (Tensor, np.ndarray)) or out.shape[0] != t.shape[0]:
             got = tuple(out.shape) if isinstance(out, (Tensor, np.ndarray)) else type(out).__name__
-            raise ValueError(
+            raise PeeringValueError(
                 f"display must return images with the batch's {t.shape[0]} samples first, got {got}"
             )
         return _numpy(out)
     if not (isinstance(display, (tuple, list)) and len(display) == 2):
-        raise TypeError(f"display must be None, (mean, std) or a callable, got {display!r}")
+        raise PeeringTypeError(f"display must be None, (mean, std) or a callable, got {display!r}")
     a = _numpy(x)
     mean, std = (np.asarray(v, dtype=np.float32).reshape(-1) for v in display)
     axis_len = a.shape[-3] if sample_ndim == 3 else a.shape[-1]
     for name, v in (("mean", mean), ("std", std)):
         if v.size not in (1, axis_len):
             what = "channels" if sample_ndim == 3 else "features"
-            raise ValueError(
+            raise PeeringValueError(
                 f"display {name} has {v.size} values; the inputs have {axis_len} {what} "
                 f"(give 1 or {axis_len})"
             )

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from peering.errors import PeeringValueError
 from peering.render._draw import (
     _ASCII,
     _BACKGROUND,
@@ -95,16 +96,16 @@ def confusion_matrix_image(
     """
     if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
-        raise ValueError(f"matrix must be a square [C, C] tensor of counts, got {shape}")
+        raise PeeringValueError(f"matrix must be a square [C, C] tensor of counts, got {shape}")
     m = matrix.detach().to("cpu", torch.int64).numpy()
     c = m.shape[0]
     if c == 0:
-        raise ValueError("matrix has no classes")
+        raise PeeringValueError("matrix has no classes")
     if (m < 0).any():
-        raise ValueError("matrix must hold counts (>= 0)")
+        raise PeeringValueError("matrix must hold counts (>= 0)")
     names = [str(i) for i in range(c)] if class_names is None else [str(n) for n in class_names]
     if len(names) != c:
-        raise ValueError(f"{len(names)} class names for {c} classes")
+        raise PeeringValueError(f"{len(names)} class names for {c} classes")
     font, unicode_ok = _font()
     line = _line_height(font)
     numbered = c <= _MAX_NUMBERED
@@ -151,7 +152,7 @@ def confusion_matrix_image(
     if highlight is not None:
         cells = highlight.detach().to("cpu", torch.int64).reshape(-1, 2).numpy()
         if cells.size and (cells.min() < 0 or cells.max() >= c):
-            raise ValueError(f"highlight has cells outside the {c} x {c} matrix")
+            raise PeeringValueError(f"highlight has cells outside the {c} x {c} matrix")
         for a, b in cells:  # a few outlines: a loop over P cells, not pixels
             y0, x0 = top + a * cell, left + b * cell
             canvas[y0 : y0 + 2, x0 : x0 + cell + 1] = _HIGHLIGHT
@@ -257,20 +258,20 @@ def confused_pair_panels(
     """
     p = int(pairs.shape[0]) if isinstance(pairs, Tensor) and pairs.ndim == 2 else -1
     if p < 1 or pairs.shape[1] != 2:
-        raise ValueError(
+        raise PeeringValueError(
             f"pairs must be an int [P, 2] tensor with P >= 1, got {getattr(pairs, 'shape', pairs)}"
         )
     if directions.shape[0] != p:
-        raise ValueError(f"{directions.shape[0]} directions for {p} pairs")
+        raise PeeringValueError(f"{directions.shape[0]} directions for {p} pairs")
     n = int(examples.shape[0])
     if pair_index.shape != (n,) or (n and examples.shape[1:] != directions.shape[1:]):
-        raise ValueError(
+        raise PeeringValueError(
             f"examples {tuple(examples.shape)}, pair_index {tuple(pair_index.shape)} and directions "
             f"{tuple(directions.shape)} do not fit: need [n, ...], [n] and [P, ...]"
         )
     which = pair_index.detach().to("cpu", torch.int64).numpy()
     if n and (which.min() < 0 or which.max() >= p):
-        raise ValueError(f"pair_index must be in [0, {p - 1}]")
+        raise PeeringValueError(f"pair_index must be in [0, {p - 1}]")
     sample_ndim = directions.ndim - 1
     # each example's slot: its rank among the examples of its pair (stable), vectorised
     order = np.argsort(which, kind="stable")

@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from peering._validate import int_at_least
+from peering.errors import PeeringValueError
 from peering.render._draw import _colorize, _compose, _maps
 
 __all__ = ["class_mean_maps"]
@@ -38,16 +40,15 @@ def class_mean_maps(
     >>> class_mean_maps(torch.rand(10, 1, 8, 8) - 0.5, [3] * 9 + [0]).mode
     'RGB'
     """
-    if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
-        raise ValueError(f"zoom must be a positive int, got {zoom!r}")
+    int_at_least("zoom", zoom, 1)
     if per_row < 1:
-        raise ValueError(f"per_row must be >= 1, got {per_row}")
+        raise PeeringValueError(f"per_row must be >= 1, got {per_row}")
     n = means.shape[0]
     counts = [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
     if len(counts) != n or n == 0:
-        raise ValueError(f"need one count per class and at least one class, got {len(counts)} for {n}")
+        raise PeeringValueError(f"need one count per class and at least one class, got {len(counts)} for {n}")
     if means.ndim not in (2, 3, 4):
-        raise ValueError(f"means must be [C, D], [C, H, W] or [C, ch, H, W], got {tuple(means.shape)}")
+        raise PeeringValueError(f"means must be [C, D], [C, H, W] or [C, ch, H, W], got {tuple(means.shape)}")
     maps = _maps(means, means.ndim - 1)
     maps[np.asarray(counts) == 0] = 0.0
     tiles = _colorize(maps, None)  # [C, H, W, 3], each its own scale

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 from torch import Tensor
 
+from peering.errors import PeeringValueError
 from peering.render._draw import _BACKGROUND, _font, _lut_np, _text_sheet, format_scale
 
 __all__ = ["input_kind"]
@@ -56,9 +57,9 @@ def resolve_kind(kind: str, sample_shape: Sequence[int]) -> InputKind:
     if kind == "auto":
         return input_kind(sample_shape)
     if kind not in ("image", "features"):
-        raise ValueError(f"kind must be 'auto', 'image' or 'features', got {kind!r}")
+        raise PeeringValueError(f"kind must be 'auto', 'image' or 'features', got {kind!r}")
     if kind == "features" and len(sample_shape) != 1:
-        raise ValueError(
+        raise PeeringValueError(
             f"kind='features' needs flat inputs [B, D], got samples of shape {tuple(sample_shape)}"
         )
     return kind  # type: ignore[return-value]
@@ -69,7 +70,7 @@ def _labels(d: int, feature_names: Sequence[str] | None) -> list[str]:
         return [f"feature {i}" for i in range(d)]
     names = [str(n) for n in feature_names]
     if len(names) != d:
-        raise ValueError(f"feature_names has {len(names)} names, the inputs have {d} features")
+        raise PeeringValueError(f"feature_names has {len(names)} names, the inputs have {d} features")
     return names
 
 
@@ -96,7 +97,7 @@ def bar_tiles(
     size; sorting and the bars are vectorised, only the text is drawn in a loop.
     """
     if top_n < 1:
-        raise ValueError(f"top_n must be >= 1, got {top_n}")
+        raise PeeringValueError(f"top_n must be >= 1, got {top_n}")
     a = np.nan_to_num(
         attributions.detach().cpu().float().numpy() if isinstance(attributions, Tensor) else attributions,
         nan=0.0,

@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from peering._validate import int_at_least
+from peering.errors import PeeringValueError
 from peering.render._draw import (
     Display,
     _canonical,
@@ -49,7 +51,7 @@ from peering.render._draw import (
 from peering.render.features import bar_tiles, resolve_kind
 
 if TYPE_CHECKING:  # only for type hints: render never imports the modules that produce these
-    from peering.explain import Explanation
+    from peering.attribution.explanation import Explanation
 
 __all__ = ["confusion_panels", "diverging", "explanation_image", "to_rgb"]
 
@@ -108,8 +110,7 @@ _KEPT = 2 / 3  # below this share kept by the channel sum, the picture says that
 
 
 def _check_top_n(top_n: int) -> None:
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-        raise ValueError(f"top_n must be a positive int, got {top_n!r}")
+    int_at_least("top_n", top_n, 1)
 
 
 def _map_rows(
@@ -210,18 +211,18 @@ def explanation_image(
     """
     attributions, targets = explanation.attributions, explanation.targets
     if targets.ndim != 2 or attributions.shape[:2] != targets.shape:
-        raise ValueError(
+        raise PeeringValueError(
             f"attributions {tuple(attributions.shape)} and targets {tuple(targets.shape)} must start [B, K]"
         )
     if inputs.shape[0] != attributions.shape[0] or inputs.shape[1:] != attributions.shape[2:]:
-        raise ValueError(
+        raise PeeringValueError(
             f"inputs {tuple(inputs.shape)} do not match attributions {tuple(attributions.shape)} "
             "([B, K, ...])"
         )
     _check_top_n(top_n)
     n = attributions.shape[0] if max_samples is None else min(attributions.shape[0], max_samples)
     if n < 1:
-        raise ValueError("no samples to draw")
+        raise PeeringValueError("no samples to draw")
     t = targets[:n].detach().cpu().to(torch.int64)
     p = explanation.probabilities[:n].detach().cpu().float().gather(1, t.clamp_min(0))
     heads = [
@@ -236,7 +237,9 @@ def explanation_image(
         a = np.nan_to_num(a, nan=0.0)
         scale = np.abs(a).reshape(n, -1).max(axis=1, initial=0.0)
         if not shared_scale:
-            raise ValueError("shared_scale=False is for images; feature charts always share a sample's scale")
+            raise PeeringValueError(
+                "shared_scale=False is for images; feature charts always share a sample's scale"
+            )
         tiles = bar_tiles(a, inputs[:n], feature_names=feature_names, top_n=top_n, scale=scale)
         titles = [
             [f"{h}\n{scale_caption(float(s))}" for h in row] for row, s in zip(heads, scale, strict=True)
@@ -310,7 +313,7 @@ def confusion_panels(
     torch.Size([4, 156, 596, 3])
     """
     if grad_a.shape != images.shape or grad_b.shape != images.shape:
-        raise ValueError(
+        raise PeeringValueError(
             f"images {tuple(images.shape)}, grad_a {tuple(grad_a.shape)} and grad_b {tuple(grad_b.shape)} "
             "must have the same shape"
         )

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from peering._files import atomic_write
+from peering.errors import PeeringValueError
 from peering.render._draw import _zoom
 from peering.render.images import to_rgb
 
@@ -31,12 +32,12 @@ def grid(tiles: Tensor, *, nrow: int, pad: int = 2, zoom: int = 1, pad_value: in
     torch.Size([176, 234, 3])
     """
     if tiles.ndim != 4:
-        raise ValueError(f"tiles must be [N, H, W, C], got shape {tuple(tiles.shape)}")
+        raise PeeringValueError(f"tiles must be [N, H, W, C], got shape {tuple(tiles.shape)}")
     if nrow < 1 or pad < 0:
-        raise ValueError(f"need nrow >= 1 and pad >= 0, got nrow={nrow}, pad={pad}")
+        raise PeeringValueError(f"need nrow >= 1 and pad >= 0, got nrow={nrow}, pad={pad}")
     n, _, _, c = tiles.shape
     if n == 0:
-        raise ValueError("no tiles to lay out")
+        raise PeeringValueError("no tiles to lay out")
     zoomed = _zoom(tiles.detach().to(device="cpu", dtype=torch.uint8).numpy(), zoom)
     h, w = zoomed.shape[1:3]
     cols, rows = min(nrow, n), -(-n // nrow)

@@ -14,10 +14,11 @@ from PIL import Image
 from torch import Tensor
 
 from peering._files import atomic_write
+from peering.errors import PeeringIndexError, PeeringValueError
 from peering.render._draw import Display, _compose, _rgb, display_images
 
 if TYPE_CHECKING:  # only for type hints: render never imports the modules that produce these
-    from peering.morph import MorphResult
+    from peering.morph.ascent import MorphResult
 
 __all__ = ["film_strip", "portrait_row", "save_gif"]
 
@@ -27,7 +28,7 @@ def _frame_indices(n_frames: int, max_frames: int) -> list[int]:
     if n_frames <= max_frames:
         return list(range(n_frames))
     if max_frames < 2:
-        raise ValueError(f"max_frames must be at least 2 (first and last frame), got {max_frames}")
+        raise PeeringValueError(f"max_frames must be at least 2 (first and last frame), got {max_frames}")
     return torch.linspace(0, n_frames - 1, max_frames).round().to(torch.int64).unique().tolist()
 
 
@@ -42,11 +43,11 @@ def _morph_frames(result: MorphResult | SimpleNamespace, index: int) -> tuple[Te
     frames = result.frames
     n = frames.shape[1]
     if not -n <= index < n:
-        raise IndexError(f"index {index} out of range for {n} samples")
+        raise PeeringIndexError(f"index {index} out of range for {n} samples")
     index %= n
     steps = [int(s) for s in result.frame_steps.reshape(-1).tolist()]
     if len(steps) != frames.shape[0]:
-        raise ValueError(f"{frames.shape[0]} frames but {len(steps)} frame_steps")
+        raise PeeringValueError(f"{frames.shape[0]} frames but {len(steps)} frame_steps")
     sample = frames[:, index]
     last = len(steps) - 1
     reached = getattr(result, "steps", None)
@@ -190,7 +191,7 @@ def portrait_row(
     inputs = result.inputs
     targets = [int(t) for t in result.targets.reshape(-1).tolist()]
     if len(targets) != inputs.shape[0]:
-        raise ValueError(f"{inputs.shape[0]} portraits but {len(targets)} targets")
+        raise PeeringValueError(f"{inputs.shape[0]} portraits but {len(targets)} targets")
     probs = getattr(result, "probabilities", None)
     success = getattr(result, "success", None)
     captions = []

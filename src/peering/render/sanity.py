@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from peering.errors import PeeringValueError
 from peering.render._draw import _colorize, _compose, _maps, _rgb, scale_caption
 
 __all__ = ["sanity_curves", "sanity_maps"]
@@ -52,7 +53,7 @@ def sanity_curves(result: Any, *, width: float = 6.4, height: float = 4.0, dpi: 
 
     layers = list(result.layers)
     if not layers or not result.methods:
-        raise ValueError("the result has no layers or no methods to draw")
+        raise PeeringValueError("the result has no layers or no methods to draw")
     figure = Figure(figsize=(width, height), dpi=dpi)
     axes = figure.add_subplot()
     steps = np.arange(len(layers))
@@ -104,14 +105,14 @@ def sanity_maps(result: Any, method: str, *, zoom: int = 4, max_samples: int = 4
     'RGB'
     """
     if method not in result.examples:
-        raise ValueError(f"no example maps for {method!r}; the result has {sorted(result.examples)}")
+        raise PeeringValueError(f"no example maps for {method!r}; the result has {sorted(result.examples)}")
     inputs = result.example_inputs[:max_samples]
     maps = result.examples[method][:, :max_samples]  # [L + 1, n, ...]
     n = inputs.shape[0]
     if n == 0:
-        raise ValueError("the result kept no example maps (examples=0)")
+        raise PeeringValueError("the result kept no example maps (examples=0)")
     if maps.shape[0] != len(result.layers) + 1 or maps.shape[1] != n:
-        raise ValueError(
+        raise PeeringValueError(
             f"example maps {tuple(maps.shape)} do not fit {len(result.layers)} layers and {n} inputs"
         )
     sample_ndim = inputs.ndim - 1

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from peering.errors import PeeringTypeError, PeeringValueError
 from peering.render._draw import (
     _BACKGROUND,
     _band_height,
@@ -34,7 +35,15 @@ from peering.render._draw import (
     scale_caption,
 )
 
-__all__ = ["token_html", "token_image", "token_panels", "token_scores"]
+__all__ = [
+    "token_html",
+    "token_image",
+    "token_panels",
+    "token_panels_of",
+    "token_scores",
+    "two_class_probabilities",
+    "unpadded_tokens",
+]
 
 _TOKEN_PAD = 3  # pixels of colour around a token's text
 _TOKEN_GAP = 4  # pixels between words (none between the pieces of one word)
@@ -57,13 +66,13 @@ def token_scores(attributions: Tensor, *, reduce: Literal["sum", "norm"] = "sum"
     (torch.Size([2, 1, 5]), 8.0)
     """
     if attributions.ndim < 2:
-        raise ValueError(f"attributions must be [..., L, H], got shape {tuple(attributions.shape)}")
+        raise PeeringValueError(f"attributions must be [..., L, H], got shape {tuple(attributions.shape)}")
     a = attributions.detach().float()
     if reduce == "sum":
         return a.sum(dim=-1)
     if reduce == "norm":
         return a.norm(dim=-1)
-    raise ValueError(f"reduce must be 'sum' or 'norm', got {reduce!r}")
+    raise PeeringValueError(f"reduce must be 'sum' or 'norm', got {reduce!r}")
 
 
 def _token_strings(tokens: Sequence[Sequence[str]] | Tensor, tokenizer: Any, batch: int) -> list[list[str]]:
@@ -71,7 +80,7 @@ def _token_strings(tokens: Sequence[Sequence[str]] | Tensor, tokenizer: Any, bat
     if isinstance(tokens, Tensor):
         convert = _converter(tokenizer)
         if convert is None:
-            raise TypeError(
+            raise PeeringTypeError(
                 "token ids need tokenizer= (an object with convert_ids_to_tokens, e.g. Hugging Face's, or a "
                 "function from a list of ids to a list of strings)"
             )
@@ -81,7 +90,7 @@ def _token_strings(tokens: Sequence[Sequence[str]] | Tensor, tokenizer: Any, bat
     else:
         out = [[str(t) for t in row] for row in tokens]
     if len(out) < batch:
-        raise ValueError(f"tokens for {len(out)} samples, scores for {batch}")
+        raise PeeringValueError(f"tokens for {len(out)} samples, scores for {batch}")
     return out[:batch]
 
 
@@ -118,18 +127,18 @@ def _prepare(
     if scores.ndim == 4:
         scores = token_scores(scores)
     if scores.ndim != 3:
-        raise ValueError(
+        raise PeeringValueError(
             f"scores must be [B, K, L] (or layer attributions [B, K, L, H]), got shape {tuple(scores.shape)}"
         )
     b, k, length = scores.shape
     n = b if max_samples is None else min(b, max_samples)
     if n < 1:
-        raise ValueError("no samples to draw")
+        raise PeeringValueError("no samples to draw")
     s = np.nan_to_num(scores[:n].detach().cpu().float().numpy(), nan=0.0)
     words = _token_strings(tokens, tokenizer, n)
     for i, row in enumerate(words):
         if len(row) > length:
-            raise ValueError(f"sample {i} has {len(row)} tokens but only {length} scores")
+            raise PeeringValueError(f"sample {i} has {len(row)} tokens but only {length} scores")
     used = np.zeros_like(s, dtype=bool)
     for i, row in enumerate(words):
         used[i, :, : len(row)] = True
@@ -139,7 +148,9 @@ def _prepare(
     if targets is not None:
         t = targets.detach().cpu().to(torch.int64).reshape(b, -1)[:n]
         if t.shape[1] != k:
-            raise ValueError(f"targets {tuple(targets.shape)} do not match scores {tuple(scores.shape)}")
+            raise PeeringValueError(
+                f"targets {tuple(targets.shape)} do not match scores {tuple(scores.shape)}"
+            )
         if probabilities is not None:
             p = probabilities.detach().cpu().float()[:n].gather(1, t.clamp_min(0))
             heads = [
@@ -339,8 +350,8 @@ def token_panels(
     >>> panels.shape[0], panels.shape[2], panels.dtype
     (3, 720, torch.uint8)
     """
-    words, kept = _unpadded(scores, ids, tokenizer, mask)
-    return _panels(
+    words, kept = unpadded_tokens(scores, ids, tokenizer, mask)
+    return token_panels_of(
         words,
         kept,
         class_a=class_a,
@@ -354,17 +365,24 @@ def token_panels(
     )
 
 
-def _unpadded(
-    scores: Tensor, ids: Tensor, tokenizer: Any, mask: Tensor | None
+def unpadded_tokens(
+    scores: Tensor, ids: Tensor, tokenizer: Any = None, mask: Tensor | None = None
 ) -> tuple[list[list[str]], list[Tensor]]:
     """Per sample, its token strings and its scores [2, k] at those tokens (padding left out wherever the
     mask puts it; ids as strings without a tokenizer), from scores [N, 2, L] (or [N, 2, L, H]) and ids
-    [N, L]."""
+    [N, L]: what `token_panels_of` draws.
+
+    >>> import torch
+    >>> words, kept = unpadded_tokens(torch.ones(1, 2, 4), torch.tensor([[0, 0, 7, 8]]),
+    ...                               mask=torch.tensor([[0, 0, 1, 1]]))
+    >>> words, kept[0].shape
+    ([['7', '8']], torch.Size([2, 2]))
+    """
     if scores.ndim == 4:
         scores = token_scores(scores)
     n = ids.shape[0]
     if ids.ndim != 2 or scores.ndim != 3 or scores.shape[:2] != (n, 2) or scores.shape[2] != ids.shape[1]:
-        raise ValueError(
+        raise PeeringValueError(
             f"scores must be [N, 2, L] (or [N, 2, L, H]) for ids [N, L]; got scores {tuple(scores.shape)} "
             f"and ids {tuple(ids.shape)}"
         )
@@ -373,7 +391,7 @@ def _unpadded(
     lengths = [length] * n
     if mask is not None:
         if tuple(mask.shape) != (n, length):
-            raise ValueError(f"mask must be [N, L] = {(n, length)}, got {tuple(mask.shape)}")
+            raise PeeringValueError(f"mask must be [N, L] = {(n, length)}, got {tuple(mask.shape)}")
         keep = mask.detach().cpu() != 0
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # the kept positions first
         ids, scores = ids.gather(1, order), scores.gather(2, order[:, None, :].expand(n, 2, length))
@@ -387,12 +405,12 @@ def _unpadded(
     return words, [s[:, :k] for s, k in zip(scores, lengths, strict=True)]
 
 
-def _two_class_probabilities(classes: Tensor, probabilities: Tensor) -> Tensor:
+def two_class_probabilities(classes: Tensor, probabilities: Tensor) -> Tensor:
     """[N, C] holding each sample's probabilities [N, 2] of its two classes [N, 2] (zeros elsewhere): what
     `token_image` and `token_html` take to caption them.
 
     >>> import torch
-    >>> _two_class_probabilities(torch.tensor([[3, 1]]), torch.tensor([[0.5, 0.25]])).tolist()
+    >>> two_class_probabilities(torch.tensor([[3, 1]]), torch.tensor([[0.5, 0.25]])).tolist()
     [[0.0, 0.25, 0.0, 0.5]]
     """
     classes = classes.detach().cpu().to(torch.int64)
@@ -400,7 +418,7 @@ def _two_class_probabilities(classes: Tensor, probabilities: Tensor) -> Tensor:
     return out.scatter_(1, classes, probabilities.detach().cpu().float())
 
 
-def _panels(
+def token_panels_of(
     words: list[list[str]],
     kept: list[Tensor],
     *,
@@ -413,10 +431,19 @@ def _panels(
     output: str | None,
     width: int = 720,
 ) -> Tensor:
-    """`token_panels` from `_unpadded`'s tokens and scores."""
+    """`token_panels` from `unpadded_tokens`' tokens and scores (``ids_only``: the words are ids, and the
+    panels say that a tokenizer would show the words).
+
+    >>> import torch
+    >>> words, kept = unpadded_tokens(torch.ones(1, 2, 3), torch.tensor([[5, 6, 7]]))
+    >>> one = torch.tensor([0])
+    >>> token_panels_of(words, kept, class_a=one, class_b=one + 1, prob_a=torch.tensor([0.5]),
+    ...                 prob_b=torch.tensor([0.4]), labels=None, ids_only=True, output="logit").shape[0]
+    1
+    """
     n = len(words)
     classes = torch.stack([class_a.reshape(n), class_b.reshape(n)], dim=1)
-    probs = _two_class_probabilities(classes, torch.stack([prob_a.reshape(n), prob_b.reshape(n)], dim=1))
+    probs = two_class_probabilities(classes, torch.stack([prob_a.reshape(n), prob_b.reshape(n)], dim=1))
     classes = classes.cpu().to(torch.int64)
     ls = [-1] * n if labels is None else labels.reshape(n).tolist()
     font, _ = _font()

@@ -1,7 +1,7 @@
 """A static HTML report of a training run watched by `ConfusedLogitCallback`: one self-contained page.
 
 `build_report(run_dir)` reads the run's TensorBoard event files (or the callback's PNG folder, through the
-readers of `peering.lightning.sinks`), the demo's ``run.json`` and its morph film strips when they are
+readers of `peering.runs`), the demo's ``run.json`` and its morph film strips when they are
 there, and writes ``<run_dir>/report.html`` with these sections:
 
 - ``#summary``: what was run, the accuracy and the fraction of confused samples per epoch (a table and a
@@ -57,18 +57,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from peering._files import atomic_write
+from peering.errors import PeeringValueError, ReportError
 from peering.render import Display
 from peering.report.run import RunData, find_log_dir, read_run
 from peering.report.sections import _ALL, SECTIONS, Options
+from peering.runs import names
 
 __all__ = ["SECTIONS", "ReportError", "build_report", "find_log_dir"]
 
-REPORT_FILE = "report.html"
+REPORT_FILE = names.REPORT_FILE
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-class ReportError(ValueError):
-    """The folder is not a run that a report can be built from (the message says why, in one line)."""
 
 
 def build_report(
@@ -97,11 +97,12 @@ def build_report(
         ReportError: ``run_dir`` is missing or holds no run (no event files, no pictures, no run.json).
 
     >>> import tempfile
-    >>> from peering.lightning.sinks import PNGFolderSink, encode_png
-    >>> import numpy as np
-    >>> run = tempfile.mkdtemp()
-    >>> picture = np.zeros((8, 12, 3), np.uint8)
-    >>> _ = PNGFolderSink(run).log_images("peering/confused", [picture], [encode_png(picture)], 5)
+    >>> from PIL import Image
+    >>> from peering.runs import png_file
+    >>> run = Path(tempfile.mkdtemp())
+    >>> picture = run / png_file("peering/confused", 5, 0)  # a picture where the callback puts them
+    >>> picture.parent.mkdir(parents=True)
+    >>> Image.new("RGB", (12, 8)).save(picture)
     >>> build_report(run).name
     'report.html'
     """
@@ -111,7 +112,7 @@ def build_report(
     if not root.is_dir():
         raise ReportError(f"{root} is not a folder")
     if max_per_epoch < 1:
-        raise ValueError(f"max_per_epoch must be >= 1, got {max_per_epoch}")
+        raise PeeringValueError(f"max_per_epoch must be >= 1, got {max_per_epoch}")
     run = read_run(root)
     if run.empty:
         raise ReportError(

@@ -7,7 +7,6 @@ something new from the run adds a field here and fills it in `read_run`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -15,15 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peering.runs import (
+    image_tags,
+    names,
+    no_pictures_reason,
+    read_dataset_json,
+    read_images,
+    read_index,
+    read_run_json,
+    read_scalars,
+)
+
 __all__ = ["DatasetRun", "Picture", "RunData", "find_log_dir", "read_run"]
 
-TAG_TRAIN = "peering/confused"
-TAG_VAL = "peering/val/confused"
-TAG_TRACKED = "peering/tracked/"
-TAG_TRAIN_FRACTION = "peering/confused_fraction"
-TAG_VAL_FRACTION = "peering/val/confused_fraction"
-TAG_MATRIX = "peering/confusion_matrix"
-TAG_PAIRS = "peering/confused_pairs"
+TAG_TRAIN = names.CONFUSED["train"]
+TAG_VAL = names.CONFUSED["validation"]
+TAG_TRACKED = names.TRACKED + "/"
+TAG_TRAIN_FRACTION = names.FRACTION["train"]
+TAG_VAL_FRACTION = names.FRACTION["validation"]
+TAG_MATRIX = names.MATRIX
+TAG_PAIRS = names.PAIRS
 
 
 @dataclass
@@ -67,7 +77,7 @@ class RunData:
     picture index; ``matrices`` and ``pairs`` the confusion atlas's pictures (one matrix per validation
     run, whose record holds the counts; one picture per confused pair); ``morphs`` the film strips listed
     in ``run.json`` or found in ``morph/``; ``no_pictures`` why the run has no pictures
-    (`peering.lightning.sinks.no_pictures_reason`; None when it has some or has no logs).
+    (`peering.runs.no_pictures_reason`; None when it has some or has no logs).
     """
 
     root: Path
@@ -107,7 +117,7 @@ def find_log_dir(run_dir: str | os.PathLike[str]) -> Path | None:
     True
     """
     root = Path(run_dir)
-    summary = _read_summary(root)
+    summary = read_run_json(root)
     named = summary.get("log_dir") if summary else None
     if isinstance(named, str) and _is_log_dir(root / named):
         return root / named
@@ -127,7 +137,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunData:
     True
     """
     root = Path(run_dir)
-    summary = _read_summary(root)
+    summary = read_run_json(root)
     log_dir = find_log_dir(root)
     data = _collect(root, log_dir) if log_dir is not None else RunData(root)
     data.summary = summary
@@ -141,17 +151,12 @@ def _read_dataset(root: Path) -> DatasetRun | None:
 
     Raises `peering.store.ShardError` (naming the file) when a shard is missing or corrupt.
     """
-    from peering.store import MANIFEST, load_attributions
+    from peering.store import load_attributions
 
-    if not (root / MANIFEST).is_file():
+    if not (root / names.MANIFEST).is_file():
         return None
     run = load_attributions(root, allow_incomplete=True)
-    source: dict[str, Any] = {}
-    try:
-        loaded = json.loads((root / "dataset.json").read_text())
-        source = loaded if isinstance(loaded, dict) else {}
-    except (OSError, ValueError):
-        pass
+    source = read_dataset_json(root)
     means, counts = _class_means(run)
     inputs, why = _input_loader(source)
     return DatasetRun(run, source, means, counts, inputs, why)
@@ -193,7 +198,7 @@ def _input_loader(source: dict[str, Any]) -> tuple[Callable[[Any], Any] | None, 
             images = load_mnist(source["root"], "train" if source.get("split") == "train" else "test")[0]
             return (lambda idx: images[idx]), ""
         if kind == "folder":
-            from peering.cli import read_image
+            from peering.data.images import read_image
 
             root, files = Path(source["root"]), list(source["files"])
             channels, size, invert = source.get("channels"), tuple(source["size"]), bool(source.get("invert"))
@@ -210,23 +215,12 @@ def _input_loader(source: dict[str, Any]) -> tuple[Callable[[Any], Any] | None, 
     return None, f"unknown data {kind!r} in dataset.json"
 
 
-def _read_summary(root: Path) -> dict[str, Any]:
-    path = root / "run.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _is_log_dir(path: Path) -> bool:
     if not path.is_dir():
         return False
     if any(path.glob("events.out.tfevents.*")):
         return True
-    peering = path / "peering"
+    peering = path / names.PEERING_DIR
     return peering.is_dir() and any(peering.rglob("*"))
 
 
@@ -244,14 +238,6 @@ def _latest_mtime(path: Path) -> float:
 
 
 def _collect(root: Path, log_dir: Path) -> RunData:
-    from peering.lightning.sinks import (
-        image_tags,
-        no_pictures_reason,
-        read_images,
-        read_index,
-        read_scalars,
-    )
-
     data = RunData(root, log_dir=log_dir, no_pictures=no_pictures_reason(log_dir))
     for tag in ("val_acc", "val_loss", "epoch", TAG_TRAIN_FRACTION, TAG_VAL_FRACTION):
         data.scalars[tag] = read_scalars(log_dir, tag)
@@ -377,7 +363,7 @@ def _morph_entries(root: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
     listed = summary.get("morphs")
     if isinstance(listed, list) and listed:
         return [m for m in listed if isinstance(m, dict) and isinstance(m.get("strip"), str)]
-    folder = root / "morph"
+    folder = root / names.MORPH_DIR
     if not folder.is_dir():
         return []
     return [{"strip": p.relative_to(root).as_posix()} for p in sorted(folder.glob("*.png"))]

@@ -206,7 +206,7 @@ def _tokens(p: Picture) -> Any:
         import torch
 
         from peering.render import token_html
-        from peering.render.tokens import _two_class_probabilities
+        from peering.render.tokens import two_class_probabilities
 
         classes = torch.tensor([[int(r["class_a"]), int(r["class_b"])]])
         probabilities = torch.tensor([[float(r["prob_a"]), float(r["prob_b"])]])
@@ -214,7 +214,7 @@ def _tokens(p: Picture) -> Any:
             torch.tensor([scores], dtype=torch.float32),
             [[str(t) for t in tokens]],
             targets=classes,
-            probabilities=_two_class_probabilities(classes, probabilities),
+            probabilities=two_class_probabilities(classes, probabilities),
             output=r.get("output"),
         )
     except (KeyError, TypeError, ValueError):

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from peering.errors import PeeringRuntimeError, PeeringTypeError, PeeringValueError
+
 Output = Literal["probability", "log_probability", "logit"]
 OUTPUTS: tuple[str, ...] = ("probability", "log_probability", "logit")
 
@@ -62,7 +64,7 @@ def eager(model: nn.Module) -> Iterator[None]:
         return
     compiled = _compiled_modules(model)
     if compiled:
-        raise RuntimeError(
+        raise PeeringRuntimeError(
             f"{compiled[0]} is torch.compile'd, and peering takes gradients through compiled graphs only "
             "with torch >= 2.6 (torch.compiler.set_stance); upgrade torch, or pass the uncompiled module "
             "(compiled._orig_mod)"
@@ -87,20 +89,24 @@ def check_inputs(inputs: Any, *, allow_nonfinite: bool = False, allow_integer: b
     """Validate a batch of model inputs: a floating-point tensor with a batch dimension (integers, e.g.
     token ids, only with ``allow_integer``: gradients are then taken at a layer)."""
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor of shape [B, ...], got {type(inputs).__name__}")
+        raise PeeringTypeError(
+            f"inputs must be a torch.Tensor of shape [B, ...], got {type(inputs).__name__}"
+        )
     if allow_integer and not inputs.is_floating_point() and not inputs.is_complex():
         if inputs.ndim < 1:
-            raise ValueError(f"inputs must have a batch dimension [B, ...], got shape {list(inputs.shape)}")
+            raise PeeringValueError(
+                f"inputs must have a batch dimension [B, ...], got shape {list(inputs.shape)}"
+            )
         return inputs
     if not inputs.is_floating_point():
         hint = " (e.g. images.float() / 255 for uint8 images)" if inputs.dtype == torch.uint8 else ""
-        raise TypeError(
+        raise PeeringTypeError(
             f"inputs must be a floating-point tensor, got {inputs.dtype}; scale them to the model's input "
             f"range as floats first{hint}, or, for token ids, explain at the embedding layer with "
             "layer=<the embedding module>"
         )
     if inputs.ndim < 2:
-        raise ValueError(
+        raise PeeringValueError(
             f"inputs must have a batch dimension [B, ...], got shape {list(inputs.shape)}; "
             "for one sample use inputs.unsqueeze(0)"
         )
@@ -108,7 +114,7 @@ def check_inputs(inputs: Any, *, allow_nonfinite: bool = False, allow_integer: b
         bad = nonfinite_rows(inputs)
         if bad.any():
             rows = bad.nonzero().flatten().tolist()
-            raise ValueError(
+            raise PeeringValueError(
                 f"inputs contain NaN or Inf in {len(rows)} sample(s) (batch indices {rows[:10]}"
                 f"{'...' if len(rows) > 10 else ''}); clean them first"
             )
@@ -123,63 +129,106 @@ def nonfinite_rows(x: Tensor) -> Tensor:
 
 
 class ForwardKwargs:
-    """Extra keyword arguments of the model's forward that follow the samples of a batch.
+    """Extra keyword arguments of the model's forward that follow the samples of a batch: the one object
+    that carries them from a batch (the callback's ``unpack``, ``explain``'s ``forward_kwargs``) to the
+    engine, through chunks, subsets, merges and the gather across ranks.
 
     A tensor whose first dimension is the batch size ``batch`` is per sample (an attention mask, token type
     ids): it is indexed with the rows of every chunk, of every subset and of every repeated set of points
     (SmoothGrad's noisy copies, integrated gradients' path points), so each point is run with its own
-    sample's values. Everything else (tensors of another size, numbers, flags) is passed unchanged.
-    Tensors are copied once, out of inference mode, so they can take part in a backward pass.
+    sample's values. Everything else (tensors of another size, numbers, flags) is shared: passed
+    unchanged. Tensors are copied once, out of inference mode, so they can take part in a backward pass.
+    A `ForwardKwargs` given where one is expected is used as it is (not split again).
 
     >>> import torch
     >>> kw = ForwardKwargs({"mask": torch.tensor([[1, 0], [1, 1], [0, 1]]), "scale": 2.0}, batch=3)
     >>> kw.rows(torch.tensor([2, 0]))["mask"].tolist(), kw.rows(slice(1, 2))["scale"]
     ([[0, 1], [1, 0]], 2.0)
+    >>> both = kw.select(slice(0, 1)).cat(kw.select(slice(2, 3)))
+    >>> both.batch, both.rows(slice(None))["mask"].tolist()
+    (2, [[1, 0], [0, 1]])
     """
 
-    def __init__(self, values: Mapping[str, Any] | None, batch: int) -> None:
-        if values is not None and not isinstance(values, Mapping):
-            raise TypeError(
-                f"forward_kwargs must be a mapping of argument names to values, got {type(values).__name__}"
-            )
+    def __init__(self, values: Mapping[str, Any] | ForwardKwargs | None, batch: int) -> None:
         self.batch = batch
         self.shared: dict[str, Any] = {}
         self.per_sample: dict[str, Tensor] = {}
+        if isinstance(values, ForwardKwargs):
+            if values.batch != batch:
+                raise PeeringValueError(
+                    f"forward_kwargs were made for a batch of {values.batch}, not {batch}"
+                )
+            self.per_sample, self.shared = dict(values.per_sample), dict(values.shared)
+            return
+        if values is not None and not isinstance(values, Mapping):
+            raise PeeringTypeError(
+                f"forward_kwargs must be a mapping of argument names to values, got {type(values).__name__}"
+            )
         for name, value in (values or {}).items():
             if not isinstance(name, str):
-                raise TypeError(f"forward_kwargs keys must be argument names (str), got {name!r}")
+                raise PeeringTypeError(f"forward_kwargs keys must be argument names (str), got {name!r}")
             if isinstance(value, Tensor):
-                value = value.detach().clone()
+                with torch.inference_mode(False):
+                    value = value.detach().clone()
                 if value.ndim >= 1 and value.shape[0] == batch:
                     self.per_sample[name] = value
                     continue
             self.shared[name] = value
 
+    @classmethod
+    def of(cls, per_sample: Mapping[str, Tensor], shared: Mapping[str, Any], batch: int) -> ForwardKwargs:
+        """Built from parts already split (tensors kept as they are, not copied)."""
+        made = cls(None, batch)
+        made.per_sample, made.shared = dict(per_sample), dict(shared)
+        return made
+
     def __bool__(self) -> bool:
         return bool(self.shared or self.per_sample)
 
+    def __repr__(self) -> str:
+        return f"ForwardKwargs(per_sample={sorted(self.per_sample)}, shared={sorted(self.shared)})"
+
+    @property
+    def layout(self) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
+        """One sample's per-sample arguments: (name, shape, dtype) each, sorted by name."""
+        values = self.per_sample
+        return tuple((k, values[k].shape[1:], values[k].dtype) for k in sorted(values))
+
     def select(self, index: slice | Tensor) -> ForwardKwargs:
         """The same arguments for a subset of the samples (a slice or an int64 tensor of batch indices)."""
-        picked = self.rows(index)
         size = len(range(self.batch)[index]) if isinstance(index, slice) else index.numel()
-        sub = ForwardKwargs(None, size)
-        sub.shared = dict(self.shared)
-        sub.per_sample = {k: picked[k] for k in self.per_sample}
-        return sub
+        return ForwardKwargs.of(self._picked(index), self.shared, size)
 
     def rows(self, index: slice | Tensor) -> dict[str, Any]:
-        """The arguments for the samples ``index`` (a slice or an int64 tensor of batch indices)."""
+        """The keyword arguments for the samples ``index`` (a slice or an int64 tensor of batch indices)."""
+        return {**self.shared, **self._picked(index)}
+
+    def cat(self, other: ForwardKwargs) -> ForwardKwargs:
+        """These samples' arguments followed by ``other``'s (the same per-sample names; ours are shared)."""
+        theirs = other.per_sample
+        per_sample = {k: torch.cat([v, theirs[k].to(v.device, v.dtype)]) for k, v in self.per_sample.items()}
+        return ForwardKwargs.of(per_sample, self.shared, self.batch + other.batch)
+
+    def to(self, device: str | torch.device) -> ForwardKwargs:
+        """On ``device``, detached, as ordinary tensors (never inference tensors, which cannot be kept)."""
+        with torch.inference_mode(False):
+            moved = {k: _ordinary(v.to(device)) for k, v in self.per_sample.items()}
+        return ForwardKwargs.of(moved, self.shared, self.batch)
+
+    def _picked(self, index: slice | Tensor) -> dict[str, Tensor]:
         if isinstance(index, Tensor):
-            return {
-                **self.shared,
-                **{k: v[index.to(v.device)] for k, v in self.per_sample.items()},
-            }
-        return {**self.shared, **{k: v[index] for k, v in self.per_sample.items()}}
+            return {k: v[index.to(v.device)] for k, v in self.per_sample.items()}
+        return {k: v[index] for k, v in self.per_sample.items()}
+
+
+def _ordinary(t: Tensor) -> Tensor:
+    """A detached tensor that is not an inference tensor (copied only when it is one)."""
+    return t.detach().clone() if t.is_inference() else t.detach()
 
 
 def check_output(output: str) -> None:
     if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        raise PeeringValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
 
 def _output_fn_hint(out: Any) -> str:
@@ -206,7 +255,7 @@ def class_scores(
     except RuntimeError as err:
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         if param is not None and x.is_floating_point() and param.dtype != x.dtype:
-            raise TypeError(
+            raise PeeringTypeError(
                 f"the inputs are {x.dtype} but the model's parameters are {param.dtype}; convert one to "
                 f"the other (e.g. inputs.to({param.dtype})). The model said: {err}"
             ) from err
@@ -214,19 +263,21 @@ def class_scores(
     if output_fn is not None:
         out = output_fn(out)
     elif not isinstance(out, Tensor):
-        raise TypeError(
+        raise PeeringTypeError(
             f"the model returned a {type(out).__name__}, not a tensor of class scores [B, C]; pass "
             f"{_output_fn_hint(out)} to select them"
         )
     if not isinstance(out, Tensor):
-        raise TypeError(f"output_fn must return a tensor of class scores [B, C], got {type(out).__name__}")
+        raise PeeringTypeError(
+            f"output_fn must return a tensor of class scores [B, C], got {type(out).__name__}"
+        )
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(
+        raise PeeringValueError(
             f"expected class scores of shape [B, C] = [{x.shape[0]}, C] from the model, got "
             f"{list(out.shape)}; peering explains classifiers that map [B, ...] inputs to [B, C] scores"
         )
     if not out.is_floating_point():
-        raise TypeError(f"the model's class scores must be floating point, got {out.dtype}")
+        raise PeeringTypeError(f"the model's class scores must be floating point, got {out.dtype}")
     if out.dtype in (torch.float16, torch.bfloat16):
         out = out.float()
     return out
@@ -244,12 +295,12 @@ def transform(scores: Tensor, output: str) -> Tensor:
 def check_targets(target: Any, batch: int, num_classes: int, *, name: str = "target") -> Tensor:
     """Turn an int, [B] or [B, K] target into int64 [B, K] and check every class is in range."""
     if isinstance(target, bool):
-        raise TypeError(f"{name} must be an int or an int64 tensor, got a bool")
+        raise PeeringTypeError(f"{name} must be an int or an int64 tensor, got a bool")
     if isinstance(target, int):
         t = torch.full((batch, 1), target, dtype=torch.int64)
     elif isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor of class indices, got {target.dtype}")
+            raise PeeringTypeError(f"{name} must be an integer tensor of class indices, got {target.dtype}")
         t = target.detach().to(torch.int64)
         if t.is_inference():  # made under torch.inference_mode(): autograd could not save it for backward
             with torch.inference_mode(False):
@@ -259,14 +310,14 @@ def check_targets(target: Any, batch: int, num_classes: int, *, name: str = "tar
         if t.ndim == 1:
             t = t.unsqueeze(1)
         if t.ndim != 2 or t.shape[0] != batch:
-            raise ValueError(
+            raise PeeringValueError(
                 f"{name} must be an int, a [B] or a [B, K] tensor with B = {batch}, got shape "
                 f"{list(target.shape)}"
             )
     else:
-        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(target).__name__}")
+        raise PeeringTypeError(f"{name} must be an int or an int64 tensor, got {type(target).__name__}")
     if t.numel() and (t.min() < 0 or t.max() >= num_classes):
-        raise ValueError(
+        raise PeeringValueError(
             f"{name} has classes outside [0, {num_classes - 1}] (got min {int(t.min())}, "
             f"max {int(t.max())}); the model has {num_classes} classes"
         )

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from peering._guard import (
+from peering._model import (
     ForwardKwargs,
     check_inputs,
     check_output,
@@ -21,7 +21,9 @@ from peering._guard import (
     num_classes,
     transform,
 )
-from peering.priors import Noise, Prior, PriorState, smooth
+from peering._validate import int_at_least, number
+from peering.errors import PeeringTypeError, PeeringValueError
+from peering.morph.priors import Noise, Prior, PriorState, smooth
 
 __all__ = ["MorphResult", "morph"]
 
@@ -147,17 +149,15 @@ def morph(
     check_output(output)
     check_inputs(inputs)
     if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 1:
-        raise ValueError(f"keep_every must be an int >= 1, got {keep_every!r}")
+        raise PeeringValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    int_at_least("steps", steps, 0)
+    int_at_least("keep_every", keep_every, 1)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise PeeringValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if budget is not None and not (budget >= 0 and math.isfinite(budget)):
-        raise ValueError(f"budget must be a finite number >= 0 or None, got {budget}")
+        raise PeeringValueError(f"budget must be a finite number >= 0 or None, got {budget}")
     if confidence is not None and (isinstance(confidence, bool) or not 0 < confidence < 1):
-        raise ValueError(
+        raise PeeringValueError(
             f"confidence must be a probability in (0, 1) or None (stop at the top class), got {confidence!r}"
         )
     sigma = _check_smoothing(smoothing, inputs)
@@ -170,7 +170,7 @@ def morph(
         numel = math.prod(inputs.shape[1:])
         step_size = 0.005 * math.sqrt(numel) * span if norm == "l2" else 0.01 * span
     if not (step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
+        raise PeeringValueError(f"step_size must be a finite number > 0, got {step_size}")
 
     b = inputs.shape[0]
     frame_steps = list(range(0, steps + 1, keep_every))
@@ -182,7 +182,7 @@ def morph(
         n_classes = _num_classes(members, x0, output_fn, kwargs)
         targets = check_targets(target, b, n_classes)
         if targets.shape[1] != 1:
-            raise ValueError(
+            raise PeeringValueError(
                 f"morph takes one target per sample (an int or a [B] tensor), got shape {list(targets.shape)}"
             )
         targets = targets[:, 0].to(x0.device)
@@ -270,7 +270,7 @@ def _scores(
 def _check_models(model: Any) -> list[nn.Module]:
     members = [model] if isinstance(model, nn.Module) else list(model) if isinstance(model, Sequence) else []
     if not members or not all(isinstance(m, nn.Module) for m in members):
-        raise TypeError(
+        raise PeeringTypeError(
             f"model must be a torch.nn.Module or a non-empty list of them, got {type(model).__name__}"
         )
     return members
@@ -281,19 +281,21 @@ def _num_classes(
 ) -> int:
     counts = [num_classes(m, x, output_fn, kwargs) for m in members]
     if len(set(counts)) != 1:
-        raise ValueError(f"the models of an ensemble must have the same classes, got {counts} classes")
+        raise PeeringValueError(f"the models of an ensemble must have the same classes, got {counts} classes")
     return counts[0]
 
 
 def _check_smoothing(smoothing: Any, inputs: Tensor) -> float:
     if smoothing == "auto":
         return 1.5 if inputs.ndim == 4 else 0.0
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
-        smoothing >= 0 and math.isfinite(smoothing)
-    ):
-        raise ValueError(f"smoothing must be 'auto' or a number of pixels >= 0, got {smoothing!r}")
+    try:
+        number("smoothing", smoothing, least=0)
+    except PeeringValueError:
+        raise PeeringValueError(
+            f"smoothing must be 'auto' or a number of pixels >= 0, got {smoothing!r}"
+        ) from None
     if smoothing > 0 and inputs.ndim != 4:
-        raise ValueError(
+        raise PeeringValueError(
             f"smoothing blurs images [B, C, H, W], but the inputs have shape {list(inputs.shape)}; "
             "pass smoothing=0 (or 'auto')"
         )
@@ -305,7 +307,7 @@ def _check_priors(prior: Any) -> list[Prior]:
         return []
     priors = [prior] if isinstance(prior, Prior) else list(prior) if isinstance(prior, Sequence) else None
     if priors is None or not all(isinstance(p, Prior) for p in priors):
-        raise TypeError(
+        raise PeeringTypeError(
             "prior must be a peering.priors.Prior (e.g. peering.priors.Prototypes(images, labels)), a list "
             f"of them, or None; got {type(prior).__name__}"
         )
@@ -437,24 +439,24 @@ def _check_bounds(bounds: Any, inputs: Tensor) -> tuple[Tensor, Tensor] | None:
         lo, hi = bounds
         ends = [torch.as_tensor(v, dtype=inputs.dtype, device=inputs.device) for v in (lo, hi)]
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(
+        raise PeeringTypeError(
             f"bounds must be a (low, high) pair of numbers or of tensors broadcastable to one sample "
             f"{list(sample)}, or None; got {bounds!r}"
         ) from None
     try:
         lo_t, hi_t = (torch.broadcast_to(e, sample) for e in ends)
     except RuntimeError:
-        raise ValueError(
+        raise PeeringValueError(
             f"bounds of shapes {[list(e.shape) for e in ends]} do not broadcast to one sample "
             f"{list(sample)}"
         ) from None
     if not bool((lo_t < hi_t).all()):
-        raise ValueError(f"bounds must have low < high everywhere, got {bounds!r}")
+        raise PeeringValueError(f"bounds must have low < high everywhere, got {bounds!r}")
     if inputs.numel():
         outside = (inputs < lo_t) | (inputs > hi_t)
         if bool(outside.any()):
             rows = outside.flatten(1).any(dim=1).nonzero().flatten().tolist()
-            raise ValueError(
+            raise PeeringValueError(
                 f"inputs lie outside bounds in {len(rows)} sample(s) (batch indices {rows[:10]}; min "
                 f"{float(inputs.min()):.3g}, max {float(inputs.max()):.3g}); scale them into the range "
                 "or pass bounds=None"

@@ -1,4 +1,4 @@
-"""Digit data sets: MNIST from the official IDX files, and scikit-learn's bundled 8x8 digits.
+"""MNIST from the official IDX files.
 
 Images come back as float32 tensors `[N, 1, H, W]` with pixels in `[0, 1]` and labels as int64 `[N]`, so
 that pixel space is the input space the gradients are taken in.
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from peering._files import atomic_path
+from peering.errors import DatasetError, PeeringValueError
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -32,9 +33,7 @@ __all__ = [
     "DatasetError",
     "available_mnist_splits",
     "download_mnist",
-    "load_digits",
     "load_mnist",
-    "train_test_split",
 ]
 
 DATA_DIR_ENV = "PEERING_DATA_DIR"
@@ -78,11 +77,6 @@ _EXPECTED_DIMS: dict[str, tuple[int, ...]] = {
 }
 
 
-class DatasetError(ValueError):
-    """A data file is missing, corrupt, truncated or not what it claims to be.
-
-    The message names the file and what was expected.
-    """
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -215,7 +209,7 @@ def load_mnist(
     ...     assert x.shape == (10000, 1, 28, 28) and y.dtype == torch.int64
     """
     if split not in MNIST_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise PeeringValueError(f"split must be 'train' or 'test', got {split!r}")
     folder = _resolve_root(root, download=download)
     if download:
         download_mnist(folder, (split,))
@@ -313,7 +307,7 @@ def download_mnist(
     folder.mkdir(parents=True, exist_ok=True)
     for split in splits:
         if split not in MNIST_FILES:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise PeeringValueError(f"split must be 'train' or 'test', got {split!r}")
         for name in MNIST_FILES[split].values():
             gz = folder / f"{name}.gz"
             if _already_valid(gz, name) or _already_valid(folder / name, name):
@@ -329,53 +323,3 @@ def download_mnist(
             else:
                 raise DatasetError(f"could not download {gz}:\n  " + "\n  ".join(errors))
     return folder
-
-
-# ----------------------------------------------------------------------------------------- sklearn digits
-
-
-def load_digits() -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 digits (1,797 of them; no download needed).
-
-    Returns:
-        `(images, labels)`: float32 `[1797, 1, 8, 8]` with pixels in `[0, 1]` (the 0-16 counts divided by
-        16), and int64 `[1797]`.
-
-    >>> x, y = load_digits()
-    >>> tuple(x.shape), x.dtype, float(x.max()), tuple(y.shape), y.dtype
-    ((1797, 1, 8, 8), torch.float32, 1.0, (1797,), torch.int64)
-    """
-    from sklearn.datasets import load_digits as sklearn_load_digits
-
-    bunch = sklearn_load_digits()
-    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0).unsqueeze(1)
-    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
-    return images.contiguous(), labels
-
-
-def train_test_split(
-    images: Tensor,
-    labels: Tensor,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Shuffle deterministically and split into `(train_x, train_y, test_x, test_y)`.
-
-    Uses its own `torch.Generator` seeded with `seed`, so the global RNG is neither used nor changed and
-    the same `seed` always gives the same split.
-
-    >>> x, y = load_digits()
-    >>> train_x, train_y, test_x, test_y = train_test_split(x, y, test_fraction=0.25)
-    >>> len(train_x), len(test_x)
-    (1348, 449)
-    """
-    n = len(images)
-    if len(labels) != n:
-        raise ValueError(f"images and labels differ in length: {n} vs {len(labels)}")
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    n_test = int(round(n * test_fraction))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
-    test_idx, train_idx = order[:n_test], order[n_test:]
-    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]

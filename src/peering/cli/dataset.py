@@ -1,0 +1,229 @@
+"""`peering explain-dataset`: a whole data set explained with Trainer.predict, into shards."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from peering.cli.common import (
+    ChannelsOption,
+    InvertOption,
+    MeanOption,
+    MethodName,
+    ModelOption,
+    OutputName,
+    SizeOption,
+    StdOption,
+    bad_input,
+    check_target,
+    class_count,
+    fail,
+    load,
+    note,
+    parse_normalisation,
+)
+from peering.errors import PeeringError
+from peering.runs import names
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from peering.checkpoints import LoadedModel
+
+__all__ = ["explain_dataset"]
+
+
+def _folder_dataset(
+    folder: Path, loaded: LoadedModel, invert: bool, num_classes: int
+) -> tuple[Dataset, dict[str, Any]]:
+    from peering.data.images import IMAGE_SUFFIXES, ImageFiles, list_images, read_image
+
+    files = list_images(folder)
+    if not files:
+        fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    first, notes = read_image(folder / files[0], loaded.channels, loaded.size, invert=invert)
+    size = loaded.size or (int(first.shape[1]), int(first.shape[2]))
+    channels = loaded.channels or int(first.shape[0])
+    if notes:
+        note(f"images are converted to {channels}x{size[0]}x{size[1]} (first one: {'; '.join(notes)})")
+    parents = [f.split("/")[0] if "/" in f else "" for f in files]
+    by_class = all(p.isdigit() and int(p) < num_classes for p in parents)
+    labels = [int(p) for p in parents] if by_class else [-1] * len(files)
+    if by_class:
+        note("labels from the subfolder names")
+    source = {"data": "folder", "root": str(folder.resolve()), "files": files, "channels": channels,
+              "size": list(size), "invert": invert}
+    return ImageFiles(folder, files, channels, size, invert, labels), source
+
+
+def _named_dataset(
+    name: str, data_dir: Path | None, loaded: LoadedModel
+) -> tuple[Dataset, dict[str, Any]]:
+    import os
+
+    from torch.utils.data import TensorDataset
+
+    from peering.data import DATA_DIR_ENV, load_digits, load_mnist
+
+    if name == "digits":
+        images, labels = load_digits()
+        source: dict[str, Any] = {"data": "digits"}
+    else:
+        root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+        if not root:
+            fail(f"--data mnist needs the MNIST IDX files: pass --data-dir or set {DATA_DIR_ENV}")
+        images, labels = load_mnist(Path(root).expanduser(), "test")
+        source = {"data": "mnist", "root": str(Path(root).expanduser().resolve()), "split": "test"}
+    shape = tuple(images.shape[1:])
+    want = None
+    if loaded.size is not None and loaded.channels is not None:
+        want = (loaded.channels, *loaded.size)
+    if want is not None and shape != want:
+        fail(
+            f"{loaded.source} takes {want[0]}x{want[1]}x{want[2]} images but the {name} images are "
+            f"{shape[0]}x{shape[1]}x{shape[2]}; use the data set it was trained on, or a folder of images "
+            "(converted to its size)"
+        )
+    return TensorDataset(images, labels), source
+
+
+def explain_dataset(
+    checkpoint: Annotated[Path, typer.Argument(help="A demo checkpoint, or a state_dict with --model.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="mnist (the 10,000 t10k digits), digits (sklearn's 1,797), or a FOLDER of images."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (a rerun resumes it).")],
+    devices: Annotated[int, typer.Option(min=1, help="Processes (devices) to spread the data over.")] = 1,
+    top_k: Annotated[int, typer.Option(min=1, help="Classes to explain when no --target.")] = 2,
+    target: Annotated[
+        str | None, typer.Option(help="Explain 'label' (each sample's label) or one class K.")
+    ] = None,
+    method: Annotated[MethodName, typer.Option(help="Attribution method.")] = MethodName.gradient,
+    output: Annotated[OutputName, typer.Option(help="What is differentiated.")] = OutputName.probability,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per batch.")] = 64,
+    accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto, cpu, gpu, ...")] = "auto",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with the MNIST IDX files (default: $PEERING_DATA_DIR).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 0,
+    model: ModelOption = None,
+    channels: ChannelsOption = None,
+    image_size: SizeOption = None,
+    invert: InvertOption = False,
+    progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
+    mean: MeanOption = None,
+    std: StdOption = None,
+) -> None:
+    """Explain every sample of a data set with Trainer.predict on one or more devices; shards in --out.
+
+    Read them with peering.load_attributions(OUT); `peering report OUT` shows them. With --mean/--std the
+    model is fed normalised images (the attributions are of those, as with `peering explain`), and the
+    report shows the images as read.
+
+    Example: peering explain-dataset runs/demo/model.ckpt --data digits --out runs/digits-explained
+    """
+    with bad_input():
+        loaded = load(checkpoint, model, channels, image_size)
+        dataset, source, n_classes = _dataset(data, data_dir, loaded, invert)
+        norm = parse_normalisation(mean, std, int(dataset[0][0].shape[0]))
+        if norm is not None:  # the model sees normalised images (as with `peering explain`)
+            dataset = norm.dataset(dataset)
+            source["normalisation"] = norm.to_dict()
+        parsed_target = _target(target, loaded, dataset, n_classes)
+        source.update(checkpoint=str(checkpoint.resolve()), model=model)
+        _record_source(out, source)
+        start = time.perf_counter()
+        done_before = _samples_done(out)
+        total = _run_predict(loaded, dataset, out, devices=devices, accelerator=accelerator,
+                             batch_size=batch_size, workers=workers, progress=progress, top_k=top_k,
+                             target=parsed_target, method=method.value, output=output.value)
+        seconds = time.perf_counter() - start
+    explained = total - done_before
+    what = (f"class {parsed_target}" if isinstance(parsed_target, int)
+            else "the label" if parsed_target == "label" else f"top {top_k} classes")
+    typer.echo(
+        f"explained {explained:,} of {total:,} samples ({method.value} of the {output.value} of the {what}) "
+        f"in {seconds:.1f} s on {devices} device(s)"
+        + (f"; {done_before:,} were already done" if done_before else "")
+    )
+    typer.echo(f"wrote {out}  (peering.load_attributions({str(out)!r}), or: peering report {out})")
+
+
+def _dataset(
+    data: str, data_dir: Path | None, loaded: LoadedModel, invert: bool
+) -> tuple[Dataset, dict[str, Any], int | None]:
+    """The data set --data names, what dataset.json records of it, and the number of classes when known."""
+    folder = Path(data)
+    n_classes = loaded.num_classes
+    if data in ("mnist", "digits"):
+        dataset, source = _named_dataset(data, data_dir, loaded)
+    elif folder.is_dir():
+        if n_classes is None:
+            from peering.data.images import read_image
+
+            probe, _ = read_image(next(p for p in sorted(folder.rglob("*")) if p.is_file()),
+                                  loaded.channels, loaded.size, invert=invert)
+            n_classes = class_count(loaded, probe.unsqueeze(0))
+        dataset, source = _folder_dataset(folder, loaded, invert, n_classes)
+    else:
+        fail(f"--data must be mnist, digits or a folder of images; {data} is none of these")
+    return dataset, source, n_classes
+
+
+def _target(
+    target: str | None, loaded: LoadedModel, dataset: Dataset, n_classes: int | None
+) -> int | str | None:
+    """--target as the writer takes it: None, "label" or a class (checked against the model's classes)."""
+    if target is None or target == "label":
+        return target
+    if not target.isdigit():
+        fail(f"--target must be 'label' or a class number, got {target!r}")
+    check_target(int(target), n_classes or class_count(loaded, dataset[0][0].unsqueeze(0)))
+    return int(target)
+
+
+def _record_source(out: Path, source: dict[str, Any]) -> None:
+    """Write ``out/dataset.json``, refusing a folder that holds a run over other data or weights."""
+    from peering.runs import read_dataset_json, write_dataset_json
+
+    previous = out / names.DATASET_FILE
+    before = read_dataset_json(out) if previous.is_file() else None
+    if before and before != source:
+        fail(f"{out} holds a run over other data or of another checkpoint ({previous}); use another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_dataset_json(out, source)
+    except OSError as err:
+        fail(f"cannot write to {out}: {err.strerror or err}")
+
+
+def _samples_done(out: Path) -> int:
+    from peering.store import ShardError, load_attributions
+
+    try:
+        return len(load_attributions(out, verify=False, allow_incomplete=True))
+    except ShardError:
+        return 0
+
+
+def _run_predict(loaded: LoadedModel, dataset: Dataset, out: Path, **options: Any) -> int:
+    """`peering.lightning.explain_dataset`, its failures as one line; the samples in the finished run."""
+    from peering.lightning import explain_dataset as explain_all
+
+    try:
+        return explain_all(loaded.model, dataset, out, flatten=loaded.flat, **options)
+    except PeeringError as err:
+        fail(str(err))
+    except Exception as err:  # an error in a spawned process arrives as its traceback text
+        fail(f"explaining failed: {_last_line(err)}")
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
