@@ -33,8 +33,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_faithfulness.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -277,7 +277,7 @@ class RecordsExplained(ConfusedLogitCallback):
         self.out, self.explained = out, []
 
     def _explain(self, pl_module, chosen):
-        self.explained.append((chosen.inputs.tolist(), chosen.kwargs["weight"].tolist()))
+        self.explained.append((chosen.inputs.tolist(), chosen.forward.per_sample["weight"].tolist()))
         return super()._explain(pl_module, chosen)
 
     def teardown(self, trainer, pl_module, stage):

@@ -56,7 +56,7 @@ class Recording(ConfusedLogitCallback):
             {
                 "inputs": chosen.inputs.clone(),
                 "classes": chosen.classes.clone(),
-                "kwargs": {k: v.clone() for k, v in chosen.kwargs.items()},
+                "kwargs": {k: v.clone() for k, v in chosen.forward.per_sample.items()},
                 "attributions": attributions.detach().clone(),
                 "probs": probs.detach().clone(),
                 "state": state,

@@ -480,8 +480,49 @@ def load_attributions(
     if not root.is_dir():
         raise ShardError(f"attributions folder not found: {root}")
     manifest = read_manifest(root)
-    expected_hash = manifest.get("config_hash") if manifest else None
     complete_info = (manifest or {}).get("complete", {}).get(str(dataloader)) if manifest else None
+    shards = _listed_shards(root, manifest, complete_info, dataloader, allow_incomplete)
+    if verify:
+        for shard in shards:
+            _verify(shard)
+    sorted_indices, order, shard_of, row_of = _dataset_order(shards)
+    if complete_info is not None and int(complete_info["samples"]) != len(sorted_indices):
+        raise ShardError(
+            f"{root}: the finished run wrote {complete_info['samples']} samples of dataloader {dataloader} "
+            f"but its shards hold {len(sorted_indices)}; the shards were changed after the run"
+        )
+    lazy = ShardedAttributions(shards, shard_of, row_of)
+    small = {}
+    for name in ("targets", "logits", "labels", "valid"):
+        parts = [_open(s.path).get_tensor(name) for s in shards]
+        if parts:
+            widths = {tuple(p.shape[1:]) for p in parts}
+            if len(widths) > 1:
+                raise ShardError(f"the shards of {root} disagree on the shape of {name!r}: {sorted(widths)}")
+            small[name] = torch.cat(parts)[order]
+        else:
+            small[name] = torch.zeros((0,), dtype=torch.int64)
+    return DatasetAttributions(
+        attributions=lazy,
+        indices=sorted_indices,
+        targets=small["targets"],
+        logits=small["logits"],
+        labels=small["labels"],
+        valid=small["valid"],
+        config=dict((manifest or {}).get("config", {})),
+        complete=complete_info is not None,
+    )
+
+def _listed_shards(
+    root: Path,
+    manifest: dict[str, Any] | None,
+    complete_info: dict[str, Any] | None,
+    dataloader: int,
+    allow_incomplete: bool,
+) -> list[_Shard]:
+    """The shards of a finished run (those its manifest lists; others are warned about and ignored), or of
+    an unfinished one when ``allow_incomplete`` (else a clear error)."""
+    expected_hash = manifest.get("config_hash") if manifest else None
     if complete_info is not None:
         files = [root / SHARDS / name for name in complete_info["shards"]]
     else:
@@ -504,11 +545,14 @@ def load_attributions(
                 f"peering: {len(extra)} shard(s) in {root / SHARDS} are not part of the finished run and are "
                 f"ignored (e.g. {extra[0].name})",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    if verify:
-        for shard in shards:
-            _verify(shard)
+    return shards
+
+
+def _dataset_order(shards: list[_Shard]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(the dataset indices sorted, the order that sorts them, and for each the shard and row it is in);
+    a clear error when an index is in two shards."""
     if shards:
         all_indices = torch.cat([s.indices for s in shards])
         shard_ids = torch.cat(
@@ -531,30 +575,4 @@ def load_attributions(
             "all): did every rank see the whole dataset (Trainer(use_distributed_sampler=False))? Delete "
             "the folder and rerun with Lightning's distributed sampler"
         )
-    if complete_info is not None and int(complete_info["samples"]) != len(sorted_indices):
-        raise ShardError(
-            f"{root}: the finished run wrote {complete_info['samples']} samples of dataloader {dataloader} "
-            f"but its shards hold {len(sorted_indices)}; the shards were changed after the run"
-        )
-    shard_of, row_of = shard_ids[order], rows[order]
-    lazy = ShardedAttributions(shards, shard_of, row_of)
-    small = {}
-    for name in ("targets", "logits", "labels", "valid"):
-        parts = [_open(s.path).get_tensor(name) for s in shards]
-        if parts:
-            widths = {tuple(p.shape[1:]) for p in parts}
-            if len(widths) > 1:
-                raise ShardError(f"the shards of {root} disagree on the shape of {name!r}: {sorted(widths)}")
-            small[name] = torch.cat(parts)[order]
-        else:
-            small[name] = torch.zeros((0,), dtype=torch.int64)
-    return DatasetAttributions(
-        attributions=lazy,
-        indices=sorted_indices,
-        targets=small["targets"],
-        logits=small["logits"],
-        labels=small["labels"],
-        valid=small["valid"],
-        config=dict((manifest or {}).get("config", {})),
-        complete=complete_info is not None,
-    )
+    return sorted_indices, order, shard_ids[order], rows[order]

@@ -66,7 +66,7 @@ def explain(
     chunk_size: int = 64,
     grad_strategy: GradStrategy = "auto",
     nonfinite: Literal["raise", "skip"] = "raise",
-    forward_kwargs: Mapping[str, Any] | None = None,
+    forward_kwargs: Mapping[str, Any] | ForwardKwargs | None = None,
     layer: nn.Module | None = None,
     **method_options: Any,
 ) -> Explanation:

@@ -301,7 +301,7 @@ class PictureJob:
         from peering.render.tokens import token_panels_of, unpadded_tokens
 
         c, output = self.chosen, self.output.drawing.get("output")
-        mask = c.kwargs.get("attention_mask")
+        mask = c.forward.per_sample.get("attention_mask")
         if mask is not None and tuple(mask.shape) != tuple(c.inputs.shape):
             mask = None
         tokenizer = self.output.tokenizer

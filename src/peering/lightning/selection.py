@@ -9,7 +9,6 @@ chosen samples can be kept across hooks and explained with autograd.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,7 +18,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from peering._model import ForwardKwargs
 from peering.attribution.confusion import select_confused
+from peering.lightning.batches import Batch
 
 __all__: list[str] = []
 
@@ -28,41 +29,29 @@ Layout = tuple[tuple[str, torch.Size, torch.dtype], ...]
 forward argument, sorted by name."""
 
 
-def split_kwargs(kwargs: Mapping[str, Any], batch: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(per-sample tensors: first dimension ``batch``; everything else, passed unchanged), as
-    `peering.explain` splits its ``forward_kwargs``."""
-    per_sample: dict[str, Tensor] = {}
-    shared: dict[str, Any] = {}
-    for name, value in kwargs.items():
-        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch:
-            per_sample[name] = value
-        else:
-            shared[name] = value
-    return per_sample, shared
-
-
 @dataclass
 class Candidates:
     """Samples chosen for pictures: inputs [n, ...], labels [n] (-1: unknown), classes [n, 2], margins
-    [n], the per-sample forward arguments ``kwargs`` (each [n, ...]) and the ``shared`` ones (unchanged)."""
+    [n], and their forward arguments (`ForwardKwargs`: the per-sample rows of these samples, the shared
+    ones unchanged)."""
 
     inputs: Tensor
     labels: Tensor
     classes: Tensor
     margins: Tensor
-    kwargs: dict[str, Tensor] = field(default_factory=dict)
-    shared: dict[str, Any] = field(default_factory=dict)
+    forward: ForwardKwargs = field(default_factory=lambda: ForwardKwargs(None, 0))
+
+    def __post_init__(self) -> None:
+        n = self.inputs.shape[0]
+        if self.forward.batch != n and not self.forward.per_sample:  # none given, or only shared ones
+            self.forward = ForwardKwargs.of({}, self.forward.shared, n)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     @property
     def layout(self) -> Layout:
-        return layout_of(self.inputs, self.kwargs)
-
-    def forward_kwargs(self) -> dict[str, Any]:
-        """The model's extra arguments for these samples."""
-        return {**self.shared, **self.kwargs}
+        return layout_of(self.inputs, self.forward)
 
     def merge(self, other: Candidates | None, capacity: int) -> Candidates:
         """The ``capacity`` smallest margins of both, ties broken by order (self first). Both must have the
@@ -79,11 +68,7 @@ class Candidates:
                     torch.cat([self.labels, other.labels.to(dev)]),
                     torch.cat([self.classes, other.classes.to(dev)]),
                     torch.cat([self.margins, other.margins.to(dev)]),
-                    {
-                        k: torch.cat([v, other.kwargs[k].to(v.device, v.dtype)])
-                        for k, v in self.kwargs.items()
-                    },
-                    self.shared,
+                    self.forward.cat(other.forward),
                 )
             order = torch.sort(joined.margins, stable=True).indices[:capacity]
             return joined.select(order)
@@ -96,8 +81,7 @@ class Candidates:
                 self.labels[index],
                 self.classes[index],
                 self.margins[index],
-                {k: v[index.to(v.device)] for k, v in self.kwargs.items()},
-                self.shared,
+                self.forward.select(index),
             )
 
     def to(self, device: str | torch.device) -> Candidates:
@@ -108,31 +92,39 @@ class Candidates:
 
         with torch.inference_mode(False):
             return Candidates(
-                move(self.inputs),
-                move(self.labels),
-                move(self.classes),
-                move(self.margins),
-                {k: move(v) for k, v in self.kwargs.items()},
-                self.shared,
+                move(self.inputs), move(self.labels), move(self.classes), move(self.margins),
+                self.forward.to(device),
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        """The samples as CPU tensors (and the shared forward arguments as they are), for a checkpoint."""
+        names = ("inputs", "labels", "classes", "margins")
+        saved: dict[str, Any] = {k: getattr(self, k).detach().cpu() for k in names}
+        saved["kwargs"] = {k: v.detach().cpu() for k, v in self.forward.per_sample.items()}
+        saved["shared"] = dict(self.forward.shared)
+        return saved
 
-def layout_of(inputs: Tensor, kwargs: Mapping[str, Tensor]) -> Layout:
+    @classmethod
+    def from_state_dict(cls, saved: dict[str, Any]) -> Candidates:
+        forward = ForwardKwargs.of(saved.get("kwargs", {}), saved.get("shared", {}), len(saved["inputs"]))
+        return cls(saved["inputs"], saved["labels"], saved["classes"], saved["margins"], forward)
+
+
+def layout_of(inputs: Tensor, forward: ForwardKwargs) -> Layout:
     """The `Layout` of a batch's inputs and per-sample forward arguments."""
-    return (("", inputs.shape[1:], inputs.dtype),) + tuple(
-        (k, kwargs[k].shape[1:], kwargs[k].dtype) for k in sorted(kwargs)
-    )
+    return (("", inputs.shape[1:], inputs.dtype),) + forward.layout
 
 
 def empty_candidates(layout: Layout | None) -> Candidates:
     layout = layout if layout is not None else (("", torch.Size([0]), torch.float32),)
     (_, sample_shape, dtype), *rest = layout
+    forward = ForwardKwargs.of({name: torch.zeros((0, *shape), dtype=dt) for name, shape, dt in rest}, {}, 0)
     return Candidates(
         torch.zeros((0, *sample_shape), dtype=dtype),
         torch.zeros(0, dtype=torch.int64),
         torch.zeros((0, 2), dtype=torch.int64),
         torch.zeros(0),
-        {name: torch.zeros((0, *shape), dtype=dt) for name, shape, dt in rest},
+        forward,
     )
 
 
@@ -206,18 +198,16 @@ class Thresholds:
 
 
 def choose(
-    inputs: Tensor,
-    labels: Tensor | None,
-    logits: Tensor,
-    capacity: int,
-    thresholds: Thresholds,
-    kwargs: Mapping[str, Any] | None = None,
+    batch: Batch, logits: Tensor, capacity: int, thresholds: Thresholds
 ) -> tuple[Candidates, Stats, int]:
     """The ``capacity`` most confused samples of one batch under ``thresholds`` (with their rows of the
-    per-sample forward arguments ``kwargs``), what the check saw, and how many samples were skipped for
-    NaN/Inf inputs or logits."""
+    batch's forward arguments), what the check saw, and how many samples were skipped for NaN/Inf inputs
+    or logits."""
+    inputs, labels = batch.inputs, batch.labels
     logits = logits.float()
-    bad = ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1) | ~torch.isfinite(logits).all(dim=1)
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if inputs.is_floating_point():
+        bad |= ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1)
     skipped = int(bad.sum()) if bad.any() else 0
     if skipped:
         logits = logits.masked_fill(bad.unsqueeze(1), float("nan"))
@@ -235,14 +225,12 @@ def choose(
             if labels is not None
             else torch.full((len(idx),), -1, dtype=torch.int64)
         )
-        per_sample, shared = split_kwargs(kwargs or {}, inputs.shape[0])
         chosen = Candidates(
             inputs.detach()[idx].clone(),
             chosen_labels.to(inputs.device),
             sel.classes.clone().to(inputs.device),
             sel.margins.clone().to(inputs.device),
-            {k: v.detach()[idx.to(v.device)].clone() for k, v in per_sample.items()},
-            shared,
+            batch.forward.select(idx),
         )
     return chosen, _stats(logits, sel.num_confused, sel.num_candidates, thresholds), skipped
 
@@ -317,7 +305,7 @@ def gather(
     buf = torch.zeros(capacity, width + 5, dtype=dtype, device=device)
     if local is not None and len(local):
         n = min(len(local), capacity)
-        parts = [local.inputs[:n]] + [local.kwargs[name][:n] for name, _, _ in layout[1:]]
+        parts = [local.inputs[:n]] + [local.forward.per_sample[name][:n] for name, _, _ in layout[1:]]
         buf[:n, :width] = torch.cat([p.reshape(n, -1).to(device, dtype) for p in parts], dim=1)
         buf[:n, width] = local.margins[:n].to(device, dtype)
         buf[:n, width + 1 : width + 3] = local.classes[:n].to(device, dtype)
@@ -327,12 +315,13 @@ def gather(
     rows = rows[rows[:, width + 4] > 0.5]
     columns = rows[:, :width].split(sizes, dim=1)
     tensors = [c.reshape(-1, *shape).to(dt) for c, (_, shape, dt) in zip(columns, layout, strict=True)]
+    per_sample = {name: t for (name, _, _), t in zip(layout[1:], tensors[1:], strict=True)}
+    shared = local.forward.shared if local is not None else {}
     merged = Candidates(
         tensors[0],
         rows[:, width + 3].round().long(),
         rows[:, width + 1 : width + 3].round().long(),
         rows[:, width].float(),
-        {name: t for (name, _, _), t in zip(layout[1:], tensors[1:], strict=True)},
-        local.shared if local is not None else {},
+        ForwardKwargs.of(per_sample, shared, len(tensors[0])),
     )
     return merged.merge(None, capacity), total

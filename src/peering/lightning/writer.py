@@ -27,12 +27,12 @@ from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from peering._model import OUTPUTS
-from peering._validate import int_at_least
+from peering._model import OUTPUTS, ForwardKwargs
+from peering._validate import callable_or_none, int_at_least, one_of
 from peering.attribution.explanation import Explanation, explain
 from peering.attribution.methods import AttributionMethod, make_method
 from peering.errors import PeeringRuntimeError, PeeringTypeError, PeeringValueError
-from peering.lightning.callback import default_unpack
+from peering.lightning.batches import Batch, as_model_dtype, unpack_batch
 from peering.lightning.sinks import BackgroundWriter
 from peering.store import (
     SHARDS,
@@ -82,7 +82,9 @@ class AttributionWriter(BasePredictionWriter):
             `peering.AttributionMethod`.
         output: what is differentiated: "probability", "log_probability" or "logit".
         chunk_size: samples per forward pass inside `peering.explain`.
-        unpack: ``batch -> (inputs, labels or None)`` for batches `default_unpack` does not understand.
+        unpack: ``batch -> (inputs, labels or None)`` or ``(inputs, labels or None, forward_kwargs)`` for
+            batches `peering.lightning.default_unpack` does not understand; forward arguments (an attention
+            mask) are passed to the model with their samples, as in `peering.explain`.
         layer: attribute to this submodule's output instead of the input (`peering.explain`'s ``layer``):
             the module, or its name in the LightningModule (``"model.conv1"``; a name also survives
             ``ddp_spawn``'s copies of the model).
@@ -132,7 +134,7 @@ class AttributionWriter(BasePredictionWriter):
         method: str | AttributionMethod = "gradient",
         output: Literal["probability", "log_probability", "logit"] = "probability",
         chunk_size: int = 64,
-        unpack: Callable[[Any], tuple[Tensor, Tensor | None]] | None = None,
+        unpack: Callable[[Any], tuple[Any, ...]] | None = None,
         layer: nn.Module | str | None = None,
         target: Literal["label"] | int | None = None,
         *,
@@ -143,31 +145,18 @@ class AttributionWriter(BasePredictionWriter):
     ) -> None:
         super().__init__("batch")
         int_at_least("top_k", top_k, 1)
-        if output not in OUTPUTS:
-            raise PeeringValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        one_of("output", output, OUTPUTS)
         int_at_least("chunk_size", chunk_size, 1)
         if layer is not None and not isinstance(layer, (str, nn.Module)):
             raise PeeringTypeError(
                 f"layer must be a submodule of the model or its name, got {type(layer).__name__}"
             )
-        if unpack is not None and not callable(unpack):
-            raise PeeringTypeError(
-                f"unpack must be a callable batch -> (inputs, labels) or None, got {unpack!r}"
-            )
-        if not (
-            target is None
-            or target == "label"
-            or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)
-        ):
+        callable_or_none("unpack", unpack, "batch -> (inputs, labels) or (inputs, labels, forward_kwargs)")
+        class_index = isinstance(target, int) and not isinstance(target, bool) and target >= 0
+        if not (target is None or target == "label" or class_index):
             raise PeeringValueError(f"target must be None, 'label' or a class index >= 0, got {target!r}")
-        if (
-            isinstance(samples_per_shard, bool)
-            or not isinstance(samples_per_shard, int)
-            or samples_per_shard < 1
-        ):
-            raise PeeringValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
-        if nonfinite not in ("raise", "skip"):
-            raise PeeringValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        int_at_least("samples_per_shard", samples_per_shard, 1)
+        one_of("nonfinite", nonfinite, ("raise", "skip"))
         self._method_instance = make_method(method, dict(method_options))  # bad names fail now, not mid-run
         self.out_dir = Path(out_dir)
         self.top_k = top_k
@@ -227,20 +216,14 @@ class AttributionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         self._raise_write_errors()
-        unpacked = (self.unpack or default_unpack)(batch)
-        inputs, labels = unpacked[0], unpacked[1]
-        if len(unpacked) > 2 and unpacked[2]:
+        try:
+            found = unpack_batch(batch, self.unpack, allow_integer=self._layer is not None)
+        except PeeringTypeError as err:
             raise PeeringTypeError(
-                f"AttributionWriter: the batch has forward arguments ({', '.join(unpacked[2])}), which the "
-                "writer does not pass to the model yet; for a model that needs none, pass "
-                "unpack=lambda batch: (inputs, labels)"
-            )
-        if not isinstance(inputs, Tensor):
-            raise PeeringTypeError(
-                f"AttributionWriter: the batch's inputs are a {type(inputs).__name__}, not a tensor; pass "
-                "unpack=lambda batch: (inputs, labels)"
-            )
-        n = inputs.shape[0]
+                f"AttributionWriter: {err}; pass unpack=lambda batch: (inputs, labels) (or (inputs, labels, "
+                "forward_kwargs))"
+            ) from None
+        n = len(found)
         if batch_indices is None or len(batch_indices) != n:
             raise PeeringRuntimeError(
                 "AttributionWriter needs the dataset index of every sample, which Lightning tracks only for "
@@ -249,13 +232,6 @@ class AttributionWriter(BasePredictionWriter):
             )
         state = self._loaders.setdefault(dataloader_idx, _Loader(None))
         indices = torch.as_tensor(list(batch_indices), dtype=torch.int64)
-        if (
-            not isinstance(labels, Tensor)
-            or labels.ndim != 1
-            or labels.shape[0] != n
-            or labels.is_floating_point()
-        ):
-            labels = None
         state.seen += n
         if state.done is not None:
             if state.length is not None and n and int(indices.max()) >= state.length:
@@ -267,10 +243,9 @@ class AttributionWriter(BasePredictionWriter):
                 return
             if not bool(todo.all()):
                 keep = todo.nonzero().flatten()
-                indices = indices[keep]
-                inputs = inputs[keep.to(inputs.device)]
-                labels = labels[keep.to(labels.device)] if labels is not None else None
-        exp = self._explain(pl_module, inputs, labels)
+                indices, found = indices[keep], _rows(found, keep)
+        inputs, labels = found.inputs, found.labels
+        exp = self._explain(pl_module, inputs, labels, found.forward)
         self._add(state, dataloader_idx, indices, exp, labels)
 
     @override
@@ -369,7 +344,9 @@ class AttributionWriter(BasePredictionWriter):
                 )
         return {"samples": total, "shards": [f.name for f in files]}
 
-    def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, labels: Tensor | None) -> Explanation:
+    def _explain(
+        self, pl_module: pl.LightningModule, inputs: Tensor, labels: Tensor | None, forward: ForwardKwargs
+    ) -> Explanation:
         target: int | Tensor | None = None
         if self.target == "label":
             if labels is None:
@@ -387,7 +364,7 @@ class AttributionWriter(BasePredictionWriter):
         try:
             return explain(
                 pl_module,
-                _as_model_dtype(pl_module, inputs),
+                as_model_dtype(pl_module, inputs),
                 target,
                 top_k=self.top_k,
                 method=self.method,
@@ -395,6 +372,7 @@ class AttributionWriter(BasePredictionWriter):
                 output_fn=self.output_fn,
                 chunk_size=self.chunk_size,
                 nonfinite=self.nonfinite,
+                forward_kwargs=forward,
                 **options,
             )
         except RuntimeError as err:
@@ -493,19 +471,6 @@ def _length(loader: Any) -> int | None:
         return None
 
 
-def _as_model_dtype(pl_module: nn.Module, inputs: Tensor) -> Tensor:
-    """Float inputs in the module's floating dtype (e.g. under ``precision="bf16-true"``)."""
-    dtype = getattr(pl_module, "dtype", None)
-    if (
-        isinstance(dtype, torch.dtype)
-        and dtype.is_floating_point
-        and inputs.is_floating_point()
-        and inputs.dtype != dtype
-    ):
-        return inputs.to(dtype)
-    return inputs
-
-
 def _fingerprint(module: nn.Module) -> str:
     """CRC-32 of the module's parameters and buffers (names, shapes, dtypes and bytes), as hex."""
     lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if is_lazy(t)]
@@ -577,3 +542,9 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
     diffs = [f"{k}: {old.get(k)!r} before, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(diffs) if diffs else "the same arguments but another format"
+
+
+def _rows(batch: Batch, keep: Tensor) -> Batch:
+    """The samples ``keep`` of a batch (those not written by an earlier run)."""
+    labels = batch.labels[keep.to(batch.labels.device)] if batch.labels is not None else None
+    return Batch(batch.inputs[keep.to(batch.inputs.device)], labels, batch.forward.select(keep))

@@ -21,7 +21,7 @@ from peering._model import (
     num_classes,
     transform,
 )
-from peering._validate import int_at_least, number
+from peering._validate import int_at_least, number, one_of, optional
 from peering.errors import PeeringTypeError, PeeringValueError
 from peering.morph.priors import Noise, Prior, PriorState, smooth
 
@@ -82,7 +82,7 @@ def morph(
     chunk_size: int = 64,
     seed: int = 0,
     progress: bool = False,
-    forward_kwargs: Mapping[str, Any] | None = None,
+    forward_kwargs: Mapping[str, Any] | ForwardKwargs | None = None,
 ) -> MorphResult:
     """Change inputs by gradient-ascent steps until the model is confident they are ``target``.
 
@@ -148,14 +148,11 @@ def morph(
     members = _check_models(model)
     check_output(output)
     check_inputs(inputs)
-    if norm not in ("l2", "linf"):
-        raise PeeringValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    one_of("norm", norm, ("l2", "linf"))
     int_at_least("steps", steps, 0)
     int_at_least("keep_every", keep_every, 1)
-    if chunk_size < 1:
-        raise PeeringValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if budget is not None and not (budget >= 0 and math.isfinite(budget)):
-        raise PeeringValueError(f"budget must be a finite number >= 0 or None, got {budget}")
+    int_at_least("chunk_size", chunk_size, 1)
+    optional(number, "budget", budget, least=0)
     if confidence is not None and (isinstance(confidence, bool) or not 0 < confidence < 1):
         raise PeeringValueError(
             f"confidence must be a probability in (0, 1) or None (stop at the top class), got {confidence!r}"
@@ -163,14 +160,8 @@ def morph(
     sigma = _check_smoothing(smoothing, inputs)
     priors = _check_priors(prior)
     clamp = _check_bounds(bounds, inputs)
-    if step_size is None:
-        spans = (clamp[1] - clamp[0]) if clamp is not None else torch.ones(1)
-        spans = spans[torch.isfinite(spans)]
-        span = float(spans.mean()) if spans.numel() else 1.0
-        numel = math.prod(inputs.shape[1:])
-        step_size = 0.005 * math.sqrt(numel) * span if norm == "l2" else 0.01 * span
-    if not (step_size > 0 and math.isfinite(step_size)):
-        raise PeeringValueError(f"step_size must be a finite number > 0, got {step_size}")
+    step_size = _default_step_size(inputs, clamp, norm) if step_size is None else step_size
+    number("step_size", step_size, above=0)
 
     b = inputs.shape[0]
     frame_steps = list(range(0, steps + 1, keep_every))
@@ -226,6 +217,16 @@ def morph(
         probabilities=logits.softmax(dim=1),
         confidence=confidence,
     )
+
+
+def _default_step_size(inputs: Tensor, clamp: tuple[Tensor, Tensor] | None, norm: str) -> float:
+    """For "l2", 0.005 * sqrt(numel per sample) * (hi - lo); for "linf", 0.01 * (hi - lo); (hi - lo) is the
+    bounds' mean finite span (1 without bounds)."""
+    spans = (clamp[1] - clamp[0]) if clamp is not None else torch.ones(1)
+    spans = spans[torch.isfinite(spans)]
+    span = float(spans.mean()) if spans.numel() else 1.0
+    numel = math.prod(inputs.shape[1:])
+    return 0.005 * math.sqrt(numel) * span if norm == "l2" else 0.01 * span
 
 
 def _warn_unreached(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,47 @@ def confusion_matrix_image(
     >>> confusion_matrix_image(m, highlight=torch.tensor([[1, 2]]), title="epoch 3").shape[2]
     3
     """
+    m, names = _checked(matrix, class_names)
+    c = m.shape[0]
+    font, unicode_ok = _font()
+    line = _line_height(font)
+    numbered = c <= _MAX_NUMBERED
+    rows = m.sum(axis=1, keepdims=True)
+    share = m / np.maximum(rows, 1)
+    mistakes = share.copy()
+    np.fill_diagonal(mistakes, 0.0)
+    darkest = float(mistakes.max(initial=0.0))
+    title = _text(font, unicode_ok, title) if title else None
+    legend = (
+        f"colour: share of the true class, darkest {darkest:.1%}"
+        + (" · outlined: top pairs" if highlight is not None and len(highlight) else "")
+        if darkest > 0
+        else "no mistakes"
+    )
+    legend = _text(font, unicode_ok, legend)
+    g = _geometry(m, names, font, line, numbered, title, legend)
+
+    # cells: vectorised colours
+    colours = _mistake_lut()[np.clip(np.rint(mistakes / max(darkest, 1e-12) * 255.0), 0, 255).astype(np.intp)]
+    colours[m == 0] = _BACKGROUND
+    diagonal = np.arange(c)
+    grey = np.rint(235.0 - 100.0 * np.diag(share)).astype(np.uint8)
+    colours[diagonal, diagonal] = np.where(rows[:, 0] > 0, grey, _BACKGROUND)[:, None]
+    canvas = np.full((g.height, g.width, 3), _BACKGROUND, dtype=np.uint8)
+    top, left, cell = g.top, g.left, g.cell
+    canvas[top : top + c * cell, left : left + c * cell] = np.repeat(np.repeat(colours, cell, 0), cell, 1)
+    edges = left + np.arange(c + 1) * cell
+    canvas[top : top + c * cell + 1, edges] = _GRID
+    canvas[top + np.arange(c + 1) * cell, left : left + c * cell + 1] = _GRID
+    if highlight is not None:
+        _outline(canvas, highlight, g, c)
+    image = Image.fromarray(canvas)
+    _write_text(image, m, names, colours if numbered else None, g, font, line, title, legend)
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def _checked(matrix: Any, class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """The counts as an int64 array [C, C] and the C class names, or a clear error."""
     if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
         raise PeeringValueError(f"matrix must be a square [C, C] tensor of counts, got {shape}")
@@ -106,27 +148,29 @@ def confusion_matrix_image(
     names = [str(i) for i in range(c)] if class_names is None else [str(n) for n in class_names]
     if len(names) != c:
         raise PeeringValueError(f"{len(names)} class names for {c} classes")
-    font, unicode_ok = _font()
-    line = _line_height(font)
-    numbered = c <= _MAX_NUMBERED
-    rows = m.sum(axis=1, keepdims=True)
-    share = m / np.maximum(rows, 1)
-    mistakes = share.copy()
-    np.fill_diagonal(mistakes, 0.0)
-    darkest = float(mistakes.max(initial=0.0))
+    return m, names
 
-    # geometry
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the matrix's parts go: the cells' size, the matrix's top-left corner, the picture's size, the
+    title's band."""
+
+    cell: int
+    left: int
+    top: int
+    width: int
+    height: int
+    title_h: int
+
+
+def _geometry(
+    m: np.ndarray, names: list[str], font: Any, line: int, numbered: bool, title: str | None, legend: str
+) -> _Geometry:
+    c = m.shape[0]
     widest = max(font.getlength(str(int(v))) for v in m.flatten()) if numbered else 0.0
     cell = max(int(math.ceil(widest)) + 6, line + 6) if numbered else max(6, line // 2 + 2)
     label_w = int(math.ceil(max(font.getlength(n) for n in names))) + 6
-    title = _text(font, unicode_ok, title) if title else None
-    legend = (
-        f"colour: share of the true class, darkest {darkest:.1%}"
-        + (" · outlined: top pairs" if highlight is not None and len(highlight) else "")
-        if darkest > 0
-        else "no mistakes"
-    )
-    legend = _text(font, unicode_ok, legend)
     title_h = line + 4 if title else 0
     left = _PAD + line + 4 + label_w  # "true", written upwards, then the row names
     top = _PAD + title_h + line + 2 + line + 2  # title, "predicted", the column names
@@ -136,59 +180,55 @@ def confusion_matrix_image(
         _PAD * 2 + int(math.ceil(font.getlength(legend))),
         _PAD * 2 + int(math.ceil(font.getlength(title))) if title else 0,
     )
-    height = top + body_w + 4 + line + _PAD
+    return _Geometry(cell, left, top, width, top + body_w + 4 + line + _PAD, title_h)
 
-    # cells: vectorised colours
-    colours = _mistake_lut()[np.clip(np.rint(mistakes / max(darkest, 1e-12) * 255.0), 0, 255).astype(np.intp)]
-    colours[m == 0] = _BACKGROUND
-    diagonal = np.arange(c)
-    grey = np.rint(235.0 - 100.0 * np.diag(share)).astype(np.uint8)
-    colours[diagonal, diagonal] = np.where(rows[:, 0] > 0, grey, _BACKGROUND)[:, None]
-    canvas = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
-    canvas[top : top + c * cell, left : left + c * cell] = np.repeat(np.repeat(colours, cell, 0), cell, 1)
-    edges = left + np.arange(c + 1) * cell
-    canvas[top : top + c * cell + 1, edges] = _GRID
-    canvas[top + np.arange(c + 1) * cell, left : left + c * cell + 1] = _GRID
-    if highlight is not None:
-        cells = highlight.detach().to("cpu", torch.int64).reshape(-1, 2).numpy()
-        if cells.size and (cells.min() < 0 or cells.max() >= c):
-            raise PeeringValueError(f"highlight has cells outside the {c} x {c} matrix")
-        for a, b in cells:  # a few outlines: a loop over P cells, not pixels
-            y0, x0 = top + a * cell, left + b * cell
-            canvas[y0 : y0 + 2, x0 : x0 + cell + 1] = _HIGHLIGHT
-            canvas[y0 + cell - 1 : y0 + cell + 1, x0 : x0 + cell + 1] = _HIGHLIGHT
-            canvas[y0 : y0 + cell + 1, x0 : x0 + 2] = _HIGHLIGHT
-            canvas[y0 : y0 + cell + 1, x0 + cell - 1 : x0 + cell + 1] = _HIGHLIGHT
 
-    # text
-    image = Image.fromarray(canvas)
+def _outline(canvas: np.ndarray, highlight: Tensor, g: _Geometry, c: int) -> None:
+    """Outline the (true, predicted) cells ``highlight`` [P, 2] in red: a loop over P cells, not pixels."""
+    cells = highlight.detach().to("cpu", torch.int64).reshape(-1, 2).numpy()
+    if cells.size and (cells.min() < 0 or cells.max() >= c):
+        raise PeeringValueError(f"highlight has cells outside the {c} x {c} matrix")
+    cell = g.cell
+    for a, b in cells:
+        y0, x0 = g.top + a * cell, g.left + b * cell
+        canvas[y0 : y0 + 2, x0 : x0 + cell + 1] = _HIGHLIGHT
+        canvas[y0 + cell - 1 : y0 + cell + 1, x0 : x0 + cell + 1] = _HIGHLIGHT
+        canvas[y0 : y0 + cell + 1, x0 : x0 + 2] = _HIGHLIGHT
+        canvas[y0 : y0 + cell + 1, x0 + cell - 1 : x0 + cell + 1] = _HIGHLIGHT
+
+
+def _write_text(
+    image: Image.Image,
+    m: np.ndarray,
+    names: list[str],
+    colours: np.ndarray | None,
+    g: _Geometry,
+    font: Any,
+    line: int,
+    title: str | None,
+    legend: str,
+) -> None:
+    """The title, the axes' names, the class names and (with ``colours``: up to 30 classes) the counts."""
+    c, cell, top, left = m.shape[0], g.cell, g.top, g.left
     draw = ImageDraw.Draw(image)
     if title:
         draw.text((_PAD, _PAD), title, fill=(0, 0, 0), font=font)
-    y_axis = _PAD + title_h
+    y_axis = _PAD + g.title_h
     draw.text(
         (left + (c * cell - font.getlength("predicted")) / 2, y_axis), "predicted", fill=_MUTED, font=font
     )
-    if numbered:  # beyond 30 classes the cells are too small for names; the axes stay named
+    if colours is not None:  # beyond 30 classes the cells are too small for names; the axes stay named
         for j, name in enumerate(names):
-            draw.text(
-                (left + j * cell + (cell - font.getlength(name)) / 2, y_axis + line + 2),
-                name,
-                fill=(0, 0, 0),
-                font=font,
-            )
+            column = (left + j * cell + (cell - font.getlength(name)) / 2, y_axis + line + 2)
+            draw.text(column, name, fill=(0, 0, 0), font=font)
         for i, name in enumerate(names):
-            draw.text(
-                (left - 4 - font.getlength(name), top + i * cell + (cell - line) / 2),
-                name,
-                fill=(0, 0, 0),
-                font=font,
-            )
+            row = (left - 4 - font.getlength(name), top + i * cell + (cell - line) / 2)
+            draw.text(row, name, fill=(0, 0, 0), font=font)
     word = Image.new("L", (int(math.ceil(font.getlength("true"))) + 2, line), 0)
     ImageDraw.Draw(word).text((0, 0), "true", fill=255, font=font)
     word = word.rotate(90, expand=True)
     image.paste(_MUTED, (_PAD, top + (c * cell - word.size[1]) // 2), word)
-    if numbered:
+    if colours is not None:
         luminance = colours.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         for i, j in zip(*np.nonzero(m), strict=True):
             text = str(int(m[i, j]))
@@ -196,7 +236,6 @@ def confusion_matrix_image(
             xy = (left + j * cell + (cell - font.getlength(text)) / 2, top + i * cell + (cell - line) / 2)
             draw.text(xy, text, fill=ink, font=font)
     draw.text((_PAD, top + c * cell + 4), legend, fill=_MUTED, font=font)
-    return torch.from_numpy(np.asarray(image).copy())
 
 
 def _header(panels: np.ndarray, headers: Sequence[str]) -> np.ndarray:

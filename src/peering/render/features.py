@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor
@@ -160,8 +160,29 @@ def bar_tiles(
     tiles[:, :, ys : ys + 2, label_w : label_w + _BAR_WIDTH] = 150
 
     # the text, on one grey-scale sheet for all charts: pixel = 255 - coverage
-    placed: list[tuple[float, float, str]] = []
+    placed = _placed_text(names, values_of, order, top, rest_sum, scale, font, line, label_w, height, d)
+    coverage = _text_sheet(placed, width, n * k * height, font).reshape(n, k, height, width, 1)
+    return np.minimum(tiles, _BACKGROUND - coverage)
+
+
+def _placed_text(
+    names: list[str],
+    values_of: list[list[list[str]]],
+    order: np.ndarray,
+    top: np.ndarray,
+    rest_sum: np.ndarray,
+    scale: np.ndarray,
+    font: Any,
+    line: int,
+    label_w: int,
+    height: int,
+    d: int,
+) -> list[tuple[float, float, str]]:
+    """(x, y, text) of every label, value and axis tick of the charts [N, K] stacked in one sheet."""
+    n, k, rows = order.shape
+    zero = label_w + _BAR_WIDTH // 2
     value_x = label_w + _BAR_WIDTH + 4
+    placed: list[tuple[float, float, str]] = []
     for i in range(n):
         s = format_scale(float(scale[i])) if scale[i] > 0 else "0"
         for c in range(k):
@@ -173,11 +194,10 @@ def bar_tiles(
                 v = float(top[i, c, r])
                 placed.append((value_x, y0 + r * line, f"{v:+.2g}" if abs(v) >= 1e-3 else f"{v:+.1e}"))
             y = y0 + rows * line
-            if rest:
+            if d > rows:
                 summary = f"{d - rows} more: sum {float(rest_sum[i, c]):+.2g}"
                 placed.append((max(2.0, label_w - 6 - font.getlength(summary)), y + 2, summary))
                 y += line
             for text, at in ((f"-{s}", label_w), ("0", zero), (f"+{s}", label_w + _BAR_WIDTH)):
                 placed.append((at - font.getlength(text) / 2, y + 2, text))
-    coverage = _text_sheet(placed, width, n * k * height, font).reshape(n, k, height, width, 1)
-    return np.minimum(tiles, _BACKGROUND - coverage)
+    return placed

@@ -25,7 +25,8 @@ is HTML-escaped.
 Layout of the package:
 
 - `peering.report.run`: reading a run folder into one `RunData` (`find_log_dir`, `read_run`);
-- `peering.report.sections`: one `Section` per section, in page order: what its template gets;
+- `peering.report.sections`: one `Section` per section, in page order (``ALL``): what its template gets,
+  built in ``sections/training.py``, ``sections/demo.py`` or ``sections/dataset.py``;
 - ``templates/report.html.j2``: the page (head, navigation, one ``<section>`` per section);
   ``templates/sections/<id>.html.j2``: one section's body; ``templates/macros.html.j2``: shared pieces
   (a captioned ``figure``); ``templates/report.css``: the style sheet, inlined.
@@ -34,11 +35,13 @@ How to add a section (say ``atlas``):
 
 1. If it needs something from the run that `RunData` does not hold yet, add a field to `RunData` and fill
    it in `read_run` (``peering/report/run.py``).
-2. Write a builder in ``peering/report/sections.py``, ``def _atlas(run, options) -> dict | None``, that
+2. Write a builder in the module of ``peering/report/sections/`` it belongs with (a new one for a new kind
+   of run), ``def atlas(run, options) -> dict | None``, that
    returns the variables its template needs (numbers already formatted, pictures as objects with a
    ``.png``), or None when the run has no such data: the section and its link are then left out, so an
    optional section costs nothing on runs without it.
-3. Add ``Section("atlas", "Confusion atlas per epoch", "Atlas", _atlas)`` to ``_ALL`` there, where it
+3. Add ``Section("atlas", "Confusion atlas per epoch", "Atlas", training.atlas)`` to ``ALL`` in
+   ``sections/__init__.py``, where it
    should appear in the page.
 4. Write ``peering/report/templates/sections/atlas.html.j2``: the section's body; its variables are
    ``s.<name>``; embed a picture with ``{{ figure(picture, alt, caption) }}`` (import it from
@@ -60,7 +63,7 @@ from peering._files import atomic_write
 from peering.errors import PeeringValueError, ReportError
 from peering.render import Display
 from peering.report.run import RunData, find_log_dir, read_run
-from peering.report.sections import _ALL, SECTIONS, Options
+from peering.report.sections import ALL, SECTIONS, Options
 from peering.runs import names
 
 __all__ = ["SECTIONS", "ReportError", "build_report", "find_log_dir"]
@@ -152,7 +155,7 @@ def _environment() -> Any:  # a jinja2.Environment; imported lazily: only the re
 def _render(run: RunData, options: Options, title: str | None) -> str:
     page_title = title or str(run.summary.get("title") or f"peering report: {run.root.resolve().name}")
     sections = []
-    for section in _ALL:
+    for section in ALL:
         variables = section.build(run, options)
         if variables is not None:
             sections.append(
