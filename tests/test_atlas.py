@@ -182,7 +182,7 @@ def test_bad_labels_and_class_counts_are_refused(digits_cnn, digits_split):
     assert atlas.compute().matrix is None
 
     assert "no validation batch" in ConfusionAtlas().compute().reason
-    with pytest.raises(ValueError, match="pairs must be an int >= 1"):
+    with pytest.raises(ValueError, match="pairs must be a positive int"):
         ConfusionAtlas(pairs=0)
 
 

@@ -612,7 +612,7 @@ def test_normalised_model_with_mean_and_std(bad_files, images, tmp_path):
     assert_bad_input(
         invoke("explain", *common, "--model", "user_models:cnn8", "--mean", "0.5,0.5", "--std", "0.2"),
         "--mean has 2 values",
-        "1 channels",
+        "the images have 1 channel (give 1)",  # not "1 channels (give 1 or 1)"
     )
 
 

@@ -56,3 +56,37 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert (tmp_path / "explain.png").stat().st_size > 0 and (tmp_path / "morph.png").stat().st_size > 0
     assert namespace["exp"].attributions.shape == (32, 2, 1, 8, 8)
+
+
+def _readme_names() -> set[str]:
+    """Every peering name the README uses: ``from peering.x import a, b`` in its code, and every
+    ``peering.x.y`` path in its text and code (dotted attribute paths, not file names)."""
+    text = README.read_text()
+    names: set[str] = set()
+    for module, imported in re.findall(r"from (peering(?:\.\w+)*) import ([\w, ]+)", text):
+        names.update(f"{module}.{n.strip()}" for n in imported.split(",") if n.strip())
+    for path in re.findall(r"(?<![\w/.])peering(?:\.[A-Za-z_]\w*)+", text):
+        names.add(path)
+    return {n for n in names if not n.endswith((".py", ".md", ".json", ".html", ".png", ".ckpt"))}
+
+
+def test_every_name_in_the_readme_imports():
+    """What the README tells people to import or call exists where it says (old paths included)."""
+    missing = []
+    for name in sorted(_readme_names()):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                missing.append(name)
+            break
+        else:
+            missing.append(name)
+    assert len(_readme_names()) > 20, "the README's names were not found"
+    assert not missing, f"README names that do not import: {missing}"

@@ -17,31 +17,40 @@ priors, portraits), `peering.checks` (sanity, faithfulness, agreement), `peering
 image files, normalisation), `peering.render` (pictures), `peering.lightning` (callbacks and the dataset
 writer), `peering.report` (the HTML report), `peering.runs` (the run folder's files), `peering.cli` and
 `peering.demo` (the command line and the demo, which nothing in the library imports).
+
+The names below are resolved on first use, so ``import peering`` (and ``peering --help``) does not import
+torch until something needs it.
 """
 
-from peering import priors, render
-from peering.attribution import (
-    AttributionMethod,
-    ConfusedSamples,
-    Explanation,
-    Gradient,
-    InputXGradient,
-    IntegratedGradients,
-    SmoothGrad,
-    explain,
-    select_confused,
-)
-from peering.checks import (
-    Agreement,
-    DeletionInsertion,
-    SanityResult,
-    agreement,
-    deletion_insertion,
-    randomisation_check,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+from peering._lazy import exports
 from peering.errors import PeeringError
-from peering.morph import MorphResult, morph, portraits
-from peering.store import DatasetAttributions, load_attributions
+
+if TYPE_CHECKING:
+    from peering import priors, render
+    from peering.attribution import (
+        AttributionMethod,
+        ConfusedSamples,
+        Explanation,
+        Gradient,
+        InputXGradient,
+        IntegratedGradients,
+        SmoothGrad,
+        explain,
+        select_confused,
+    )
+    from peering.checks import (
+        Agreement,
+        DeletionInsertion,
+        SanityResult,
+        agreement,
+        deletion_insertion,
+        randomisation_check,
+    )
+    from peering.morph import MorphResult, morph, portraits
+    from peering.store import DatasetAttributions, load_attributions
 
 __version__ = "0.2.0"
 
@@ -70,3 +79,34 @@ __all__ = [
     "render",
     "select_confused",
 ]
+
+_WHERE = {
+    **dict.fromkeys(
+        ("AttributionMethod", "ConfusedSamples", "Explanation", "Gradient", "InputXGradient",
+         "IntegratedGradients", "SmoothGrad", "explain", "select_confused"),
+        "peering.attribution",
+    ),
+    **dict.fromkeys(
+        ("Agreement", "DeletionInsertion", "SanityResult", "agreement", "deletion_insertion",
+         "randomisation_check"),
+        "peering.checks",
+    ),
+    **dict.fromkeys(("MorphResult", "morph"), "peering.morph.ascent"),
+    "portraits": "peering.morph.class_portraits",
+    **dict.fromkeys(("DatasetAttributions", "load_attributions"), "peering.store"),
+    "priors": "peering.priors",
+    "render": "peering.render",
+}
+# Four submodules share their name with the function they hold (peering.explain, morph, portraits,
+# agreement). They are light (lazy themselves): load them first and drop the attribute the import set, so
+# that ``peering.explain`` is always the function (from __getattr__), even after ``import peering.explain``.
+for _name in ("agreement", "explain", "morph", "portraits"):
+    importlib.import_module(f"{__name__}.{_name}")
+    del globals()[_name]
+del _name
+
+__getattr__ = exports(_WHERE, __name__)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

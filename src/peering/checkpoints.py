@@ -119,7 +119,7 @@ def load_model(
     >>> load_model(path.with_name("nope.ckpt"))
     Traceback (most recent call last):
     ...
-    peering.checkpoints.CheckpointError: checkpoint not found: .../nope.ckpt
+    peering.errors.CheckpointError: checkpoint not found: .../nope.ckpt
     """
     file = Path(path)
     content = _read(file)
@@ -147,7 +147,7 @@ def output_picker(name: str) -> Callable[[Any], Any]:
     >>> output_picker("scores")({"logits": 1})
     Traceback (most recent call last):
     ...
-    peering.checkpoints.CheckpointError: --output-fn scores: the model's output (a dict) has no part ...
+    peering.errors.CheckpointError: --output-fn scores: the model's output (a dict) has no part ...
     """
 
     def pick(out: Any) -> Any:
@@ -224,7 +224,7 @@ def import_factory(spec: str) -> Callable[[], Any]:
     >>> import_factory("peering.models")
     Traceback (most recent call last):
     ...
-    peering.checkpoints.CheckpointError: --model must look like package.module:factory, got 'peering.models'
+    peering.errors.CheckpointError: --model must look like package.module:factory, got 'peering.models'
     """
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:

@@ -1,9 +1,15 @@
-"""The older path of `peering.morph.portraits`, kept so that existing imports go on working."""
+"""The older path of `peering.morph.class_portraits`, kept so that existing imports go on working
+(its names are resolved on first use)."""
 
-from peering.morph.portraits import (
-    portraits,
-)
+from typing import TYPE_CHECKING
+
+from peering._lazy import exports
+
+if TYPE_CHECKING:
+    from peering.morph.class_portraits import portraits
 
 __all__ = [
     "portraits",
 ]
+
+__getattr__ = exports(dict.fromkeys(__all__, "peering.morph.class_portraits"), __name__)

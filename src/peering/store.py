@@ -36,6 +36,7 @@ from torch import Tensor
 
 from peering._files import atomic_write
 from peering.errors import PeeringIndexError, PeeringValueError, ShardError
+from peering.runs.names import MANIFEST, SHARDS
 
 __all__ = [
     "DatasetAttributions",
@@ -52,8 +53,6 @@ __all__ = [
 
 FORMAT = "peering-attributions"
 VERSION = 1
-MANIFEST = "manifest.json"
-SHARDS = "shards"
 TENSORS = ("indices", "attributions", "targets", "logits", "labels", "valid")
 _CRC_BLOCK_BYTES = 64 << 20  # verify attributions in blocks of about this many bytes (bounded memory)
 

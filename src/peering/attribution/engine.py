@@ -215,7 +215,11 @@ def _the_output(layer: nn.Module, seen: list[Tensor], batch: int) -> Tensor:
 
 
 def top_classes(scores: Tensor, k: int) -> Tensor:
-    """Each row's k highest-scoring classes, best first: int64 [B, k]."""
+    """Each row's k highest-scoring classes, best first: int64 [B, k].
+
+    >>> top_classes(torch.tensor([[0.1, 0.7, 0.2]]), 2).tolist()
+    [[1, 2]]
+    """
     if not 1 <= k <= scores.shape[1]:
         raise PeeringValueError(
             f"top_k must be between 1 and the number of classes ({scores.shape[1]}), got {k}"

@@ -95,7 +95,8 @@ def explain(
         forward_kwargs: extra keyword arguments of the model: it is called as
             ``model(x, **forward_kwargs)``. Tensors whose first dimension is B (an attention mask) are per
             sample: they follow each sample through chunking, SmoothGrad's noisy copies and integrated
-            gradients' path points. Other values are passed unchanged.
+            gradients' path points. Other values are passed unchanged. A `peering._model.ForwardKwargs`
+            (already split, as the callbacks pass them) is used as it is.
         layer: a submodule of the model (e.g. ``bert.embeddings.word_embeddings``): take the attributions
             with respect to its output instead of the inputs (a forward hook swaps the output for a leaf
             tensor). SmoothGrad perturbs, and integrated gradients walks, the layer's output (the baseline

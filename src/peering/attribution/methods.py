@@ -231,7 +231,11 @@ METHODS: dict[str, type[AttributionMethod]] = {
 
 
 def make_method(method: str | AttributionMethod, options: dict[str, Any]) -> AttributionMethod:
-    """Resolve a method name plus options (or an instance) into an `AttributionMethod`."""
+    """Resolve a method name plus options (or an instance) into an `AttributionMethod`.
+
+    >>> make_method("smoothgrad", {"n_samples": 4})
+    SmoothGrad(noise_level=0.15, n_samples=4, seed=0)
+    """
     if isinstance(method, AttributionMethod):
         if options:
             raise PeeringTypeError(

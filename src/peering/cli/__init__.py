@@ -24,11 +24,18 @@ share in `peering.cli.common`, the app in `peering.cli.app`. The library never i
 ``read_image`` and ``ImageError`` are re-exported from `peering.data` for code that imported them here.
 """
 
+from typing import TYPE_CHECKING
+
+from peering._lazy import exports
 from peering.cli.app import app, main
-from peering.data.images import read_image
 from peering.errors import ImageError
 
+if TYPE_CHECKING:
+    from peering.data.images import read_image
+
 __all__ = ["ImageError", "app", "main", "read_image"]
+
+__getattr__ = exports({"read_image": "peering.data.images"}, __name__)
 
 if __name__ == "__main__":
     main()

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from peering.checkpoints import LoadedModel
 
-__all__ = ["check"]
+__all__: list[str] = []  # a command of the app (peering.cli.app); its docstring is its --help
 
 _DEMO_DATASET_BY_SIZE = {8: "digits", 28: "mnist"}
 
@@ -153,7 +153,7 @@ def check(
 
 
 def _faithfulness(
-    loaded: LoadedModel, batch: Tensor, targets: Tensor, methods: list[str], baseline: str, seed: int
+    loaded: LoadedModel, batch: Tensor, targets: Tensor, methods: list[str], baseline: Any, seed: int
 ) -> dict[str, dict[str, float]]:
     """Each method's deletion and insertion areas (and the random control's)."""
     import peering
@@ -164,8 +164,7 @@ def _faithfulness(
         for name in methods:
             exp = peering.explain(loaded.model, batch, targets, method=name, output_fn=loaded.output_fn)
             rows[name] = deletion_insertion(
-                loaded.model, batch, exp, baseline=baseline, seed=seed,  # type: ignore[arg-type]
-                output_fn=loaded.output_fn,
+                loaded.model, batch, exp, baseline=baseline, seed=seed, output_fn=loaded.output_fn,
             ).to_dict()
     except (ValueError, TypeError) as err:
         fail(f"cannot measure deletion/insertion with {loaded.source}: {err}")

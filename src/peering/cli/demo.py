@@ -16,7 +16,7 @@ from peering.cli.common import (
     print_flushed,
 )
 
-__all__ = ["demo"]
+__all__: list[str] = []  # a command of the app (peering.cli.app); its docstring is its --help
 
 
 def demo(

@@ -34,7 +34,7 @@ from peering.cli.common import (
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["explain"]
+__all__: list[str] = []  # a command of the app (peering.cli.app); its docstring is its --help
 
 
 def explain(

@@ -9,7 +9,7 @@ import typer
 
 from peering.cli.common import StdOption, bad_input, fail, parse_normalisation
 
-__all__ = ["report"]
+__all__: list[str] = []  # a command of the app (peering.cli.app); its docstring is its --help
 
 
 def report(

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["StopRequest", "graceful_interrupt", "stop_callback"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 class StopRequest:

@@ -14,7 +14,7 @@ from torch import Tensor
 from peering.demo.interrupt import StopRequest
 from peering.runs import names
 
-__all__ = ["JUDGED_MORPHS", "JUDGED_STEPS", "JUDGE_EPOCHS", "halves", "judge", "morph_digits", "morph_view"]
+__all__ = ["morph_view"]
 
 # the order in which test digits are picked for morphing: the 5 first (a 5 made into an 8 is the classic)
 _MORPH_LABELS = (5, 3, 7, 4, 2, 9, 8, 6, 0, 1)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from peering.runs import names
 
-__all__ = ["sanity_check"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 def sanity_check(

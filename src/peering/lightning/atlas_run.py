@@ -23,7 +23,7 @@ from peering.lightning.state import Notice, Off
 from peering.lightning.watch import Watch
 from peering.runs.names import MATRIX, PAIRS
 
-__all__ = ["AtlasRun"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 class AtlasRun:

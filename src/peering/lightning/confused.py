@@ -23,7 +23,7 @@ from peering.lightning.tracking import Tracking
 from peering.lightning.watch import Watch
 from peering.runs.names import CONFUSED, FRACTION, STAGES
 
-__all__ = ["ConfusedChecks"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 class ConfusedChecks:

@@ -16,7 +16,7 @@ from typing import Any
 from peering.lightning.selection import Candidates, Stats
 from peering.runs.names import STAGES
 
-__all__ = ["CallbackState", "Health", "Notice", "Off", "StageCounters"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 @dataclass

@@ -13,7 +13,7 @@ from peering.lightning.state import Off
 from peering.lightning.watch import Watch
 from peering.runs.names import tracked_tag
 
-__all__ = ["Tracking"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 class Tracking:

@@ -27,7 +27,7 @@ from peering.lightning.selection import Candidates, Layout, Stats, Thresholds, c
 from peering.lightning.state import CallbackState, Health, Notice, Off
 from peering.render import token_scores
 
-__all__ = ["Watch", "drawable", "explain_chosen"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 Explainer = Callable[[pl.LightningModule, Candidates], tuple[Tensor, Tensor]]
 

@@ -3,9 +3,10 @@
 - `peering.morph.ascent`: `morph` and the `MorphResult` it returns;
 - `peering.morph.priors`: what keeps a morph on the data (`Prototypes`, `TotalVariation`, `Jitter`, and
   the `Prior` base class for your own);
-- `peering.morph.portraits`: `portraits`, what the model thinks each class looks like.
+- `peering.morph.class_portraits`: `portraits`, what the model thinks each class looks like.
 
-``peering.priors`` and ``peering.portraits`` are the same modules under their older names.
+``peering.priors`` and ``peering.portraits`` are the same under their older names. The names are
+resolved on first use (importing this package does not import torch).
 
 >>> import torch
 >>> from peering.morph import morph
@@ -13,8 +14,23 @@
 torch.Size([2, 64])
 """
 
-from peering.morph import priors
-from peering.morph.ascent import MorphResult, morph
-from peering.morph.portraits import portraits
+from typing import TYPE_CHECKING
+
+from peering._lazy import exports
+
+if TYPE_CHECKING:
+    from peering.morph import priors
+    from peering.morph.ascent import MorphResult, morph
+    from peering.morph.class_portraits import portraits
 
 __all__ = ["MorphResult", "morph", "portraits", "priors"]
+
+__getattr__ = exports(
+    {
+        "MorphResult": "peering.morph.ascent",
+        "morph": "peering.morph.ascent",
+        "portraits": "peering.morph.class_portraits",
+        "priors": "peering.morph.priors",
+    },
+    __name__,
+)

@@ -36,7 +36,14 @@ def png_file(tag: str, step: int, index: int) -> Path:
 
 
 def append_scalar(logdir: str | os.PathLike[str], tag: str, value: float, step: int) -> None:
-    """Append a ``step,tag,value`` row to ``<logdir>/peering/scalars.csv`` (with a header when new)."""
+    """Append a ``step,tag,value`` row to ``<logdir>/peering/scalars.csv`` (with a header when new).
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> append_scalar(root, "peering/confused_fraction", 0.5, 3)
+    >>> (Path(root) / "peering" / "scalars.csv").read_text().splitlines()
+    ['step,tag,value', '3,peering/confused_fraction,0.5']
+    """
     path = Path(logdir) / SCALARS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()

@@ -94,5 +94,9 @@ PAIRS = "peering/confused_pairs"
 
 
 def tracked_tag(i: int) -> str:
-    """The tag of tracked sample ``i``."""
+    """The tag of tracked sample ``i``.
+
+    >>> tracked_tag(0)
+    'peering/tracked/0'
+    """
     return f"{TRACKED}/{i}"

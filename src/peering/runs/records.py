@@ -38,7 +38,11 @@ __all__ = [
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON object in ``path``, or ``{}`` when it is missing, unreadable or not an object."""
+    """The JSON object in ``path``, or ``{}`` when it is missing, unreadable or not an object.
+
+    >>> read_json("/no/such/file.json")
+    {}
+    """
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -47,24 +51,46 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_run_json(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """A demo run's ``run.json`` (``{}`` without one)."""
+    """A demo run's ``run.json`` (``{}`` without one).
+
+    >>> import tempfile
+    >>> read_run_json(tempfile.mkdtemp())
+    {}
+    """
     return read_json(Path(run_dir) / RUN_FILE)
 
 
 def write_run_json(run_dir: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
-    """Write a demo run's ``run.json`` (atomically); its path."""
+    """Write a demo run's ``run.json`` (atomically); its path.
+
+    >>> import tempfile
+    >>> write_run_json(tempfile.mkdtemp(), {"seed": 0}).name
+    'run.json'
+    """
     return write_json_atomic(Path(run_dir) / RUN_FILE, summary)
 
 
 def read_dataset_json(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``peering explain-dataset`` ran over: ``dataset.json`` (``{}`` without one). Keys: ``data``
     ("mnist", "digits" or "folder"), ``root``, ``split``, ``files``, ``channels``, ``size``, ``invert``,
-    ``normalisation`` (``{"mean", "std"}``), ``checkpoint``, ``model``."""
+    ``normalisation`` (``{"mean", "std"}``), ``checkpoint``, ``model``.
+
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> _ = write_dataset_json(out, {"data": "digits"})
+    >>> read_dataset_json(out)
+    {'data': 'digits'}
+    """
     return read_json(Path(out_dir) / DATASET_FILE)
 
 
 def write_dataset_json(out_dir: str | os.PathLike[str], source: dict[str, Any]) -> Path:
-    """Write a dataset run's ``dataset.json`` (atomically); its path."""
+    """Write a dataset run's ``dataset.json`` (atomically); its path.
+
+    >>> import tempfile
+    >>> write_dataset_json(tempfile.mkdtemp(), {"data": "mnist"}).name
+    'dataset.json'
+    """
     return write_json_atomic(Path(out_dir) / DATASET_FILE, source)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from peering.report.run import Picture, RunData
 
-__all__ = ["VERDICTS", "Drawn", "Options", "Section", "figure", "file_entry", "fmt", "png_of", "tokens_of"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 from peering.report.run import RunData
 from peering.report.sections.base import Drawn, Options, png_of
 
-__all__ = ["dataset"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 def _target_text(config: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from peering.report.run import RunData
 from peering.report.sections.base import VERDICTS, Options, file_entry, fmt
 
-__all__ = ["judges", "morph", "sanity"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 def _morph_caption(m: dict[str, Any]) -> str:

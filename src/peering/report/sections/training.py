@@ -18,7 +18,7 @@ from peering.report.run import (
 )
 from peering.report.sections.base import Options, figure, fmt
 
-__all__ = ["atlas", "confused", "summary", "tracked"]
+__all__: list[str] = []  # internal: its names are used by its own package only
 
 
 def _per_epoch(run: RunData) -> dict[int, dict[str, float]]:
