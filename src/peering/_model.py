@@ -7,7 +7,7 @@ and restores the same state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -15,8 +15,14 @@ from torch import Tensor, nn
 
 from peering.errors import PeeringRuntimeError, PeeringTypeError, PeeringValueError
 
-Output = Literal["probability", "log_probability", "logit"]
-OUTPUTS: tuple[str, ...] = ("probability", "log_probability", "logit")
+Output = Literal["probability", "log_probability", "logit", "sigmoid", "raw"]
+OUTPUTS: tuple[str, ...] = ("probability", "log_probability", "logit", "sigmoid", "raw")
+"""What can be differentiated: a softmax classifier's "probability", "log_probability" or "logit"; a
+multi-label (or single-logit binary) classifier's "sigmoid", the independent probability of each class;
+"raw", the model's output itself, for a model whose output is the quantity (a regression)."""
+CLASS_OUTPUTS: tuple[str, ...] = ("probability", "log_probability", "logit", "sigmoid")
+"""The outputs of classifiers: those that have classes to reach and to confuse (all but "raw")."""
+SOFTMAX = ("probability", "log_probability")
 
 
 @contextlib.contextmanager
@@ -133,12 +139,23 @@ class ForwardKwargs:
     that carries them from a batch (the callback's ``unpack``, ``explain``'s ``forward_kwargs``) to the
     engine, through chunks, subsets, merges and the gather across ranks.
 
-    A tensor whose first dimension is the batch size ``batch`` is per sample (an attention mask, token type
-    ids): it is indexed with the rows of every chunk, of every subset and of every repeated set of points
-    (SmoothGrad's noisy copies, integrated gradients' path points), so each point is run with its own
-    sample's values. Everything else (tensors of another size, numbers, flags) is shared: passed
-    unchanged. Tensors are copied once, out of inference mode, so they can take part in a backward pass.
-    A `ForwardKwargs` given where one is expected is used as it is (not split again).
+    Which arguments are per sample and which are shared is never guessed silently:
+
+    - the names in ``shared`` are passed unchanged to every forward pass, whatever their shape (class
+      prototypes, a lookup table);
+    - numbers, flags and 0-d tensors are shared;
+    - any other tensor must have one row per sample (first dimension ``batch``): it is per sample (an
+      attention mask, token type ids), indexed with the rows of every chunk, of every subset and of every
+      repeated set of points (SmoothGrad's noisy copies, integrated gradients' path points), so each point
+      is run with its own sample's values. A tensor whose first dimension is neither ``batch`` nor
+      declared shared is refused, naming it.
+
+    A tensor taken per sample only because its first dimension is ``batch`` is a guess (a shared table
+    of 10 prototypes next to a batch of 10 looks the same): unless its rows are all equal (then either
+    reading gives the same numbers), it is listed in `unchecked` until `check_guesses` has run the model
+    on a part of the batch and found the same class scores as in the whole. Tensors are copied once, out
+    of inference mode, so they can take part in a backward pass. A `ForwardKwargs` given where one is
+    expected is used as it is (not split again).
 
     >>> import torch
     >>> kw = ForwardKwargs({"mask": torch.tensor([[1, 0], [1, 1], [0, 1]]), "scale": 2.0}, batch=3)
@@ -147,39 +164,80 @@ class ForwardKwargs:
     >>> both = kw.select(slice(0, 1)).cat(kw.select(slice(2, 3)))
     >>> both.batch, both.rows(slice(None))["mask"].tolist()
     (2, [[1, 0], [0, 1]])
+    >>> kw.unchecked   # guessed per sample from its first dimension: checked before use
+    ('mask',)
+    >>> table = ForwardKwargs({"protos": torch.zeros(3, 4)}, batch=3, shared=["protos"])
+    >>> table.rows(slice(0, 1))["protos"].shape   # declared shared: passed whole
+    torch.Size([3, 4])
     """
 
-    def __init__(self, values: Mapping[str, Any] | ForwardKwargs | None, batch: int) -> None:
+    def __init__(
+        self,
+        values: Mapping[str, Any] | ForwardKwargs | None,
+        batch: int,
+        shared: Iterable[str] | None = None,
+    ) -> None:
         self.batch = batch
         self.shared: dict[str, Any] = {}
         self.per_sample: dict[str, Tensor] = {}
+        self.unchecked: tuple[str, ...] = ()
+        declared = _shared_names(shared)
         if isinstance(values, ForwardKwargs):
             if values.batch != batch:
                 raise PeeringValueError(
                     f"forward_kwargs were made for a batch of {values.batch}, not {batch}"
                 )
             self.per_sample, self.shared = dict(values.per_sample), dict(values.shared)
+            self.unchecked = values.unchecked
+            for name in declared & set(self.per_sample):  # declared shared after all
+                self.shared[name] = self.per_sample.pop(name)
+            self.unchecked = tuple(n for n in self.unchecked if n in self.per_sample)
             return
         if values is not None and not isinstance(values, Mapping):
             raise PeeringTypeError(
                 f"forward_kwargs must be a mapping of argument names to values, got {type(values).__name__}"
             )
-        for name, value in (values or {}).items():
+        values = values or {}
+        unknown = sorted(declared - set(values))
+        if unknown:
+            raise PeeringValueError(
+                f"shared_kwargs names {unknown}, which are not in forward_kwargs ({sorted(values)}); "
+                "pass the names of forward arguments that are the same for every sample"
+            )
+        guessed = []
+        for name, value in values.items():
             if not isinstance(name, str):
                 raise PeeringTypeError(f"forward_kwargs keys must be argument names (str), got {name!r}")
             if isinstance(value, Tensor):
                 with torch.inference_mode(False):
                     value = value.detach().clone()
-                if value.ndim >= 1 and value.shape[0] == batch:
+                if name not in declared and value.ndim >= 1:
+                    if value.shape[0] != batch:
+                        raise PeeringValueError(
+                            f"forward_kwargs[{name!r}] has shape {list(value.shape)}: its first dimension "
+                            f"is not the batch size {batch}, and it is not declared shared. Give it one row "
+                            f"per sample ([{batch}, ...]), or pass shared_kwargs=[{name!r}] if the model "
+                            "takes it whole for every sample"
+                        )
                     self.per_sample[name] = value
+                    if batch > 1 and not bool((value == value[:1]).all()):
+                        guessed.append(name)
                     continue
             self.shared[name] = value
+        self.unchecked = tuple(guessed)
 
     @classmethod
-    def of(cls, per_sample: Mapping[str, Tensor], shared: Mapping[str, Any], batch: int) -> ForwardKwargs:
+    def of(
+        cls,
+        per_sample: Mapping[str, Tensor],
+        shared: Mapping[str, Any],
+        batch: int,
+        unchecked: Iterable[str] = (),
+    ) -> ForwardKwargs:
         """Built from parts already split (tensors kept as they are, not copied)."""
         made = cls(None, batch)
         made.per_sample, made.shared = dict(per_sample), dict(shared)
+        made.unchecked = tuple(n for n in unchecked if n in made.per_sample)
         return made
 
     def __bool__(self) -> bool:
@@ -197,7 +255,7 @@ class ForwardKwargs:
     def select(self, index: slice | Tensor) -> ForwardKwargs:
         """The same arguments for a subset of the samples (a slice or an int64 tensor of batch indices)."""
         size = len(range(self.batch)[index]) if isinstance(index, slice) else index.numel()
-        return ForwardKwargs.of(self._picked(index), self.shared, size)
+        return ForwardKwargs.of(self._picked(index), self.shared, size, self.unchecked)
 
     def rows(self, index: slice | Tensor) -> dict[str, Any]:
         """The keyword arguments for the samples ``index`` (a slice or an int64 tensor of batch indices)."""
@@ -207,13 +265,14 @@ class ForwardKwargs:
         """These samples' arguments followed by ``other``'s (the same per-sample names; ours are shared)."""
         theirs = other.per_sample
         per_sample = {k: torch.cat([v, theirs[k].to(v.device, v.dtype)]) for k, v in self.per_sample.items()}
-        return ForwardKwargs.of(per_sample, self.shared, self.batch + other.batch)
+        unchecked = {*self.unchecked, *other.unchecked}
+        return ForwardKwargs.of(per_sample, self.shared, self.batch + other.batch, sorted(unchecked))
 
     def to(self, device: str | torch.device) -> ForwardKwargs:
         """On ``device``, detached, as ordinary tensors (never inference tensors, which cannot be kept)."""
         with torch.inference_mode(False):
             moved = {k: _ordinary(v.to(device)) for k, v in self.per_sample.items()}
-        return ForwardKwargs.of(moved, self.shared, self.batch)
+        return ForwardKwargs.of(moved, self.shared, self.batch, self.unchecked)
 
     def _picked(self, index: slice | Tensor) -> dict[str, Tensor]:
         if isinstance(index, Tensor):
@@ -221,14 +280,152 @@ class ForwardKwargs:
         return {k: v[index] for k, v in self.per_sample.items()}
 
 
+def _shared_names(shared: Any) -> set[str]:
+    """``shared_kwargs`` checked: None or an iterable of argument names."""
+    if shared is None:
+        return set()
+    if isinstance(shared, str) or not isinstance(shared, Iterable):
+        raise PeeringTypeError(
+            f"shared_kwargs must be a list of forward argument names (e.g. ['prototypes']), got {shared!r}"
+        )
+    names = list(shared)
+    if not all(isinstance(n, str) for n in names):
+        raise PeeringTypeError(f"shared_kwargs must hold argument names (str), got {names!r}")
+    return set(names)
+
+
+_SPLIT_ROWS = 8  # check_guesses compares sample 0 run alone with sample 0 run among this many
+
+
+def check_guesses(
+    model: nn.Module, x: Tensor, kwargs: ForwardKwargs, output_fn: Callable[[Any], Tensor] | None = None
+) -> None:
+    """Check the arguments `ForwardKwargs` took per sample only because their first dimension is the batch
+    size (``kwargs.unchecked``): the model's class scores for sample 0 run alone, with its own rows, must
+    equal those of sample 0 run among the first few samples, with theirs, as they do when the rows really
+    belong to their samples. A table the model takes whole (10 prototypes next to a batch of 10) changes
+    them, or makes the model fail: that is refused, naming the argument and ``shared_kwargs``. Costs one
+    no-grad forward pass of at most 9 samples, once per call (the names are then marked checked).
+
+    >>> import torch
+    >>> class Protos(torch.nn.Module):   # the distance of each sample to every prototype
+    ...     def forward(self, x, protos):
+    ...         return -torch.cdist(x, protos)
+    >>> x = torch.rand(4, 2)
+    >>> kw = ForwardKwargs({"protos": torch.rand(4, 2)}, batch=4)
+    >>> check_guesses(Protos(), x, kw)
+    Traceback (most recent call last):
+    ...
+    peering.errors.PeeringValueError: forward_kwargs['protos'] was taken per sample ... takes it whole: ...
+    >>> kw = ForwardKwargs({"protos": torch.rand(4, 2)}, batch=4, shared=["protos"])
+    >>> check_guesses(Protos(), x, kw)   # declared: nothing to check
+    """
+    names = kwargs.unchecked
+    if not names:
+        return
+    if x.shape[0] != kwargs.batch or kwargs.batch < 2:
+        kwargs.unchecked = ()
+        return
+    m = min(kwargs.batch, _SPLIT_ROWS)
+    with torch.no_grad():
+        try:
+            whole = class_scores(model, x[:m], output_fn, kwargs.rows(slice(0, m)))[0]
+        except Exception as err:
+            if m == kwargs.batch:
+                raise
+            class_scores(model, x, output_fn, kwargs.rows(slice(None)))  # the whole batch fails too: not ours
+            why = f"run on {m} samples with their rows, the model fails ({err})"
+            raise _taken_whole(names, kwargs.batch, why) from None
+        try:
+            alone: Tensor | None = class_scores(model, x[:1], output_fn, kwargs.rows(slice(0, 1)))[0]
+            failure = ""
+        except Exception as err:  # one row of it is not what the model takes
+            alone, failure = None, f"run on one sample with its row, the model fails ({err})"
+        if alone is None or not _same_scores(alone, whole):
+            culprits = [n for n in names if _works_whole(model, x, output_fn, kwargs, n, m, whole)]
+            if not failure and alone is not None:
+                if alone.shape == whole.shape:
+                    what = f"class scores {float((alone - whole).abs().max()):.3g} away from those it gets"
+                else:
+                    what = f"{alone.shape[0]} class scores, where it gets {whole.shape[0]}"
+                failure = f"sample 0 run alone with its row gets {what} among {m} samples with theirs"
+            raise _taken_whole(tuple(culprits) or names, kwargs.batch, failure)
+    kwargs.unchecked = ()
+
+
+def _works_whole(
+    model: nn.Module, x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: ForwardKwargs, name: str,
+    m: int, whole: Tensor,
+) -> bool:
+    """Whether sample 0, run with ``name``'s first ``m`` rows whole (the rest its own rows), gets the scores
+    it gets among ``m`` samples: then ``name`` is the argument the model takes whole."""
+    try:
+        whole_table = {**kwargs.rows(slice(0, 1)), name: kwargs.per_sample[name][:m]}
+        scores = class_scores(model, x[:1], output_fn, whole_table)
+    except Exception:
+        return False
+    return _same_scores(scores[0], whole)
+
+
+def _same_scores(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    tolerance = 2e-2 if a.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    atol = tolerance * float(b.abs().nan_to_num().max()) + 1e-6
+    return bool(torch.allclose(a.float(), b.float(), rtol=tolerance, atol=atol, equal_nan=True))
+
+
+def _taken_whole(names: tuple[str, ...], batch: int, why: str) -> PeeringValueError:
+    which = " and ".join(f"forward_kwargs[{n!r}]" for n in names)
+    return PeeringValueError(
+        f"{which} {'was' if len(names) == 1 else 'were'} taken per sample because the first dimension is "
+        f"the batch size {batch}, but the model takes {'it' if len(names) == 1 else 'them'} whole: {why}. "
+        f"Pass shared_kwargs={list(names)!r} to pass {'it' if len(names) == 1 else 'them'} whole to every "
+        "forward pass. (If it really is per sample, the model mixes the samples of a batch, and peering "
+        "cannot explain them one by one.)"
+    )
+
+
 def _ordinary(t: Tensor) -> Tensor:
     """A detached tensor that is not an inference tensor (copied only when it is one)."""
     return t.detach().clone() if t.is_inference() else t.detach()
 
 
-def check_output(output: str) -> None:
-    if output not in OUTPUTS:
-        raise PeeringValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+def check_output(output: Any, choices: tuple[str, ...] = OUTPUTS, *, name: str = "output") -> str:
+    """``output`` when it is one of ``choices`` (`OUTPUTS` unless the caller takes fewer)."""
+    if not isinstance(output, str) or output not in choices:
+        extra = ""
+        if output == "raw" and "raw" not in choices:
+            extra = " ('raw' has no classes: it is for explaining a regression with peering.explain)"
+        raise PeeringValueError(f"{name} must be one of {choices}, got {output!r}{extra}")
+    return output
+
+
+def check_head(num_outputs: int, output: str) -> None:
+    """Refuse a softmax over one score: it is 1 whatever the input, so its gradient is zero everywhere."""
+    if num_outputs == 1 and output in SOFTMAX:
+        raise PeeringValueError(
+            f"the model has one output, and output={output!r} takes a softmax over the outputs, which is 1 "
+            "for a single score whatever the input (its gradient is zero everywhere). Pass "
+            "output='sigmoid' for a single-logit binary classifier (the probability of the positive class), "
+            "or output='raw' for a model whose output is the quantity itself (a regression)"
+        )
+
+
+def probabilities(scores: Tensor, output: str) -> Tensor:
+    """The class probabilities [B, C] the pictures and results report for ``output``: the softmax of the
+    scores, their sigmoid for "sigmoid" (independent per class; also for "logit" on a one-output model,
+    the only probability a single logit has), and NaN for "raw" (a regression has none).
+
+    >>> scores = torch.tensor([[0.0, 0.0]])
+    >>> probabilities(scores, "sigmoid").tolist(), probabilities(scores, "logit").tolist()
+    ([[0.5, 0.5]], [[0.5, 0.5]])
+    """
+    if output == "raw":
+        return torch.full_like(scores, float("nan"))
+    if output == "sigmoid" or scores.shape[-1] == 1:
+        return scores.sigmoid()
+    return scores.softmax(dim=-1)
 
 
 def _output_fn_hint(out: Any) -> str:
@@ -252,13 +449,15 @@ def class_scores(
     clearly why not."""
     try:
         out = model(x, **(kwargs or {}))
-    except RuntimeError as err:
+    except Exception as err:
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if param is not None and x.is_floating_point() and param.dtype != x.dtype:
+        mismatch = param is not None and x.is_floating_point() and param.dtype != x.dtype
+        if isinstance(err, RuntimeError) and param is not None and mismatch:
             raise PeeringTypeError(
                 f"the inputs are {x.dtype} but the model's parameters are {param.dtype}; convert one to "
                 f"the other (e.g. inputs.to({param.dtype})). The model said: {err}"
             ) from err
+        refuse_unbatched(model, x, output_fn, kwargs)
         raise
     if output_fn is not None:
         out = output_fn(out)
@@ -272,6 +471,7 @@ def class_scores(
             f"output_fn must return a tensor of class scores [B, C], got {type(out).__name__}"
         )
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
+        refuse_unbatched(model, x, output_fn, kwargs)
         raise PeeringValueError(
             f"expected class scores of shape [B, C] = [{x.shape[0]}, C] from the model, got "
             f"{list(out.shape)}; peering explains classifiers that map [B, ...] inputs to [B, C] scores"
@@ -283,12 +483,43 @@ def class_scores(
     return out
 
 
+def refuse_unbatched(
+    model: nn.Module, x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: Mapping[str, Any] | None
+) -> None:
+    """When the model failed on ``x`` (or gave scores of another shape), and takes ``x`` as ONE sample
+    (``x[None]`` gives scores [1, C]), the inputs lack their batch dimension: say so, naming the shape the
+    model takes. Otherwise return, and the caller raises what it had."""
+    if x.ndim < 1 or x.shape[0] == 0:
+        return
+    one = {k: v[None] if isinstance(v, Tensor) and v.ndim >= 1 else v for k, v in (kwargs or {}).items()}
+    try:
+        with torch.no_grad():
+            out = model(x[None], **one)
+            out = output_fn(out) if output_fn is not None else out
+    except Exception:
+        return
+    if isinstance(out, Tensor) and out.ndim == 2 and out.shape[0] == 1:
+        raise PeeringValueError(
+            f"inputs of shape {list(x.shape)} look like one sample without its batch dimension: the model "
+            f"takes a batch [B, {', '.join(str(d) for d in x.shape)}] (it gives [1, {out.shape[1]}] scores "
+            "for inputs[None]); pass inputs.unsqueeze(0) for one sample"
+        )
+
+
 def transform(scores: Tensor, output: str) -> Tensor:
-    """The quantity that is differentiated: softmax, log-softmax or the raw logits."""
+    """The quantity that is differentiated: softmax, log-softmax, the logits themselves, the sigmoid of
+    each, or the raw outputs. A softmax over a single output is refused (see `check_head`).
+
+    >>> transform(torch.tensor([[0.0, 2.0]]), "sigmoid").tolist()[0][0]
+    0.5
+    """
+    check_head(scores.shape[-1], output)
     if output == "probability":
         return scores.softmax(dim=1)
     if output == "log_probability":
         return scores.log_softmax(dim=1)
+    if output == "sigmoid":
+        return scores.sigmoid()
     return scores
 
 
@@ -332,4 +563,9 @@ def num_classes(
 ) -> int:
     """The number of classes, from a no-grad forward pass of one sample (or of the empty batch)."""
     with torch.no_grad():
-        return class_scores(model, x[:1], output_fn, kwargs.rows(slice(0, 1)) if kwargs else None).shape[1]
+        try:
+            one = kwargs.rows(slice(0, 1)) if kwargs else None
+            return class_scores(model, x[:1], output_fn, one).shape[1]
+        except Exception:
+            refuse_unbatched(model, x, output_fn, kwargs.rows(slice(None)) if kwargs else None)
+            raise

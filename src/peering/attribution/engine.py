@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from peering._model import ForwardKwargs, class_scores, transform
+from peering._model import ForwardKwargs, check_head, class_scores, transform
 from peering.errors import PeeringTypeError, PeeringValueError
 
 __all__ = ["ClassGradients", "GradStrategy", "top_classes"]
@@ -120,11 +120,13 @@ class ClassGradients:
         """Class scores for points that belong to the samples ``rows`` of the batch."""
         kwargs = self._kwargs(rows)
         if self.layer is None:
-            return class_scores(self.model, points, self.output_fn, kwargs)
-        assert self.model_inputs is not None
-        with _layer_hook(self.layer, points) as seen:
-            scores = class_scores(self.model, self.model_inputs[rows], self.output_fn, kwargs)
-        _the_output(self.layer, seen, points.shape[0])
+            scores = class_scores(self.model, points, self.output_fn, kwargs)
+        else:
+            assert self.model_inputs is not None
+            with _layer_hook(self.layer, points) as seen:
+                scores = class_scores(self.model, self.model_inputs[rows], self.output_fn, kwargs)
+            _the_output(self.layer, seen, points.shape[0])
+        check_head(scores.shape[1], self.output)  # a softmax over one output is refused before any top-k
         return scores
 
     def _kwargs(self, rows: slice | Tensor) -> dict[str, Any] | None:

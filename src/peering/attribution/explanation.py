@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,16 +12,20 @@ from torch import Tensor, nn
 
 from peering._model import (
     ForwardKwargs,
+    Output,
+    check_guesses,
     check_inputs,
     check_output,
     check_targets,
     gradient_context,
     nonfinite_rows,
+    probabilities,
+    refuse_unbatched,
 )
 from peering._validate import int_at_least
 from peering.attribution.engine import ClassGradients, GradStrategy, top_classes
 from peering.attribution.methods import AttributionMethod, make_method
-from peering.errors import PeeringTypeError, PeeringValueError
+from peering.errors import PeeringError, PeeringTypeError, PeeringValueError
 
 __all__ = ["Explanation", "explain"]
 
@@ -35,8 +39,9 @@ class Explanation:
             ``layer``): for each sample and each explained class, where adding intensity raises the
             class's output (positive) and where removing it does (negative).
         targets: int64 [B, K]: the classes explained, best first when they were the model's top-k.
-        logits: [B, C]: the model's class scores for the inputs.
-        probabilities: [B, C]: their softmax.
+        logits: [B, C]: the model's class scores for the inputs (its outputs, for ``output="raw"``).
+        probabilities: [B, C]: their softmax; with ``output="sigmoid"`` their sigmoid (independent per
+            class); NaN with ``output="raw"`` (a regression has no probabilities).
         method: the attribution method's name; output: the quantity differentiated.
         valid: bool [B]: False for samples skipped because their inputs or logits were not finite
             (only with ``nonfinite="skip"``; their attributions are NaN and their targets -1).
@@ -61,13 +66,14 @@ def explain(
     *,
     top_k: int = 2,
     method: str | AttributionMethod = "gradient",
-    output: Literal["probability", "log_probability", "logit"] = "probability",
+    output: Output = "probability",
     output_fn: Callable[[Any], Tensor] | None = None,
     chunk_size: int = 64,
     grad_strategy: GradStrategy = "auto",
     nonfinite: Literal["raise", "skip"] = "raise",
     forward_kwargs: Mapping[str, Any] | ForwardKwargs | None = None,
     layer: nn.Module | None = None,
+    shared_kwargs: Sequence[str] | None = None,
     **method_options: Any,
 ) -> Explanation:
     """Input attributions of K classes for every sample of a batch, in one batched autograd computation.
@@ -77,13 +83,20 @@ def explain(
             run in eval mode; its mode, parameters' ``.grad`` and ``requires_grad`` are left as they were.
         inputs: float tensor [B, ...]: images [B, C, H, W], flat features [B, D], anything the model takes
             (with ``layer``, also integer token ids).
-        target: None for the model's own top ``top_k`` classes per sample; an int for one class for all
-            samples; an int64 tensor [B] (one class each) or [B, K] (K classes each).
-        top_k: how many classes to explain when ``target`` is None.
+        target: None for the model's own top ``top_k`` classes per sample (the highest scores; with
+            "sigmoid" the most probable labels); an int for one class for all samples; an int64 tensor
+            [B] (one class each) or [B, K] (K classes each).
+        top_k: how many classes to explain when ``target`` is None (with "raw", at most the number of
+            outputs: a one-output regression is explained with ``top_k=1`` whatever is passed).
         method: "gradient", "input_x_gradient", "smoothgrad" (options ``noise_level``, ``n_samples``,
             ``seed``), "integrated_gradients" (options ``baseline``, ``steps``), or an
             `AttributionMethod` instance.
-        output: the quantity differentiated: "probability" (softmax), "log_probability" or "logit".
+        output: the quantity differentiated. For a softmax classifier: "probability" (softmax),
+            "log_probability" or "logit". For a multi-label classifier (independent sigmoids) or a
+            single-logit binary one: "sigmoid", each class's own probability. For a model whose output is
+            the quantity itself (a regression): "raw", the output unchanged (no probabilities). A model
+            with one output is refused with "probability" and "log_probability" (a softmax over one score
+            is constant, its gradient zero).
         output_fn: picks the class scores out of a model output that is not a plain tensor, e.g.
             ``lambda out: out.logits`` for Hugging Face style models.
         chunk_size: samples (or noisy/path points) per forward pass; CPU memory behaviour makes
@@ -95,12 +108,20 @@ def explain(
         forward_kwargs: extra keyword arguments of the model: it is called as
             ``model(x, **forward_kwargs)``. Tensors whose first dimension is B (an attention mask) are per
             sample: they follow each sample through chunking, SmoothGrad's noisy copies and integrated
-            gradients' path points. Other values are passed unchanged. A `peering._model.ForwardKwargs`
-            (already split, as the callbacks pass them) is used as it is.
+            gradients' path points. Numbers and flags are passed unchanged. A tensor that the model takes
+            whole for every sample (class prototypes, a table) must be named in ``shared_kwargs``; any
+            other tensor whose first dimension is not B is refused. A tensor taken per sample only
+            because its first dimension is B is checked first (sample 0 run alone must get the scores it
+            gets among others; one small no-grad forward pass), and refused if the model takes it whole.
+            A `peering._model.ForwardKwargs` (already split, as the callbacks pass them) is used as it is.
+        shared_kwargs: names of ``forward_kwargs`` passed whole to every forward pass, whatever their
+            first dimension (e.g. ``["prototypes"]``).
         layer: a submodule of the model (e.g. ``bert.embeddings.word_embeddings``): take the attributions
             with respect to its output instead of the inputs (a forward hook swaps the output for a leaf
             tensor). SmoothGrad perturbs, and integrated gradients walks, the layer's output (the baseline
-            lives there); input x gradient multiplies by it. The inputs may then be integer ids.
+            lives there: by default the zero vector; with integer token ids, ``baseline=<token id>`` is the
+            layer's output for that token at every position, e.g. the pad token's embedding); input x
+            gradient multiplies by it. The inputs may then be integer ids.
         **method_options: options of the named method.
 
     Returns:
@@ -134,7 +155,7 @@ def explain(
     """
     if not isinstance(model, nn.Module):
         raise PeeringTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_output(output)
+    output = check_output(output)  # type: ignore[assignment]
     if nonfinite not in ("raise", "skip"):
         raise PeeringValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     int_at_least("chunk_size", chunk_size, 1)
@@ -153,11 +174,22 @@ def explain(
 
     with gradient_context(model):
         x = inputs.detach().clone()
-        kwargs = ForwardKwargs(forward_kwargs, x.shape[0])
+        kwargs = ForwardKwargs(forward_kwargs, x.shape[0], shared_kwargs)
         rows = (~nonfinite_rows(x)).nonzero().flatten()
         if len(rows) < x.shape[0]:
             _warn_skipped(x.shape[0] - len(rows), "inputs")
-        attributions, logits, targets = run(model, x, kwargs, rows, target, top_k)
+        try:
+            if kwargs.unchecked:
+                everyone = len(rows) == x.shape[0]
+                check_guesses(model, x if everyone else x[rows], kwargs if everyone else kwargs.select(rows),
+                              output_fn)
+                kwargs.unchecked = ()
+            attributions, logits, targets = run(model, x, kwargs, rows, target, top_k)
+        except PeeringError:
+            raise
+        except Exception:  # a raw failure of the model: unbatched inputs are said as such
+            refuse_unbatched(model, x, output_fn, kwargs.rows(slice(None)))
+            raise
         bad = ~torch.isfinite(logits).all(dim=1)
         if bool(bad.any()):
             if nonfinite == "raise":
@@ -205,11 +237,14 @@ class _Run:
         )
         points = gradients.layer_values(x) if self.layer is not None else x
         targets: Tensor | int = top_k
-        if target is not None:
+        if target is not None or self.output == "raw":
             with torch.no_grad():  # one sample tells the number of classes
                 classes = gradients.forward(points[:1], slice(0, min(1, x.shape[0]))).shape[1]
-            targets = check_targets(target, x.shape[0], classes)
-        elif x.shape[0] == 0:
+            if target is not None:
+                targets = check_targets(target, x.shape[0], classes)
+            else:  # a regression's outputs: top_k of them at most
+                targets = top_k = min(top_k, classes)
+        if target is None and x.shape[0] == 0:
             targets = top_classes(gradients.scores(points), top_k)
         attributions, logits, chosen = self.method.attribute(gradients, points, targets)
         return attributions.detach(), logits, chosen
@@ -233,7 +268,7 @@ class _Run:
             attributions=attributions,
             targets=targets,
             logits=logits,
-            probabilities=logits.softmax(dim=1),
+            probabilities=probabilities(logits, self.output),
             method=self.method.name,
             output=self.output,
             valid=valid,

@@ -190,6 +190,13 @@ class IntegratedGradients(AttributionMethod):
 
     Args:
         baseline: a number, or a tensor broadcastable to one sample or to the batch. Default 0 (black).
+            At a layer (``explain(..., layer=)``) the path runs over the layer's output, so the baseline
+            lives there: the default 0.0 is the zero vector (the reference of `peering.render.token_scores`
+            and of input x gradient: a token's score is its contribution compared with no embedding at
+            all); for integer token ids an int is a token id, and the baseline is the layer's output
+            when every input id is that token (``baseline=tokenizer.pad_token_id``: the pad token's
+            embedding at every position; ``baseline=0`` is Captum's ``LayerIntegratedGradients`` default,
+            input id 0).
         steps: number of points on the path.
 
     >>> import torch, peering
@@ -203,8 +210,13 @@ class IntegratedGradients(AttributionMethod):
     name = "integrated_gradients"
 
     def __init__(self, baseline: float | Tensor = 0.0, steps: int = 32) -> None:
-        if steps < 1:
-            raise PeeringValueError(f"steps must be >= 1, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise PeeringValueError(f"steps must be a positive int, got {steps!r}")
+        if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
+            raise PeeringTypeError(
+                f"baseline must be a number, a tensor of one sample's or of the batch's shape, or (for token "
+                f"ids explained at a layer) a token id; got {type(baseline).__name__}"
+            )
         self.baseline = baseline
         self.steps = steps
 
@@ -212,8 +224,7 @@ class IntegratedGradients(AttributionMethod):
         self, gradients: ClassGradients, inputs: Tensor, targets: Tensor | int
     ) -> tuple[Tensor, Tensor, Tensor]:
         scores, targets = _scores_and_targets(gradients, inputs, targets)
-        baseline = torch.as_tensor(self.baseline, dtype=inputs.dtype, device=inputs.device)
-        baseline = torch.broadcast_to(baseline, inputs.shape)
+        baseline = _baseline_points(self.baseline, gradients, inputs)
         delta = inputs - baseline
         alphas = (torch.arange(self.steps, dtype=inputs.dtype, device=inputs.device) + 0.5) / self.steps
 
@@ -223,6 +234,36 @@ class IntegratedGradients(AttributionMethod):
 
         mean = _mean_gradient(gradients, inputs, targets, self.steps, on_path)
         return mean * delta.unsqueeze(1), scores, targets
+
+
+def _baseline_points(baseline: float | Tensor, gradients: ClassGradients, inputs: Tensor) -> Tensor:
+    """The baseline as points of the inputs' shape [B, ...] (at a layer: of the layer's output), or one
+    `PeeringValueError` naming the shapes it may have."""
+    ids = gradients.model_inputs
+    at_layer = gradients.layer is not None and ids is not None
+    if at_layer and isinstance(baseline, int) and not ids.is_floating_point():
+        return _token_baseline(baseline, gradients, ids).to(inputs.dtype)
+    value = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
+    try:
+        return torch.broadcast_to(value, inputs.shape)
+    except RuntimeError:
+        where = "the layer's output" if at_layer else "the inputs"
+        raise PeeringValueError(
+            f"baseline of shape {list(value.shape)} does not fit {where}: pass a number, or a tensor of one "
+            f"sample's shape {list(inputs.shape[1:])} or of the batch's {list(inputs.shape)} (or anything "
+            "that broadcasts to them)"
+        ) from None
+
+
+def _token_baseline(token: int, gradients: ClassGradients, ids: Tensor) -> Tensor:
+    """The layer's output [B, ...] when every input id is ``token`` (a token id checked against the
+    embedding's vocabulary when the layer is an `torch.nn.Embedding`)."""
+    layer = gradients.layer
+    size = getattr(layer, "num_embeddings", None)
+    if token < 0 or (isinstance(size, int) and token >= size):
+        vocab = f"[0, {size - 1}]" if isinstance(size, int) else "the vocabulary"
+        raise PeeringValueError(f"baseline token id {token} is not in {vocab}; pass one of the model's ids")
+    return gradients.layer_values(torch.full_like(ids, token))
 
 
 METHODS: dict[str, type[AttributionMethod]] = {

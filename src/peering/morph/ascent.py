@@ -12,13 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from peering._model import (
+    CLASS_OUTPUTS,
     ForwardKwargs,
+    check_guesses,
+    check_head,
     check_inputs,
     check_output,
     check_targets,
     class_scores,
     gradient_context,
     num_classes,
+    probabilities,
     transform,
 )
 from peering._validate import int_at_least, number, one_of, optional
@@ -45,6 +49,7 @@ class MorphResult:
         logits, probabilities: [B, C] for the final inputs (for a list of models: the log of their mean
             probability, and that mean probability).
         confidence: the target probability the morph asked for, or None (the top class is enough).
+        output: what was ascended ("probability", "log_probability", "logit" or "sigmoid").
     """
 
     inputs: Tensor
@@ -57,6 +62,7 @@ class MorphResult:
     logits: Tensor
     probabilities: Tensor
     confidence: float | None = None
+    output: str = "log_probability"
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -72,7 +78,7 @@ def morph(
     smoothing: float | Literal["auto"] = "auto",
     prior: Prior | Sequence[Prior] | None = None,
     step_size: float | None = None,
-    output: Literal["probability", "log_probability", "logit"] = "log_probability",
+    output: Literal["probability", "log_probability", "logit", "sigmoid"] = "log_probability",
     norm: Literal["l2", "linf"] = "l2",
     budget: float | None = None,
     bounds: tuple[float | Tensor, float | Tensor] | None = (0.0, 1.0),
@@ -83,6 +89,9 @@ def morph(
     seed: int = 0,
     progress: bool = False,
     forward_kwargs: Mapping[str, Any] | ForwardKwargs | None = None,
+    shared_kwargs: Sequence[str] | None = None,
+    layer: nn.Module | None = None,
+    **text_options: Any,
 ) -> MorphResult:
     """Change inputs by gradient-ascent steps until the model is confident they are ``target``.
 
@@ -117,7 +126,10 @@ def morph(
             * (hi - lo) (0.14 for 28x28 images in [0, 1]); for "linf", 0.01 * (hi - lo); with per-element
             bounds, (hi - lo) is their mean finite span.
         output: the quantity ascended: "log_probability" (default, does not vanish when the target's
-            probability is tiny), "probability" or "logit".
+            probability is tiny), "probability" or "logit"; "sigmoid" for a multi-label (or single-logit
+            binary) classifier: the target's own sigmoid probability is ascended (the steps are
+            normalised, so its direction is that of its log or of its logit) and is what ``confidence``
+            and ``success`` are about.
         norm: "l2" or "linf": the step's normalisation and the budget's ball.
         budget: the largest distance from the original (in ``norm``), or None for no limit.
         bounds: the valid input range (lo, hi), or None for no clamping. Each end is a number or a tensor
@@ -130,6 +142,12 @@ def morph(
         progress: show a tqdm progress bar over the chunks' steps.
         forward_kwargs: extra keyword arguments of the model, as in `peering.explain`: tensors whose
             first dimension is B follow their samples through chunks and early stops.
+        shared_kwargs: names of ``forward_kwargs`` passed whole to every forward pass (as in
+            `peering.explain`).
+        layer: for text: the token embedding module. Integer token ids (or ``layer=``) are morphed by
+            token swaps instead of steps (`peering.morph.text.morph_tokens`, whose options ``frozen``,
+            ``exclude_ids`` and ``candidates`` are passed through; ``steps`` is then the most swaps tried
+            and ``budget`` the most tokens changed).
 
     >>> import torch, peering
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -145,8 +163,25 @@ def morph(
     >>> res.frames.shape  # 100 steps and the original; the early-stopped samples stand still
     torch.Size([101, 4, 64])
     """
+    if layer is not None or (isinstance(inputs, Tensor) and not inputs.is_floating_point()):
+        from peering.morph.text import morph_tokens  # token ids: swaps, not steps
+
+        image_only = {"smoothing": (smoothing, "auto"), "prior": (prior, None), "seed": (seed, 0),
+                      "step_size": (step_size, None), "norm": (norm, "l2"), "bounds": (bounds, (0.0, 1.0))}
+        return morph_tokens(
+            model, inputs, target, layer=layer, steps=steps, confidence=confidence, output=output,
+            budget=budget, early_stop=early_stop, keep_every=keep_every, output_fn=output_fn,
+            chunk_size=chunk_size, progress=progress, forward_kwargs=forward_kwargs,
+            shared_kwargs=shared_kwargs, ignored={k: v for k, (v, d) in image_only.items() if v != d},
+            **text_options,
+        )
+    if text_options:
+        raise PeeringTypeError(
+            f"morph got unknown options {sorted(text_options)}; they are options of text morphs, which take "
+            "integer token ids and layer=<the embedding module>"
+        )
     members = _check_models(model)
-    check_output(output)
+    check_output(output, CLASS_OUTPUTS)
     check_inputs(inputs)
     one_of("norm", norm, ("l2", "linf"))
     int_at_least("steps", steps, 0)
@@ -169,8 +204,10 @@ def morph(
         frame_steps.append(steps)
     with gradient_context(nn.ModuleList(members)):
         x0 = inputs.detach().clone()
-        kwargs = ForwardKwargs(forward_kwargs, b)
+        kwargs = ForwardKwargs(forward_kwargs, b, shared_kwargs)
+        check_guesses(members[0], x0, kwargs, output_fn)
         n_classes = _num_classes(members, x0, output_fn, kwargs)
+        check_head(n_classes, output)
         targets = check_targets(target, b, n_classes)
         if targets.shape[1] != 1:
             raise PeeringValueError(
@@ -202,9 +239,9 @@ def morph(
             if bar is not None:
                 bar.close()
     final = frames[-1]
-    success = _arrived(logits, targets, confidence)
+    success = _arrived(logits, targets, confidence, output)
     if steps and not bool(success.all()):
-        _warn_unreached(success, logits, targets, confidence, steps, sigma)
+        _warn_unreached(success, logits, targets, confidence, steps, sigma, output)
     return MorphResult(
         inputs=final.clone(),
         frames=frames,
@@ -214,8 +251,9 @@ def morph(
         steps=reached,
         distance=(final - x0).flatten(1).norm(dim=1),
         logits=logits,
-        probabilities=logits.softmax(dim=1),
+        probabilities=probabilities(logits, output),
         confidence=confidence,
+        output=output,
     )
 
 
@@ -230,10 +268,11 @@ def _default_step_size(inputs: Tensor, clamp: tuple[Tensor, Tensor] | None, norm
 
 
 def _warn_unreached(
-    success: Tensor, logits: Tensor, targets: Tensor, confidence: float | None, steps: int, smoothing: float
+    success: Tensor, logits: Tensor, targets: Tensor, confidence: float | None, steps: int, smoothing: float,
+    output: str = "log_probability",
 ) -> None:
     missed = ~success
-    reached = logits.softmax(dim=1).gather(1, targets[:, None])[:, 0][missed]
+    reached = probabilities(logits, output).gather(1, targets[:, None])[:, 0][missed]
     rule = f"with probability >= {confidence}" if confidence is not None else "as the top class"
     remedies = ["more steps"]
     if confidence is not None:
@@ -248,10 +287,16 @@ def _warn_unreached(
     )
 
 
-def _arrived(scores: Tensor, targets: Tensor, confidence: float | None) -> Tensor:
-    """bool [B]: the stopping rule: the target is the top class (with probability >= confidence)."""
+def _arrived(
+    scores: Tensor, targets: Tensor, confidence: float | None, output: str = "log_probability"
+) -> Tensor:
+    """bool [B]: the stopping rule: the target is the top class (with probability >= confidence); with
+    "sigmoid", the target's own sigmoid probability is >= confidence (>= 0.5 without one)."""
     if scores.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=scores.device)
+    if output == "sigmoid":
+        own = scores.sigmoid().gather(1, targets[:, None])[:, 0]
+        return own >= (0.5 if confidence is None else confidence)
     hit = scores.argmax(dim=1) == targets
     if confidence is not None:
         hit &= scores.softmax(dim=1).gather(1, targets[:, None])[:, 0] >= confidence
@@ -259,11 +304,16 @@ def _arrived(scores: Tensor, targets: Tensor, confidence: float | None) -> Tenso
 
 
 def _scores(
-    members: list[nn.Module], x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: dict[str, Any]
+    members: list[nn.Module], x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: dict[str, Any],
+    output: str = "log_probability",
 ) -> Tensor:
-    """Class scores [B, C]: the model's, or for an ensemble the log of the members' mean probability."""
+    """Class scores [B, C]: the model's, or for an ensemble the log of the members' mean probability (with
+    "sigmoid": the logit of their mean sigmoid)."""
     if len(members) == 1:
         return class_scores(members[0], x, output_fn, kwargs)
+    if output == "sigmoid":
+        mean = torch.stack([class_scores(m, x, output_fn, kwargs).sigmoid() for m in members]).mean(0)
+        return mean.logit(eps=1e-7)
     log_probs = torch.stack([class_scores(m, x, output_fn, kwargs).log_softmax(dim=1) for m in members])
     return torch.logsumexp(log_probs, dim=0) - math.log(len(members))
 
@@ -361,10 +411,10 @@ class _Walker:
             xa_kwargs = kwargs.rows(slice(None) if everyone else rows)
             if transforms:
                 with torch.no_grad():
-                    scores = _scores(self.models, xa, self.output_fn, xa_kwargs)
+                    scores = _scores(self.models, xa, self.output_fn, xa_kwargs, self.output)
             else:
-                scores = _scores(self.models, xa, self.output_fn, xa_kwargs)
-            hit = _arrived(scores.detach(), ta, self.confidence)
+                scores = _scores(self.models, xa, self.output_fn, xa_kwargs, self.output)
+            hit = _arrived(scores.detach(), ta, self.confidence, self.output)
             if everyone:
                 logits.copy_(scores.detach())
                 reached.masked_fill_(hit & (reached < 0), t)
@@ -390,7 +440,7 @@ class _Walker:
                 noise = Noise(self.seed, t, rows + offset)
                 for p in self.priors:
                     seen = p.model_input(seen, noise)
-                scores = _scores(self.models, seen, self.output_fn, xa_kwargs)
+                scores = _scores(self.models, seen, self.output_fn, xa_kwargs, self.output)
             (grad,) = torch.autograd.grad(transform(scores, self.output).gather(1, ta[:, None]).sum(), xa)
             sub = states if everyone else [tuple(s[rows] for s in state) for state in states]
             new = self._step(xa.detach(), grad, x0 if everyone else x0[rows], sub)
