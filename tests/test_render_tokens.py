@@ -81,7 +81,7 @@ def test_text_is_escaped_and_saturation_is_said():
     saturated = token_image(scores, [["a", "b", "c"]], **kw, output="probability")
     assert saturated.height > plain.height
     assert "saturated" in token_html(scores, [["a", "b", "c"]], **kw, output="probability")
-    with pytest.raises(ValueError, match="only 3 scores"):
+    with pytest.raises(ValueError, match="4 tokens for 3 scores"):
         token_image(scores, [["a", "b", "c", "d"]])
 
 
@@ -162,3 +162,40 @@ def test_token_panels_leave_padding_out_wherever_it_is_and_stack():
     assert not torch.equal(as_ids[0, :20], panels[0, :20])  # the label line says "tokens shown as ids"
     with pytest.raises(ValueError, match=r"\[N, 2, L\]"):
         token_panels(scores[:, :1], ids, **common)
+
+
+@pytest.mark.parametrize("where", ["left", "right", "both"])
+def test_every_token_picture_reads_each_token_its_own_score_wherever_the_padding_is(tmp_path, where):
+    """The words and their scores line up whatever side the padding is on: ids with a real tokenizer (its
+    pad id left out), ids with a mask, strings of only the real tokens with a mask. The issue's case:
+    ids [0, 0, 0, 11, 12, 13] with scores [0, 0, 0, +1, -1, +0.5] showed every word at +0."""
+    from transformers import BertTokenizer
+
+    from peering.render import token_panels
+    from peering.render.tokens import unpadded_tokens
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    real, values = [4, 5, 6], [1.0, -1.0, 0.5]
+    pad = {"left": (3, 0), "right": (0, 3), "both": (1, 2)}[where]
+    ids = torch.tensor([[0] * pad[0] + real + [0] * pad[1]])
+    scores = torch.tensor([[[0.0] * pad[0] + values + [0.0] * pad[1]]])
+    mask = (ids != 0).long()
+    expected = [("+1", "good"), ("-1", "bad"), ("+0.5", "film")]
+    for kwargs in ({"tokenizer": tokenizer}, {"tokenizer": tokenizer, "mask": mask}):
+        html = token_html(scores, ids, **kwargs)
+        assert re.findall(r'title="([^"]+)">([^<]+)</span>', html) == expected
+        idx = [lut_index(c) for c in box_colours(token_image(scores, ids, width=300, **kwargs))]
+        assert idx[0] == 255 and idx[1] == 0 and 160 < idx[2] < 224  # +1 bright, -1 dark, +0.5 between
+    html = token_html(scores, [["good", "bad", "film"]], mask=mask)
+    assert re.findall(r'title="([^"]+)">([^<]+)</span>', html) == expected
+    with pytest.raises(ValueError, match="mask="):  # fewer strings than positions: where are they?
+        token_html(scores, [["good", "bad", "film"]])
+    two = scores.expand(1, 2, -1)
+    words, kept = unpadded_tokens(two, ids, tokenizer)  # the tokenizer's pad id, no mask
+    assert words == [["good", "bad", "film"]] and kept[0][0].tolist() == values
+    panels = token_panels(two, ids, class_a=torch.tensor([1]), class_b=torch.tensor([0]),
+                          prob_a=torch.tensor([0.5]), prob_b=torch.tensor([0.4]), labels=None,
+                          tokenizer=tokenizer, width=300)  # fmt: skip
+    assert panels.shape[0] == 1  # drawn from unpadded_tokens' words and scores, checked above

@@ -8,7 +8,8 @@ speaks against the class, bright yellow where it speaks for it, grey for nothing
 (shared by its K classes and stated in the caption: "scale ±0.52").
 
 Tokens come as strings (``tokens=[["the", "movie", ...], ...]``) or as ids with a Hugging Face tokenizer
-(its ``convert_ids_to_tokens``; padding dropped). WordPiece continuations ("##ing") are drawn joined to
+(its ``convert_ids_to_tokens``), or with a ``mask``; padding is left out wherever it is, each token drawn
+with its own score. WordPiece continuations ("##ing") are drawn joined to
 the token before them, and the word-start marks of SentencePiece ("▁") and byte-level BPE ("Ġ") are
 dropped.
 """
@@ -40,6 +41,7 @@ __all__ = [
     "token_image",
     "token_panels",
     "token_panels_of",
+    "token_positions",
     "token_scores",
     "two_class_probabilities",
     "unpadded_tokens",
@@ -75,23 +77,69 @@ def token_scores(attributions: Tensor, *, reduce: Literal["sum", "norm"] = "sum"
     raise PeeringValueError(f"reduce must be 'sum' or 'norm', got {reduce!r}")
 
 
-def _token_strings(tokens: Sequence[Sequence[str]] | Tensor, tokenizer: Any, batch: int) -> list[list[str]]:
-    """Per sample, its token strings (ids converted with the tokenizer, padding dropped)."""
+def token_positions(
+    tokens: Sequence[Sequence[str]] | Tensor,
+    length: int,
+    *,
+    tokenizer: Any = None,
+    mask: Tensor | None = None,
+    batch: int | None = None,
+) -> tuple[list[list[str]], list[list[int]]]:
+    """Per sample, its token strings and the positions (of ``length``) their scores are read from: padding
+    left out wherever it is (left, right or both).
+
+    - ``mask`` [B, L] (nonzero at the real tokens, an attention mask) says where the tokens are;
+    - else, token ids [B, L] with a ``tokenizer`` drop its ``pad_token_id`` wherever it is (pass ``mask``
+      when the pad id also stands for a real token, e.g. GPT-2's pad = end of text);
+    - token strings are one per position ([L] each), or only the real tokens with ``mask``.
+
+    Ids without a tokenizer are shown as their numbers.
+
+    >>> import torch
+    >>> words, at = token_positions(torch.tensor([[0, 0, 7, 8]]), 4, mask=torch.tensor([[0, 0, 1, 1]]))
+    >>> words, at
+    ([['7', '8']], [[2, 3]])
+    """
+    n = batch if batch is not None else (tokens.shape[0] if isinstance(tokens, Tensor) else len(tokens))
+    keep = None
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[1] != length or mask.shape[0] < n:
+            shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise PeeringValueError(f"mask must be [B, L] = [{n}, {length}], nonzero at tokens; got {shape}")
+        keep = (mask[:n].detach().cpu() != 0).tolist()
     if isinstance(tokens, Tensor):
+        ids = tokens.detach().cpu().reshape(tokens.shape[0], -1)[:n]
+        if ids.shape[1] != length:
+            raise PeeringValueError(f"token ids [B, {ids.shape[1]}] do not match {length} scores per sample")
         convert = _converter(tokenizer)
-        if convert is None:
-            raise PeeringTypeError(
-                "token ids need tokenizer= (an object with convert_ids_to_tokens, e.g. Hugging Face's, or a "
-                "function from a list of ids to a list of strings)"
+        pad = getattr(tokenizer, "pad_token_id", None) if convert is not None else None
+        if keep is None:
+            keep = (ids != pad).tolist() if isinstance(pad, int) else [[True] * length] * ids.shape[0]
+        at = [[j for j, k in enumerate(row) if k] for row in keep]
+        rows = [[ids[i, j].item() for j in where] for i, where in enumerate(at)]
+        words = [[str(t) for t in (convert(row) if convert is not None else row)] for row in rows]
+        return _enough(words, n), at
+    words = [[str(t) for t in row] for row in tokens][:n]
+    at = []
+    for i, row in enumerate(words):
+        real = [j for j, k in enumerate(keep[i]) if k] if keep is not None else list(range(length))
+        if len(row) == length and keep is not None:  # one string per position: drop the padding's
+            words[i] = [row[j] for j in real]
+        elif len(row) != len(real):
+            raise PeeringValueError(
+                f"sample {i} has {len(row)} tokens for {len(real)} "
+                f"{'real positions' if keep is not None else 'scores'}; give one token string per position, "
+                "or only the real tokens with mask= (nonzero where they are), so that each token is drawn "
+                "with its own score wherever the padding is"
             )
-        ids = tokens.detach().cpu().reshape(tokens.shape[0], -1).tolist()
-        pad = getattr(tokenizer, "pad_token_id", None)
-        out = [[str(t) for t in convert([i for i in row if i != pad])] for row in ids]
-    else:
-        out = [[str(t) for t in row] for row in tokens]
-    if len(out) < batch:
-        raise PeeringValueError(f"tokens for {len(out)} samples, scores for {batch}")
-    return out[:batch]
+        at.append(real)
+    return _enough(words, n), at
+
+
+def _enough(words: list[list[str]], n: int) -> list[list[str]]:
+    if len(words) < n:
+        raise PeeringValueError(f"tokens for {len(words)} samples, scores for {n}")
+    return words
 
 
 def _converter(tokenizer: Any) -> Any:
@@ -118,6 +166,7 @@ def _prepare(
     scores: Tensor,
     tokens: Sequence[Sequence[str]] | Tensor,
     tokenizer: Any,
+    mask: Tensor | None,
     targets: Tensor | None,
     probabilities: Tensor | None,
     output: str | None,
@@ -134,15 +183,17 @@ def _prepare(
     n = b if max_samples is None else min(b, max_samples)
     if n < 1:
         raise PeeringValueError("no samples to draw")
-    s = np.nan_to_num(scores[:n].detach().cpu().float().numpy(), nan=0.0)
-    words = _token_strings(tokens, tokenizer, n)
-    for i, row in enumerate(words):
-        if len(row) > length:
-            raise PeeringValueError(f"sample {i} has {len(row)} tokens but only {length} scores")
-    used = np.zeros_like(s, dtype=bool)
-    for i, row in enumerate(words):
-        used[i, :, : len(row)] = True
-    scale = np.where(used, np.abs(s), 0.0).reshape(n, -1).max(axis=1, initial=0.0)
+    if isinstance(tokens, Tensor) and _converter(tokenizer) is None:
+        raise PeeringTypeError(
+            "token ids need tokenizer= (an object with convert_ids_to_tokens, e.g. Hugging Face's, or a "
+            "function from a list of ids to a list of strings)"
+        )
+    full = np.nan_to_num(scores[:n].detach().cpu().float().numpy(), nan=0.0)
+    words, at = token_positions(tokens, length, tokenizer=tokenizer, mask=mask, batch=n)
+    s = np.zeros_like(full)  # each sample's real tokens' scores first, in order; zeros after them
+    for i, where in enumerate(at):
+        s[i, :, : len(where)] = full[i][:, where]
+    scale = np.abs(s).reshape(n, -1).max(axis=1, initial=0.0)
     heads: list[list[str]] = [[f"class {c}" if k > 1 else "" for c in range(k)] for _ in range(n)]
     notes = [""] * n
     if targets is not None:
@@ -179,6 +230,7 @@ def token_image(
     tokens: Sequence[Sequence[str]] | Tensor,
     *,
     tokenizer: Any = None,
+    mask: Tensor | None = None,
     targets: Tensor | None = None,
     probabilities: Tensor | None = None,
     output: str | None = None,
@@ -190,9 +242,12 @@ def token_image(
     Args:
         scores: per-token scores [B, K, L], or layer attributions [B, K, L, H] (reduced by
             `token_scores` with its default, the signed sum over the hidden units).
-        tokens: per sample, its token strings (may be shorter than L: padding left out), or token ids
-            [B, L] with ``tokenizer``.
-        tokenizer: converts ids to strings (``convert_ids_to_tokens``; its ``pad_token_id`` is dropped).
+        tokens: per sample, its token strings, one per position (or only the real tokens, with
+            ``mask``), or token ids [B, L] with ``tokenizer``.
+        tokenizer: converts ids to strings (``convert_ids_to_tokens``); its ``pad_token_id`` is left
+            out wherever it is, and each token keeps its own score.
+        mask: [B, L], nonzero at the real tokens (an attention mask): padding left out wherever it is
+            (left, right or both); the surest way for left-padded text (see `token_positions`).
         targets: int [B, K], the classes explained (for the captions); probabilities: [B, C].
         output: what was differentiated; with "probability", saturated classes get a note.
         max_samples: draw at most this many samples; None for all.
@@ -208,7 +263,7 @@ def token_image(
     ('RGB', 720)
     """
     s, words, heads, scale, notes = _prepare(
-        scores, tokens, tokenizer, targets, probabilities, output, max_samples
+        scores, tokens, tokenizer, mask, targets, probabilities, output, max_samples
     )
     font, unicode_ok = _font()
     line = _band_height(font) + 2 * _TOKEN_PAD + 2
@@ -266,6 +321,7 @@ def token_html(
     tokens: Sequence[Sequence[str]] | Tensor,
     *,
     tokenizer: Any = None,
+    mask: Tensor | None = None,
     targets: Tensor | None = None,
     probabilities: Tensor | None = None,
     output: str | None = None,
@@ -284,7 +340,7 @@ def token_html(
     from markupsafe import Markup
 
     s, words, heads, scale, notes = _prepare(
-        scores, tokens, tokenizer, targets, probabilities, output, max_samples
+        scores, tokens, tokenizer, mask, targets, probabilities, output, max_samples
     )
     out = []
     for i, row in enumerate(words):
@@ -369,8 +425,8 @@ def unpadded_tokens(
     scores: Tensor, ids: Tensor, tokenizer: Any = None, mask: Tensor | None = None
 ) -> tuple[list[list[str]], list[Tensor]]:
     """Per sample, its token strings and its scores [2, k] at those tokens (padding left out wherever the
-    mask puts it; ids as strings without a tokenizer), from scores [N, 2, L] (or [N, 2, L, H]) and ids
-    [N, L]: what `token_panels_of` draws.
+    mask, or the tokenizer's pad id, puts it: see `token_positions`; ids as strings without a tokenizer),
+    from scores [N, 2, L] (or [N, 2, L, H]) and ids [N, L]: what `token_panels_of` draws.
 
     >>> import torch
     >>> words, kept = unpadded_tokens(torch.ones(1, 2, 4), torch.tensor([[0, 0, 7, 8]]),
@@ -387,22 +443,11 @@ def unpadded_tokens(
             f"and ids {tuple(ids.shape)}"
         )
     length = ids.shape[1]
-    ids, scores = ids.detach().cpu(), scores.detach().cpu().float()
-    lengths = [length] * n
-    if mask is not None:
-        if tuple(mask.shape) != (n, length):
-            raise PeeringValueError(f"mask must be [N, L] = {(n, length)}, got {tuple(mask.shape)}")
-        keep = mask.detach().cpu() != 0
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # the kept positions first
-        ids, scores = ids.gather(1, order), scores.gather(2, order[:, None, :].expand(n, 2, length))
-        lengths = keep.sum(dim=1).tolist()
-    rows = [row[:k] for row, k in zip(ids.tolist(), lengths, strict=True)]
-    convert = _converter(tokenizer)
-    if convert is not None:
-        words = [[str(t) for t in convert(row)] for row in rows]
-    else:
-        words = [[str(i) for i in row] for row in rows]
-    return words, [s[:, :k] for s, k in zip(scores, lengths, strict=True)]
+    if mask is not None and tuple(mask.shape) != (n, length):
+        raise PeeringValueError(f"mask must be [N, L] = {(n, length)}, got {tuple(mask.shape)}")
+    words, at = token_positions(ids, length, tokenizer=tokenizer, mask=mask)
+    scores = scores.detach().cpu().float()
+    return words, [scores[i][:, where] for i, where in enumerate(at)]
 
 
 def two_class_probabilities(classes: Tensor, probabilities: Tensor) -> Tensor:
