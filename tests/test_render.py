@@ -198,7 +198,7 @@ def test_grid_size_arithmetic_and_placement():
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 16, 16), (64,), (784,)])
 def test_confusion_panels_shapes_and_input_tile(shape):
     kw = confusion_inputs(n=5, shape=shape)
-    panels = confusion_panels(**kw, zoom=3)
+    panels = confusion_panels(**kw, zoom=3, channels="colour")  # (random channels: "overlay" adds a note)
     assert panels.dtype == torch.uint8 and panels.ndim == 4 and panels.shape[0] == 5 and panels.shape[3] == 3
     h, w = to_rgb(kw["images"][0]).shape[:2]
     x = kw["images"]
@@ -208,7 +208,7 @@ def test_confusion_panels_shapes_and_input_tile(shape):
     projected_rgb = to_rgb(projected) if len(shape) > 1 else to_rgb(projected, flat=True)
     assert torch.equal(panel_tile(panels, 3, 5, 3 * h, 3 * w), zoomed(projected_rgb, 3))
     # without labels the panels keep their size ("label ?") and still stack
-    assert confusion_panels(**{**kw, "labels": None}, zoom=3).shape == panels.shape
+    assert confusion_panels(**{**kw, "labels": None}, zoom=3, channels="colour").shape == panels.shape
 
 
 def test_confusion_panels_captions_are_drawn():
@@ -216,7 +216,7 @@ def test_confusion_panels_captions_are_drawn():
     panels = confusion_panels(**kw)
     band = panels[:, PAD : panels.shape[1] - PAD - 28 * 4]
     assert (band < 128).any(dim=(1, 2, 3)).all()  # dark text on the white band of every panel
-    assert not torch.equal(panels[0, : PAD + 12], confusion_panels(**{**kw, "labels": None})[0, : PAD + 12])
+    assert not torch.equal(panels[0], confusion_panels(**{**kw, "labels": None})[0])
 
 
 def test_confusion_panels_share_one_scale_per_sample():
@@ -370,18 +370,27 @@ def test_channel_opposed_colour_evidence_is_visible_by_default():
     a[0, 0, 0, 4:12, 4:12], a[0, 0, 1, 4:12, 4:12] = 1.0, -1.0  # more red, less green on a patch
     exp = one_sample(a, torch.tensor([[0.7, 0.3]]))
     x = torch.full((1, 3, 16, 16), 0.5)
-    tile = panel_tile(rows_of(explanation_image(exp, x, zoom=2)), 1, 2, 32, 32)[0].float()
+    tile = panel_tile(rows_of(explanation_image(exp, x, zoom=2, channels="colour")), 1, 2, 32, 32)[0].float()
     patch, around = tile[8:24, 8:24].reshape(-1, 3), tile[:8].reshape(-1, 3)
     assert (patch.mean(0) - around.mean(0)).abs().sum() > 200  # plainly visible
     assert patch[:, 0].mean() > around[:, 0].mean() + 100  # redder
     assert patch[:, 1].mean() < around[:, 1].mean() - 100  # less green
     assert around.std(0).max() == 0  # zero attribution: one flat grey
-    # the signed sum cancels it: the map looks exactly like no attribution at all, and the picture says so
-    summed = explanation_image(exp, x, zoom=2, channels="sum")
-    nothing = explanation_image(one_sample(torch.zeros_like(a), exp.probabilities), x, zoom=2, channels="sum")
-    assert summed.height > nothing.height  # the note
-    top = np.array(summed)[: nothing.height, : nothing.width]
-    assert np.array_equal(top, np.array(nothing))
+    # the signed sum (and the default overlay, which adds the channels too) cancels it: the map looks
+    # exactly like no attribution at all, and the picture says so in a note under the tiles
+    for view in ("sum", "overlay", None):
+        summed = np.array(explanation_image(exp, x, zoom=2, channels=view))
+        grey = (summed == 128).all(axis=2)  # the input: one flat grey 32 x 32 block
+        rows = np.nonzero(grey.sum(axis=1) >= 32)[0]
+        top, bottom = rows[0], rows[-1] + 1
+        assert bottom - top == 32
+        cols = np.nonzero(grey[top])[0]
+        right = cols[cols >= cols[0]].max() + 1
+        map_tile = summed[top:bottom, right + GAP :]
+        first = np.nonzero((map_tile[0] != 255).any(axis=1))[0][0]
+        assert (map_tile[:, first : first + 32] == map_tile[0, first]).all()  # one flat colour: nothing
+        note = summed[bottom + PAD :]
+        assert (note < 100).any() and (note == 255).mean() > 0.8  # dark text on white: the note
     # one map per channel: red bright, green dark, blue neutral
     each = rows_of(explanation_image(exp, x, zoom=2, channels="each"))
     r, g, b = (lut_index(panel_tile(each, t, 4, 32, 32)[0, 8:24, 8:24]) for t in (1, 2, 3))
@@ -432,13 +441,16 @@ def test_saturated_probability_is_said_on_the_picture():
     plain = explanation_image(one_sample(a, sure, "logit"), x)
     saturated = explanation_image(one_sample(a, sure, "probability"), x)
     unsure = explanation_image(one_sample(a, torch.tensor([[0.6, 0.3]]), "probability"), x)
-    assert unsure.size == plain.size  # no note
-    assert saturated.height > plain.height  # the note, in a band under the row
-    note = np.array(saturated)[plain.height - PAD :]
-    assert (note < 100).any()
+    assert plain.size == explanation_image(one_sample(a, torch.tensor([[0.6, 0.3]]), "logit"), x).size
+    # the note, in a band of text under the tiles (none when not saturated: the tiles end the picture)
+    line = _draw._band_height(_draw._font()[0])
+    bottom, unsure_bottom = np.array(saturated)[-PAD - line : -PAD], np.array(unsure)[-PAD - 20 : -PAD]
+    assert (bottom < 100).any() and (bottom == 255).mean() > 0.7 > (unsure_bottom == 255).mean()
     kw = confusion_inputs(n=2)
+    unsure_kw = {**kw, "prob_a": torch.tensor([0.6, 0.5]), "prob_b": torch.tensor([0.3, 0.4])}
     kw["prob_a"], kw["prob_b"] = torch.tensor([0.999, 0.5]), torch.tensor([0.0005, 0.4])
-    assert confusion_panels(**kw, output="probability").shape[1] > confusion_panels(**kw).shape[1]
+    assert confusion_panels(**kw, output="probability").shape[1] > confusion_panels(**unsure_kw,
+                                                                                    output="probability").shape[1]
 
 
 def test_display_undoes_a_normalisation():
@@ -448,11 +460,13 @@ def test_display_undoes_a_normalisation():
     normalised = (x - m) / s
     exp = one_sample(torch.randn(2, 1, 3, 8, 8), torch.tensor([[0.6, 0.3], [0.6, 0.3]]))
     for display in ((mean, std), lambda t: t * s + m):
-        img = explanation_image(exp, normalised, zoom=2, display=display)
+        img = explanation_image(exp, normalised, zoom=2, display=display, channels="colour")
         rows = torch.from_numpy(np.array(img)).reshape(2, img.height // 2, img.width, 3)
         assert torch.equal(panel_tile(rows, 0, 2, 16, 16), zoomed(to_rgb(x), 2))
-    clamped = explanation_image(exp, normalised, zoom=2)  # without it: clamped, and said so
-    assert clamped.height > img.height
+    clamped = np.array(explanation_image(exp, normalised, zoom=2, channels="colour"))  # without display:
+    line = _draw._band_height(_draw._font()[0])  # clamped, and said so in a note under each row
+    note = clamped.reshape(2, -1, clamped.shape[1], 3)[:, -PAD - line : -PAD]
+    assert (note < 100).any(axis=(1, 2, 3)).all() and (note == 255).mean() > 0.7
     with pytest.raises(ValueError, match="mean has 2 values"):
         explanation_image(exp, normalised, display=((0.5, 0.5), (0.2,)))
 
@@ -495,7 +509,7 @@ def test_film_strip_and_gif_end_where_the_sample_stopped(tmp_path):
 def test_an_unreached_morph_says_whether_its_target_leads():
     """A morph that never met the rule: "still not 6" while 6 is not the top class; "5, not yet p ≥ 0.99"
     when 5 is the top class but below the confidence morph asked for (not "still not 5")."""
-    from peering.render.morphs import _morph_frames
+    from peering.render._frames import _morph_frames
 
     probabilities = torch.zeros(2, 10)
     probabilities[0, 5], probabilities[0, 6] = 0.98, 0.02
@@ -508,7 +522,7 @@ def test_an_unreached_morph_says_whether_its_target_leads():
         probabilities=probabilities,
         confidence=0.99,
     )
-    assert _morph_frames(res, 0)[2][-1] == "step 2: 5, not yet p ≥ 0.99\np(5)=0.98"
-    assert _morph_frames(res, 1)[2][-1] == "step 2: still not 6\np(6)=0.40"
+    assert _morph_frames(res, 0)[2][-1] == "step 2\n5, not yet p ≥ 0.99\np(5)=0.98"
+    assert _morph_frames(res, 1)[2][-1] == "step 2\nstill not 6\np(6)=0.40"
     res.confidence = None  # stopping at the top class: a leading target would have arrived
-    assert _morph_frames(res, 0)[2][-1] == "step 2: still not 5\np(5)=0.98"
+    assert _morph_frames(res, 0)[2][-1] == "step 2\nstill not 5\np(5)=0.98"

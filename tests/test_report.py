@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from peering.demo import run_demo
 from peering.lightning import ConfusedLogitCallback
 from peering.models import DigitClassifier
+from peering.render._draw import _FONT_SIZE
 from peering.report import SECTIONS, ReportError, build_report, find_log_dir
 from tests._chromium import FLAGS as CHROMIUM_FLAGS
 from tests._chromium import find_chromium
@@ -232,7 +233,12 @@ window.addEventListener("load", function () {
                                     section: document.querySelector("section").getBoundingClientRect().width,
                                     captions: Array.prototype.map.call(
                                       document.querySelectorAll("figcaption"),
-                                      function (c) { return parseFloat(getComputedStyle(c).fontSize); })});
+                                      function (c) { return parseFloat(getComputedStyle(c).fontSize); }),
+                                    strips: Array.prototype.map.call(
+                                      document.querySelectorAll("figure.strip img"),
+                                      function (im) {
+                                        return im.getBoundingClientRect().width / im.naturalWidth;
+                                      })});
   document.body.appendChild(out);
 });
 </script>
@@ -271,25 +277,31 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
     )
     checked.write_text(html.replace("</body>", controls + _CHECK + "</body>", 1), encoding="utf-8")
     try:
-        dom = _chromium(
-            binary,
-            tmp_path / "profile",
-            "--window-size=1400,1000",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            checked.as_uri(),
-        )
+        results = {}
+        for width in (1400, 700):  # a wide window, and half a laptop screen
+            dom = _chromium(
+                binary,
+                tmp_path / f"profile{width}",
+                f"--window-size={width},1000",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                checked.as_uri(),
+            )
+            match = re.search(r'<pre id="peering-check">(.*?)</pre>', dom.stdout, re.S)
+            assert match, f"chromium did not run the check (rc {dom.returncode}): {dom.stderr[-2000:]}"
+            results[width] = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     finally:
         checked.unlink()
-    match = re.search(r'<pre id="peering-check">(.*?)</pre>', dom.stdout, re.S)
-    assert match, f"chromium did not run the check (rc {dom.returncode}): {dom.stderr[-2000:]}"
-    result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert result["images"] == expected_images + 2 > 2
-    assert sorted(result["broken"]) == ["control: corrupt", "control: file"]  # and every real one loaded
-    assert result["sections"] == TRAINING_SECTIONS
-    # the full width of the window (less the page's 24 px padding), and captions of at least 11 px
-    assert result["section"] >= result["window"] - 2 * 24 - 1 and result["width"] <= result["window"]
-    assert result["captions"] and min(result["captions"]) >= 11
+    for result in results.values():
+        assert result["images"] == expected_images + 2 > 2
+        assert sorted(result["broken"]) == ["control: corrupt", "control: file"]  # and every real one loaded
+        assert result["sections"] == TRAINING_SECTIONS
+        # the full width of the window (less the page's 24 px padding), and captions of at least 11 px
+        assert result["section"] >= result["window"] - 2 * 24 - 1 and result["width"] <= result["window"]
+        assert result["captions"] and min(result["captions"]) >= 11
+        # the captions drawn inside the film strips (16 px) stay >= 11 px as displayed: a strip wider than
+        # the page scrolls instead of being scaled down
+        assert result["strips"] and min(result["strips"]) * _FONT_SIZE >= 11
 
     # a screenshot of the report itself, as a person opening it sees it
     ARTIFACTS.mkdir(exist_ok=True)

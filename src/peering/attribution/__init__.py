@@ -15,6 +15,7 @@ torch.Size([2, 2])
 
 from peering.attribution.confusion import (
     ConfusedSamples,
+    confusion_margins,
     pair_directions,
     select_confused,
     top_confused_pairs,
@@ -36,6 +37,7 @@ __all__ = [
     "AttributionMethod",
     "ClassGradients",
     "ConfusedSamples",
+    "confusion_margins",
     "Explanation",
     "GradStrategy",
     "Gradient",

@@ -1,6 +1,7 @@
 """Which samples confuse the model, and which classes it confuses with which.
 
-- `select_confused`: the samples whose two highest class scores are nearly tied.
+- `select_confused`: the samples whose two highest class scores are nearly tied (for a multi-label model:
+  one of whose classes has a probability near 0.5; `confusion_margins` defines both).
 - `top_confused_pairs`: the most frequent mistakes (true a, predicted b) of a confusion matrix.
 - `pair_directions`: for each such pair, the mean input gradient of log p(b) - log p(a) over examples of
   the mistake: what, for this model, turns an a into a b.
@@ -21,7 +22,10 @@ from torch import Tensor, nn
 from peering._validate import int_at_least
 from peering.errors import PeeringValueError
 
-__all__ = ["ConfusedSamples", "pair_directions", "select_confused", "top_confused_pairs"]
+__all__ = ["ConfusedSamples", "confusion_margins", "pair_directions", "select_confused", "top_confused_pairs"]
+
+Head = Literal["softmax", "sigmoid"]
+"""How a classifier's scores become probabilities: one softmax over the classes, or a sigmoid per class."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,41 @@ class ConfusedSamples:
         return self.indices.shape[0]
 
 
+def confusion_margins(
+    logits: Tensor, margin: Literal["logit", "probability"] = "logit", head: Head = "softmax"
+) -> tuple[Tensor, Tensor]:
+    """Each sample's gap between its two closest alternatives, and those two classes: (gaps [B],
+    classes int64 [B, 2]).
+
+    - ``head="softmax"`` (one class per sample): the gap between the top two classes, in logits or in
+      softmax probabilities; the classes are the top one and the runner-up.
+    - ``head="sigmoid"`` (multi-label: each class its own yes/no decision): a class is in doubt when its
+      probability is near 0.5. Its gap is that between its "yes" and its "no", ``|logit|`` (the log-odds,
+      so ``max_difference=1`` means within a factor e, as for softmax) or ``|p - (1 - p)| = |2p - 1|`` in
+      probability; a sample's gap is that of its class nearest 0.5, and its classes are that class and the
+      next nearest (the same class twice for a one-output model).
+
+    Rows with NaN or Inf get a NaN gap.
+
+    >>> import torch
+    >>> gaps, classes = confusion_margins(torch.tensor([[3.0, -0.2, 1.0]]), head="sigmoid")
+    >>> round(float(gaps[0]), 3), classes.tolist()   # class 1 is the least sure: p = 0.45
+    (0.2, [[1, 2]])
+    """
+    logits = logits.detach().float()
+    if head == "sigmoid":
+        doubt = logits.abs() if margin == "logit" else (2 * logits.sigmoid() - 1).abs()
+        k = min(2, logits.shape[1])
+        near = doubt.topk(k, dim=1, largest=False)
+        classes = near.indices if k == 2 else near.indices.expand(-1, 2)
+        gaps = near.values[:, 0]
+    else:
+        top = logits.topk(2, dim=1)
+        scores = top.values if margin == "logit" else logits.softmax(dim=1).gather(1, top.indices)
+        gaps, classes = scores[:, 0] - scores[:, 1], top.indices
+    return gaps.masked_fill(~torch.isfinite(logits).all(dim=1), float("nan")), classes
+
+
 def select_confused(
     logits: Tensor,
     *,
@@ -53,15 +92,19 @@ def select_confused(
     margin: Literal["logit", "probability"] = "logit",
     top_n: int | None = None,
     min_top_value: float | None = None,
+    head: Head = "softmax",
 ) -> ConfusedSamples:
-    """Pick the samples whose top two classes are within ``max_difference`` of each other.
+    """Pick the samples whose top two classes are within ``max_difference`` of each other (with
+    ``head="sigmoid"``: one of whose classes has its yes and no that close, i.e. a probability near 0.5;
+    see `confusion_margins`).
 
     Args:
-        logits: class scores [B, C] (C >= 2).
+        logits: class scores [B, C] (C >= 2; C >= 1 with ``head="sigmoid"``).
         max_difference: the largest gap between the top two that counts as confused.
-        margin: measure the gap on "logit"s or on softmax "probability".
+        margin: measure the gap on "logit"s or on "probability" (softmax, or each class's sigmoid).
         top_n: keep only the ``top_n`` most confused (smallest gaps); None keeps all.
         min_top_value: only consider samples whose top logit is at least this (Bolts' ``min_logit_value``).
+        head: "softmax" (one class per sample) or "sigmoid" (independent classes: multi-label).
 
     Rows with NaN or Inf are never selected.
 
@@ -71,22 +114,23 @@ def select_confused(
     >>> sel.indices.tolist(), sel.classes.tolist()
     ([2, 0], [[2, 1], [0, 1]])
     """
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
+    least = 1 if head == "sigmoid" else 2
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < least:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise PeeringValueError(f"logits must be a [B, C] tensor with C >= 2, got {shape}")
+        raise PeeringValueError(f"logits must be a [B, C] tensor with C >= {least}, got {shape}")
     if margin not in ("logit", "probability"):
         raise PeeringValueError(f"margin must be 'logit' or 'probability', got {margin!r}")
+    if head not in ("softmax", "sigmoid"):
+        raise PeeringValueError(f"head must be 'softmax' or 'sigmoid', got {head!r}")
     if not max_difference >= 0:
         raise PeeringValueError(f"max_difference must be >= 0, got {max_difference}")
     if top_n is not None and top_n < 0:
         raise PeeringValueError(f"top_n must be >= 0 or None, got {top_n}")
     logits = logits.detach().float()
-    top = logits.topk(2, dim=1)
-    scores = top.values if margin == "logit" else logits.softmax(dim=1).gather(1, top.indices)
-    gaps = scores[:, 0] - scores[:, 1]
+    gaps, classes = confusion_margins(logits, margin, head)
     candidate = torch.isfinite(logits).all(dim=1)
     if min_top_value is not None:
-        candidate &= top.values[:, 0] >= min_top_value
+        candidate &= logits.amax(dim=1) >= min_top_value
     confused = candidate & (gaps <= max_difference)
     indices = confused.nonzero().flatten()
     order = torch.sort(gaps[indices], stable=True).indices
@@ -96,7 +140,7 @@ def select_confused(
         indices = indices[:top_n]
     return ConfusedSamples(
         indices=indices,
-        classes=top.indices[indices],
+        classes=classes[indices],
         margins=gaps[indices],
         num_confused=num_confused,
         num_candidates=int(candidate.sum()),

@@ -39,6 +39,7 @@ class AtlasRun:
     def __init__(self, watch: Watch) -> None:
         self.watch = watch
         self.atlas = ConfusionAtlas(watch.config.pairs, watch.config.examples_per_pair)
+        self.multilabel = watch.config.output == "sigmoid"  # no view of its own yet: the atlas is off
 
     def reset(self) -> None:
         self.atlas.reset()
@@ -47,6 +48,15 @@ class AtlasRun:
         """Count one validation batch (every rank; no collective call). ``logits``: the step's or the
         checks' (None: the atlas runs the model itself)."""
         atlas, watch = self.atlas, self.watch
+        if self.multilabel:
+            if watch.health.first_time(Notice.ATLAS_MULTILABEL):
+                rank_zero_info(
+                    "peering: ConfusedLogitCallback's confusion atlas has no multi-label view: with "
+                    "output='sigmoid' every class is its own yes/no decision, so there is no matrix of one "
+                    "class taken for another; the atlas is off for this run (the confused-sample pictures "
+                    "are not)."
+                )
+            return
         if batch.labels is None:
             atlas.ignore(len(batch))
             return
@@ -76,6 +86,8 @@ class AtlasRun:
         examples; what follows depends only on the synced matrix, identical on all ranks.
         """
         watch, atlas = self.watch, self.atlas
+        if self.multilabel:  # the same on every rank: no collective is skipped by one rank alone
+            return
         if trainer.world_size > 1:
             watch.collectives.append(("atlas", step))
         result = atlas.compute(trainer.strategy)

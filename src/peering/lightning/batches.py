@@ -11,14 +11,14 @@ arguments, dataset indices), made once from whatever the DataLoader yields, and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from peering._model import ForwardKwargs, class_scores, eval_mode
+from peering._model import ForwardKwargs, check_guesses, class_scores, eval_mode
 from peering.errors import PeeringTypeError
 
 __all__ = ["Batch", "as_model_dtype", "default_unpack", "model_scores", "returned_logits", "unpack_batch"]
@@ -101,10 +101,18 @@ def default_unpack(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
 
 
 def unpack_batch(
-    batch: Any, unpack: Callable[[Any], Any] | None = None, *, allow_integer: bool = False
+    batch: Any,
+    unpack: Callable[[Any], Any] | None = None,
+    *,
+    allow_integer: bool = False,
+    shared: Sequence[str] | None = None,
+    multilabel: bool = False,
 ) -> Batch:
     """A checked `Batch` from ``unpack(batch)`` (default `default_unpack`), which returns ``(inputs,
-    labels)`` or ``(inputs, labels, forward_kwargs)``. Labels that are not class indices [B] become None.
+    labels)`` or ``(inputs, labels, forward_kwargs)``. Labels that are not class indices [B] become None
+    (one-hot or soft labels [B, C] become their argmax, unless ``multilabel``: then they are several
+    labels per sample, and None). The forward arguments named in ``shared`` are passed whole (see
+    `peering._model.ForwardKwargs`); ``forward_kwargs`` may also be a `ForwardKwargs`.
 
     Raises `PeeringTypeError` when the inputs are not a floating-point tensor [B, ...] (integers are taken
     with ``allow_integer``: token ids explained at a layer) or ``unpack`` returns something else.
@@ -122,13 +130,16 @@ def unpack_batch(
         )
     inputs, labels = unpacked[0], unpacked[1]
     kwargs = unpacked[2] if len(unpacked) == 3 and unpacked[2] is not None else {}
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+    if not isinstance(kwargs, (Mapping, ForwardKwargs)) or (
+        isinstance(kwargs, Mapping) and not all(isinstance(k, str) for k in kwargs)
+    ):
         raise PeeringTypeError(
             f"forward_kwargs must be a dict of argument names, got {type(kwargs).__name__}"
         )
     _check_inputs(inputs, allow_integer)
-    return Batch(inputs, _class_labels(labels, inputs.shape[0]), ForwardKwargs(kwargs, inputs.shape[0]),
-                 _indices(batch, inputs.shape[0]))
+    labels = None if multilabel and isinstance(labels, Tensor) and labels.ndim == 2 else labels
+    forward = ForwardKwargs(kwargs, inputs.shape[0], shared)
+    return Batch(inputs, _class_labels(labels, inputs.shape[0]), forward, _indices(batch, inputs.shape[0]))
 
 
 def _check_inputs(inputs: Any, allow_integer: bool) -> None:
@@ -212,7 +223,8 @@ def model_scores(
 ) -> Tensor:
     """The class scores [B, C] of a batch, from the model run in eval mode and eagerly (compiled code
     too), without gradients; every submodule's mode and the RNG (of the CPU and of the inputs' CUDA
-    device) are put back.
+    device) are put back. Forward arguments taken per sample only from their first dimension are checked
+    first (`peering._model.check_guesses`: a small forward pass, once per batch until they pass).
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).train()
@@ -222,4 +234,7 @@ def model_scores(
     rng_devices = (inputs.device,) if inputs.device.type == "cuda" else ()
     kwargs = forward.rows(slice(None)) if forward else None
     with eval_mode(module, rng_devices), torch.no_grad():
-        return class_scores(module, as_model_dtype(module, inputs.detach()), output_fn, kwargs).detach()
+        x = as_model_dtype(module, inputs.detach())
+        if forward is not None and forward.unchecked:
+            check_guesses(module, x, forward, output_fn)
+        return class_scores(module, x, output_fn, kwargs).detach()

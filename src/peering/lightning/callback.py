@@ -87,7 +87,12 @@ class ConfusedLogitCallback(Callback):
             "input_x_gradient" with ``layer=`` (summed over a token's embedding, that is the token's signed
             contribution to the class, see `peering.render.token_scores`).
         output: what is differentiated: "logit" (default, as Bolts: what makes it an a, what a b),
-            "probability" or "log_probability".
+            "probability" or "log_probability"; "sigmoid" for a multi-label model (independent sigmoids,
+            or a single-logit binary one). It also says which samples are confused: with "sigmoid", a
+            sample is confused when one of its classes is near a toss-up: that class's yes and no are
+            within ``max_logit_difference`` (``|logit|``, the log-odds; ``|2p - 1|`` with
+            ``margin="probability"``); its two classes are the one nearest p = 0.5 and the next nearest.
+            With "sigmoid" the confusion atlas is off (said once): it has no multi-label view.
         method_options: options of the method, e.g. ``{"n_samples": 8, "seed": 0}`` for SmoothGrad (which
             uses its own generator, never the global RNG).
         on: stages to look at: "train", "validation" (also a stand-alone ``trainer.validate()``) and/or
@@ -136,6 +141,10 @@ class ConfusedLogitCallback(Callback):
         feature_names: the names of the D features of tabular inputs.
         background: draw, encode and write pictures on a background thread (False: on the training
             thread, e.g. for debugging).
+        shared_kwargs: names of forward arguments the model takes whole for every sample (class
+            prototypes, a table), passed unchanged instead of being split with the samples. Any other
+            tensor needs one row per sample; one taken per sample from its first dimension alone is checked
+            on the first batch (see `peering.explain`).
 
     Needs nothing from the LightningModule but ``forward``: it computes the logits itself, in eval mode
     (restoring every submodule's own mode after), except for validation and test batches whose step
@@ -175,7 +184,7 @@ class ConfusedLogitCallback(Callback):
         *,
         margin: Literal["logit", "probability"] = "logit",
         method: str | AttributionMethod | None = None,
-        output: Literal["logit", "probability", "log_probability"] = "logit",
+        output: Literal["logit", "probability", "log_probability", "sigmoid"] = "logit",
         method_options: Mapping[str, Any] | None = None,
         on: str | Sequence[str] = STAGES,
         max_pictures_per_epoch: int | None = 64,
@@ -192,6 +201,7 @@ class ConfusedLogitCallback(Callback):
         input_kind: Literal["auto", "image", "features"] = "auto",
         feature_names: Sequence[str] | None = None,
         background: bool = True,
+        shared_kwargs: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}

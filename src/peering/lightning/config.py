@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from peering._model import OUTPUTS
+from peering._model import CLASS_OUTPUTS
 from peering._validate import callable_or_none, int_at_least, number, one_of, optional
 from peering.attribution.methods import AttributionMethod, make_method
 from peering.errors import PeeringTypeError, PeeringValueError
@@ -47,7 +47,7 @@ class CallbackConfig:
     max_logit_difference: float = 1.0
     margin: Literal["logit", "probability"] = "logit"
     method: str | AttributionMethod | None = None
-    output: Literal["logit", "probability", "log_probability"] = "logit"
+    output: Literal["logit", "probability", "log_probability", "sigmoid"] = "logit"
     method_options: Mapping[str, Any] | None = None
     on: str | Sequence[str] = STAGES
     max_pictures_per_epoch: int | None = 64
@@ -64,6 +64,7 @@ class CallbackConfig:
     input_kind: Literal["auto", "image", "features"] = "auto"
     feature_names: Sequence[str] | None = field(default=None)
     background: bool = True
+    shared_kwargs: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self._set("top_k", int_at_least("top_k", self.top_k, 1))
@@ -73,7 +74,7 @@ class CallbackConfig:
         self._set("max_logit_difference",
                   number("max_logit_difference", self.max_logit_difference, least=0, finite=False))
         one_of("margin", self.margin, ("logit", "probability"))
-        one_of("output", self.output, OUTPUTS)
+        one_of("output", self.output, CLASS_OUTPUTS)
         options = dict(self.method_options or {})
         method = self.method if self.method is not None else (
             "gradient" if self.layer is None else "input_x_gradient"
@@ -90,6 +91,10 @@ class CallbackConfig:
             raise PeeringValueError(f"atlas must be True or False, got {self.atlas!r}")
         int_at_least("pairs", self.pairs, 1)
         int_at_least("examples_per_pair", self.examples_per_pair, 0)
+        shared = self.shared_kwargs
+        if shared is not None and (isinstance(shared, str) or not all(isinstance(n, str) for n in shared)):
+            raise PeeringTypeError(f"shared_kwargs must be a list of forward argument names, got {shared!r}")
+        self._set("shared_kwargs", None if shared is None else tuple(shared))
         if self.layer is not None and not isinstance(self.layer, (nn.Module, str)):
             raise PeeringTypeError(
                 f"layer must be a submodule of the model or its name (e.g. 'model.embed'), got {self.layer!r}"
@@ -102,7 +107,8 @@ class CallbackConfig:
     @property
     def thresholds(self) -> Thresholds:
         """What makes a sample confused."""
-        return Thresholds(self.max_logit_difference, self.margin, self.min_logit_value)
+        head = "sigmoid" if self.output == "sigmoid" else "softmax"
+        return Thresholds(self.max_logit_difference, self.margin, self.min_logit_value, head)
 
     @property
     def drawing(self) -> dict[str, Any]:
@@ -111,6 +117,7 @@ class CallbackConfig:
             "projection_factor": self.projection_factor,
             "zoom": self.zoom,
             "output": self.output,
+            "method": self.method if isinstance(self.method, str) else type(self.method).__name__,
             "display": self.display,
             "kind": self.input_kind,
             "feature_names": self.feature_names,

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from peering._model import ForwardKwargs
-from peering.attribution.confusion import select_confused
+from peering.attribution.confusion import Head, confusion_margins, select_confused
 from peering.lightning.batches import Batch
 
 __all__: list[str] = []
@@ -169,10 +169,11 @@ class Thresholds:
     max_difference: float
     margin: Literal["logit", "probability"]
     min_top_value: float | None
+    head: Head = "softmax"
 
     def by_margin_alone(self) -> Thresholds:
         """The same margin measure without thresholds (the tracked samples are chosen so)."""
-        return Thresholds(math.inf, self.margin, None)
+        return Thresholds(math.inf, self.margin, None, self.head)
 
     def why_none_confused(self, stats: Stats) -> str:
         """Which threshold left no confused sample among ``stats``, and what to loosen."""
@@ -183,6 +184,13 @@ class Thresholds:
             return (
                 f"none of the {stats.samples} samples checked had a top logit >= min_logit_value="
                 f"{self.min_top_value:g} ({highest}); lower min_logit_value or set it to None"
+            )
+        if self.head == "sigmoid":
+            measure = "|logit|" if self.margin == "logit" else "|2p - 1|"
+            return (
+                f"none of the {stats.samples} samples checked had a class near a toss-up (p = 0.5): "
+                f"{measure} <= max_logit_difference={self.max_difference:g} (the nearest was "
+                f"{stats.gap:.3g}); raise max_logit_difference"
             )
         what = "logits" if self.margin == "logit" else "softmax probabilities"
         passed = (
@@ -217,6 +225,7 @@ def choose(
         margin=thresholds.margin,
         top_n=capacity,
         min_top_value=thresholds.min_top_value,
+        head=thresholds.head,
     )
     with torch.inference_mode(False):  # validation batches are inference tensors: copy them out
         idx = sel.indices.to(inputs.device)
@@ -239,14 +248,14 @@ def _stats(logits: Tensor, confused: int, candidates: int, thresholds: Threshold
     """`Stats` of one batch: counts from the selection, plus the highest top logit and the smallest gap."""
     stats = Stats(logits.shape[0], confused, candidates)
     finite = torch.isfinite(logits).all(dim=1)
-    if logits.shape[0] == 0 or logits.shape[1] < 2 or not bool(finite.any()):
+    least = 1 if thresholds.head == "sigmoid" else 2
+    if logits.shape[0] == 0 or logits.shape[1] < least or not bool(finite.any()):
         return stats
-    top = logits[finite].topk(2, dim=1)
-    scores = top.values if thresholds.margin == "logit" else logits[finite].softmax(1).gather(1, top.indices)
-    gaps = scores[:, 0] - scores[:, 1]
+    gaps, _ = confusion_margins(logits[finite], thresholds.margin, thresholds.head)
+    tops = logits[finite].amax(dim=1)
     if thresholds.min_top_value is not None:
-        gaps = gaps[top.values[:, 0] >= thresholds.min_top_value]
-    stats.top = float(top.values[:, 0].max())
+        gaps = gaps[tops >= thresholds.min_top_value]
+    stats.top = float(tops.max())
     stats.gap = float(gaps.min()) if gaps.numel() else math.inf
     return stats
 

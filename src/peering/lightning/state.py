@@ -121,6 +121,7 @@ class Notice(Enum):
     ATLAS_NO_MATRIX = "the atlas has no matrix"
     ATLAS_REPEATS = "the sampler repeats validation samples"
     ATLAS_NO_EXAMPLES = "the atlas keeps no examples"
+    ATLAS_MULTILABEL = "the atlas has no multi-label view"
 
 
 @dataclass

@@ -43,6 +43,7 @@ class Watch:
     health: Health = field(default_factory=Health)
     output: PictureOutput | None = None
     collectives: list[tuple[str, int]] = field(default_factory=list)
+    checked_kwargs: set[str] = field(default_factory=set)  # per-sample guesses that held on a batch
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (``ddp_spawn``) without the picture output: its threads and sinks stay behind."""
@@ -56,21 +57,34 @@ class Watch:
         """The batch as a `Batch`, or None (with one warning, and the stage off for the run) when its
         inputs cannot be found."""
         try:
-            return unpack_batch(batch, self.config.unpack, allow_integer=self.config.layer is not None)
-        except Exception as err:
-            self.health.switch_off(stage, f"the callback could not take inputs from the batches ({err})")
-            rank_zero_warn(
-                f"peering: ConfusedLogitCallback cannot take inputs from the {stage} batches ({err}); it "
-                "skips them. Pass unpack=lambda batch: (inputs, labels) (or (inputs, labels, "
-                "forward_kwargs)) to the callback."
+            found = unpack_batch(
+                batch, self.config.unpack, allow_integer=self.config.layer is not None,
+                shared=self.config.shared_kwargs, multilabel=self.config.output == "sigmoid",
             )
+        except Exception as err:
+            self._cannot_unpack(stage, err)
             return None
+        if set(found.forward.unchecked) <= self.checked_kwargs:  # guesses that held on an earlier batch
+            found.forward.unchecked = ()
+        return found
+
+    def _cannot_unpack(self, stage: str, err: Exception) -> None:
+        self.health.switch_off(stage, f"the callback could not take inputs from the batches ({err})")
+        rank_zero_warn(
+            f"peering: ConfusedLogitCallback cannot take inputs from the {stage} batches ({err}); it "
+            "skips them. Pass unpack=lambda batch: (inputs, labels) (or (inputs, labels, "
+            "forward_kwargs)) to the callback, and shared_kwargs=[...] for forward arguments the model "
+            "takes whole."
+        )
 
     def scores(self, stage: str, pl_module: pl.LightningModule, batch: Batch) -> Tensor | None:
         """The logits, or None (with one warning, and the stage off for the run) if the model fails: a
         failure here must not stop training; under DDP the rank still takes part in the collectives."""
         try:
-            return model_scores(pl_module, batch.inputs, batch.forward, self.config.output_fn)
+            guessed = set(batch.forward.unchecked)
+            logits = model_scores(pl_module, batch.inputs, batch.forward, self.config.output_fn)
+            self.checked_kwargs |= guessed  # they held: later batches' are not checked again
+            return logits
         except Exception as err:
             why = f"the callback could not run the model ({type(err).__name__}: {err})"
             self.health.switch_off(stage, why)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from peering._model import OUTPUTS, ForwardKwargs
+from peering._model import OUTPUTS, ForwardKwargs, Output
 from peering._validate import callable_or_none, int_at_least, one_of
 from peering.attribution.explanation import Explanation, explain
 from peering.attribution.methods import AttributionMethod, make_method
@@ -80,7 +80,9 @@ class AttributionWriter(BasePredictionWriter):
         top_k: explain the model's own top ``top_k`` classes of each sample (when ``target`` is None).
         method: "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", or an
             `peering.AttributionMethod`.
-        output: what is differentiated: "probability", "log_probability" or "logit".
+        output: what is differentiated: "probability", "log_probability" or "logit" (a softmax
+            classifier), "sigmoid" (multi-label: each class's own probability) or "raw" (a regression's
+            output itself); see `peering.explain`.
         chunk_size: samples per forward pass inside `peering.explain`.
         unpack: ``batch -> (inputs, labels or None)`` or ``(inputs, labels or None, forward_kwargs)`` for
             batches `peering.lightning.default_unpack` does not understand; forward arguments (an attention
@@ -94,6 +96,8 @@ class AttributionWriter(BasePredictionWriter):
             batches only. Smaller shards lose less work to an interruption; larger ones mean fewer files.
         nonfinite: "raise" (default) stops on a NaN/Inf input; "skip" stores such samples with
             ``valid`` False and NaN attributions.
+        shared_kwargs: names of forward arguments the model takes whole for every sample (not split with
+            the samples; see `peering.explain`).
         **method_options: options of the method, e.g. ``n_samples=8`` for SmoothGrad.
 
     What "the same arguments" means: ``out_dir/manifest.json`` records the method and its options,
@@ -132,7 +136,7 @@ class AttributionWriter(BasePredictionWriter):
         out_dir: str | os.PathLike[str],
         top_k: int = 2,
         method: str | AttributionMethod = "gradient",
-        output: Literal["probability", "log_probability", "logit"] = "probability",
+        output: Output = "probability",
         chunk_size: int = 64,
         unpack: Callable[[Any], tuple[Any, ...]] | None = None,
         layer: nn.Module | str | None = None,
@@ -141,6 +145,7 @@ class AttributionWriter(BasePredictionWriter):
         output_fn: Callable[[Any], Tensor] | None = None,
         samples_per_shard: int = 1024,
         nonfinite: Literal["raise", "skip"] = "raise",
+        shared_kwargs: Sequence[str] | None = None,
         **method_options: Any,
     ) -> None:
         super().__init__("batch")
@@ -170,6 +175,11 @@ class AttributionWriter(BasePredictionWriter):
         self.samples_per_shard = samples_per_shard
         self.nonfinite = nonfinite
         self.method_options = dict(method_options)
+        if shared_kwargs is not None and (
+            isinstance(shared_kwargs, str) or not all(isinstance(n, str) for n in shared_kwargs)
+        ):
+            raise PeeringTypeError(f"shared_kwargs must be a list of argument names, got {shared_kwargs!r}")
+        self.shared_kwargs = None if shared_kwargs is None else tuple(shared_kwargs)
         # per run
         self._layer: nn.Module | None = None
         self._loaders: dict[int, _Loader] = {}
@@ -217,7 +227,8 @@ class AttributionWriter(BasePredictionWriter):
     ) -> None:
         self._raise_write_errors()
         try:
-            found = unpack_batch(batch, self.unpack, allow_integer=self._layer is not None)
+            found = unpack_batch(batch, self.unpack, allow_integer=self._layer is not None,
+                                 shared=self.shared_kwargs, multilabel=self.output == "sigmoid")
         except PeeringTypeError as err:
             raise PeeringTypeError(
                 f"AttributionWriter: {err}; pass unpack=lambda batch: (inputs, labels) (or (inputs, labels, "
@@ -302,6 +313,8 @@ class AttributionWriter(BasePredictionWriter):
             "model": {"class": _model_class(pl_module), "crc32": _fingerprint(pl_module)},
             "datasets": {str(d): length for d, length in lengths.items()},
         }
+        if self.shared_kwargs:  # recorded only when given, so that earlier runs still resume
+            config["shared_kwargs"] = sorted(self.shared_kwargs)
         return config
 
     def _finished(self, dataloader: int, length: int | None) -> Tensor | None:

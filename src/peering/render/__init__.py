@@ -6,11 +6,13 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.features`: tabular inputs as bar charts (drawn by the two above), `input_kind`;
 - `peering.render.tokens`: text: `token_scores`, `token_image`, `token_html`, `token_panels`;
 - `peering.render.morphs`: `film_strip`, `save_gif` (ending where each sample stopped), `portrait_row`;
+- `peering.render.text_morphs`: `token_strip`, a text morph's frames as sentences, swapped tokens marked;
 - `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
 - `peering.render.confusion`: the confusion atlas: `confusion_matrix_image`, `confused_pair_panels`;
 - `peering.render.layout`: `grid`, `save_png`;
 - `peering.render.sanity`: `sanity_curves`, `sanity_maps` (the randomisation sanity check);
-- `peering.render._draw`: the shared, private drawing helpers (colour table, font, captioned panels).
+- `peering.render._draw`, `_legend`, `_frames`: the shared, private drawing helpers (colour table, font,
+  captioned panels; legends and what was differentiated; the frames of a morph).
 
 Everything here is a handful of vectorised array operations (NumPy, single-threaded) plus Pillow text
 drawing: no matplotlib figure is created on the way to any picture a training run makes. matplotlib is
@@ -44,6 +46,7 @@ from peering.render.images import confusion_panels, diverging, explanation_image
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, portrait_row, save_gif
 from peering.render.sanity import sanity_curves, sanity_maps
+from peering.render.text_morphs import token_strip
 from peering.render.tokens import token_html, token_image, token_panels, token_scores
 
 __all__ = [
@@ -67,4 +70,5 @@ __all__ = [
     "token_image",
     "token_panels",
     "token_scores",
+    "token_strip",
 ]

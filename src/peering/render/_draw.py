@@ -29,16 +29,16 @@ _FONT_SIZE = 16  # pixels: digits 12 px tall, readable at 100% zoom (the report 
 _BACKGROUND = 255  # white; captions are black on it
 _ASCII = str.maketrans({"→": "->", "∇": "grad ", "·": "*", "±": "+-", "…": "...", "≥": ">="})  # fallback font
 
-ChannelView = Literal["colour", "sum", "each", "magnitude"]
-CHANNEL_VIEWS: tuple[str, ...] = ("colour", "sum", "each", "magnitude")
+ChannelView = Literal["overlay", "colour", "sum", "each", "magnitude"]
+CHANNEL_VIEWS: tuple[str, ...] = ("overlay", "colour", "sum", "each", "magnitude")
 Display = Callable[[Tensor], Tensor] | tuple[float | Sequence[float], float | Sequence[float]] | None
 """How inputs become pictures: None (they are already in [0, 1]), ``(mean, std)`` to undo a normalisation
 (shown: ``x * std + mean``, per channel when they are sequences), or any callable from a batch of model
 inputs to images in [0, 1] of the same batch size."""
 
 SATURATED = 0.99
-"""With ``output="probability"``, a class whose probability is above this, or below 1 - this, is
-saturated: its softmax gradient is tiny, and the pictures say so."""
+"""With ``output="probability"`` (or "sigmoid"), a class whose probability is above this, or below 1 - this,
+is saturated: its softmax (sigmoid) gradient is tiny, and the pictures say so."""
 
 
 # --------------------------------------------------------------------------------------------- cached assets
@@ -311,15 +311,20 @@ def scale_caption(scale: float, signed: bool = True) -> str:
 
 def saturation_note(classes: Sequence[int], probabilities: Sequence[float], output: str | None) -> str:
     """The note for a row whose explained classes have a saturated probability, or ""."""
-    if output != "probability":
+    if output not in ("probability", "sigmoid"):
         return ""
+    name = "σ" if output == "sigmoid" else "p"
     hit = [
-        f"p({k})={q:.3f}"
+        f"{name}({k})={q:.3f}"
         for k, q in zip(classes, probabilities, strict=True)
         if k >= 0 and (q > SATURATED or q < 1.0 - SATURATED)
     ]
     if not hit:
         return ""
+    if output == "sigmoid":
+        return (
+            f"{', '.join(hit)}: saturated, the sigmoid's gradient is tiny there; output=\"logit\" shows more."
+        )
     return (
         f"{', '.join(hit)}: saturated, the probability's gradient is tiny there; "
         'output="log_probability" or "logit" shows more.'
@@ -330,14 +335,18 @@ def saturation_note(classes: Sequence[int], probabilities: Sequence[float], outp
 
 
 def channel_view(channels: str | None, n_channels: int) -> str:
-    """The view to draw: ``channels`` checked, None -> "colour" for 3 channels, "sum" otherwise.
+    """The view to draw: ``channels`` checked, None -> "overlay" for 3 channels, "sum" otherwise.
 
-    A 1-channel attribution has no colour to show: "colour" draws it as "sum" (the same map).
+    Colour images default to the overlay (the signed map over the greyed input, the view Captum's
+    ``blended_heat_map`` made familiar): shown side by side on a colour CNN (docs/img/colour_views.png),
+    the "colour" view of input gradients is a speckle of every hue in which neither the input nor the
+    evidence can be made out, while the overlay shows both. A 1-channel attribution has no colour to show:
+    "colour" draws it as "sum" (the same map).
     """
     if channels is not None and channels not in CHANNEL_VIEWS:
         raise PeeringValueError(f"channels must be one of {CHANNEL_VIEWS} or None, got {channels!r}")
     if channels is None:
-        return "colour" if n_channels == 3 else "sum"
+        return "overlay" if n_channels == 3 else "sum"
     if channels == "colour" and n_channels != 3:
         return "sum"
     return channels

@@ -27,7 +27,7 @@ MIN_IMAGE_SIDE = 8
 """A flat input of D = s * s values is drawn as an s x s image only when s is at least this."""
 
 _BAR_WIDTH = 200  # pixels for the bars: 100 on each side of zero
-_VALUE_WIDTH = 64  # pixels for the value printed after each bar
+_VALUE_WIDTH = 64  # pixels at least for the value printed after each bar (more when a value needs it)
 _MAX_LABEL = 260  # pixels: longer feature names are cut with "…" (the input value never is)
 _POSITIVE = 235  # colour-table entries of the bars (bright yellow: more; dark blue: less)
 _NEGATIVE = 20
@@ -133,7 +133,9 @@ def bar_tiles(
         ),
     )
     label_w = math.ceil(label_w) + 8
-    width = label_w + _BAR_WIDTH + _VALUE_WIDTH
+    shown = [_value_text(float(v)) for v in top.reshape(-1)]  # every number printed whole, never cut
+    value_w = max([_VALUE_WIDTH] + [math.ceil(font.getlength(t)) + 10 for t in shown])
+    width = label_w + _BAR_WIDTH + value_w
     axis_rows = 1  # the scale labels under the bars
     height = line * (rows + int(rest) + axis_rows) + 4
     half = _BAR_WIDTH // 2
@@ -165,6 +167,11 @@ def bar_tiles(
     return np.minimum(tiles, _BACKGROUND - coverage)
 
 
+def _value_text(v: float) -> str:
+    """An attribution printed after its bar: 2 significant digits, "+3.7e-10" for small ones."""
+    return f"{v:+.2g}" if v == 0 or abs(v) >= 1e-3 else f"{v:+.1e}"
+
+
 def _placed_text(
     names: list[str],
     values_of: list[list[list[str]]],
@@ -191,8 +198,7 @@ def _placed_text(
                 value = values_of[i][c][r]
                 text = _fit(names[j], font, label_w - 8 - font.getlength(value)) + value
                 placed.append((label_w - 6 - font.getlength(text), y0 + r * line, text))
-                v = float(top[i, c, r])
-                placed.append((value_x, y0 + r * line, f"{v:+.2g}" if abs(v) >= 1e-3 else f"{v:+.1e}"))
+                placed.append((value_x, y0 + r * line, _value_text(float(top[i, c, r]))))
             y = y0 + rows * line
             if d > rows:
                 summary = f"{d - rows} more: sum {float(rest_sum[i, c]):+.2g}"

@@ -48,6 +48,7 @@ from peering.render._draw import (
     saturation_note,
     scale_caption,
 )
+from peering.render._legend import above, differentiated, headed, legend_band, overlay_tiles, value_caption
 from peering.render.features import bar_tiles, resolve_kind
 
 if TYPE_CHECKING:  # only for type hints: render never imports the modules that produce these
@@ -119,13 +120,23 @@ def _map_rows(
     channels: str | None,
     shared_scale: bool,
     heads: Sequence[Sequence[str]],
-) -> tuple[np.ndarray, list[list[str]]]:
+    shown: np.ndarray,
+) -> tuple[np.ndarray, list[list[str]], str, np.ndarray | None]:
     """Tiles [N, K * m, h, w, 3] and their captions ("head suffix" over "scale ±s") for attributions
-    [N, K, ...]; ``heads`` [N][K] are the first caption lines."""
+    [N, K, ...]; ``heads`` [N][K] are the first caption lines; ``shown`` the inputs as displayed (the
+    overlay view draws over them). Also the view drawn and each row's scale (None when every map has its
+    own), for the legend."""
     attr = _canonical(attributions, sample_ndim)  # [N, K, C, H, W]
     n, k = attr.shape[:2]
     view = channel_view(channels, attr.shape[2])
-    if shared_scale:
+    if view == "overlay":
+        values = np.nan_to_num(attr, nan=0.0, posinf=0.0, neginf=0.0).sum(axis=2)  # [N, K, H, W]
+        grey = _canonical(shown, sample_ndim).mean(axis=-3)  # [N, H, W]
+        per_map = np.abs(values).reshape(n, k, -1).max(axis=2, initial=0.0)
+        scales = np.repeat(per_map.max(axis=1, keepdims=True), k, axis=1) if shared_scale else per_map
+        tiles = np.stack([overlay_tiles(values[:, j : j + 1], grey, scales[:, j])[:, 0] for j in range(k)], 1)
+        suffixes = [""]
+    elif shared_scale:
         tiles, suffixes, scale = attribution_tiles(attr, view)
         scales = np.repeat(scale[:, None], k, axis=1)
     else:  # every map on its own scale
@@ -141,14 +152,15 @@ def _map_rows(
         ]
         for row, row_scales in zip(heads, scales.tolist(), strict=True)
     ]
-    return tiles, titles
+    return tiles, titles, view, scales[:, 0] if shared_scale else None
 
 
 def _cancel_notes(attributions: Tensor | np.ndarray, sample_ndim: int, channels: str | None) -> list[str]:
-    """Per sample, a note when the "sum" view of colour attributions loses most of them to cancellation."""
+    """Per sample, a note when the "sum" or "overlay" view of colour attributions (both add the channels)
+    loses most of them to cancellation."""
     attr = _canonical(attributions, sample_ndim)  # [N, K, C, H, W]
     n, c = attr.shape[0], attr.shape[2]
-    if c == 1 or channel_view(channels, c) != "sum":
+    if c == 1 or channel_view(channels, c) not in ("sum", "overlay"):  # the views that add the channels
         return [""] * n
     a = np.nan_to_num(attr, nan=0.0).reshape(n, attr.shape[1], c, -1)
     total = np.abs(a).sum(axis=(1, 2, 3))
@@ -169,7 +181,7 @@ def explanation_image(
     zoom: int = 4,
     shared_scale: bool = True,
     max_samples: int | None = 16,
-    channels: Literal["colour", "sum", "each", "magnitude"] | None = None,
+    channels: Literal["overlay", "colour", "sum", "each", "magnitude"] | None = None,
     display: Display = None,
     kind: Literal["auto", "image", "features"] = "auto",
     feature_names: Sequence[str] | None = None,
@@ -224,13 +236,9 @@ def explanation_image(
     if n < 1:
         raise PeeringValueError("no samples to draw")
     t = targets[:n].detach().cpu().to(torch.int64)
-    p = explanation.probabilities[:n].detach().cpu().float().gather(1, t.clamp_min(0))
-    heads = [
-        [f"{k}: p={q:.2f}" if k >= 0 else "skipped" for k, q in zip(ks, qs, strict=True)]
-        for ks, qs in zip(t.tolist(), p.tolist(), strict=True)
-    ]
     output = getattr(explanation, "output", None)
-    saturated = [saturation_note(ks, qs, output) for ks, qs in zip(t.tolist(), p.tolist(), strict=True)]
+    heads, saturated = _heads(t, explanation.probabilities[:n], getattr(explanation, "logits", None), output)
+    what = differentiated(output, getattr(explanation, "method", None))
 
     if resolve_kind(kind, inputs.shape[1:]) == "features":
         a = _numpy(attributions[:n]).reshape(n, attributions.shape[1], -1)
@@ -245,16 +253,40 @@ def explanation_image(
             [f"{h}\n{scale_caption(float(s))}" for h in row] for row, s in zip(heads, scale, strict=True)
         ]
         rows = _compose(tiles, titles, zoom=1, notes=saturated)
-        return Image.fromarray(rows.reshape(-1, rows.shape[2], 3))
+        return _picture(headed(rows, [what] * n) if what else rows)
 
     sample_ndim = inputs.ndim - 1
     shown = display_images(inputs[:n], display, sample_ndim)
-    maps, map_titles = _map_rows(attributions[:n], sample_ndim, channels, shared_scale, heads)
+    maps, map_titles, view, scales = _map_rows(attributions[:n], sample_ndim, channels, shared_scale, heads,
+                                               shown)
     tiles = np.concatenate([_rgb(shown, sample_ndim)[:, None], maps], axis=1)
     titles = [["input", *row] for row in map_titles]
     cancelled = _cancel_notes(attributions[:n], sample_ndim, channels)
     notes = join_notes(range_notes(shown, display), cancelled, saturated)
     rows = _compose(tiles, titles, zoom=zoom, notes=notes)
+    legend = legend_band(view, scales if scales is not None else [None] * n, rows.shape[2], what)
+    return _picture(above(rows, legend))
+
+
+def _heads(
+    targets: Tensor, probabilities: Tensor, logits: Tensor | None, output: str | None
+) -> tuple[list[list[str]], list[str]]:
+    """Each map's first caption line ("3: p=0.91", "3: σ=0.48", "0: out=2.5", "skipped") and each row's
+    saturation note, for targets [n, K]."""
+    n = targets.shape[0]
+    p = probabilities[:n].detach().cpu().float().gather(1, targets.clamp_min(0))
+    z = logits[:n].detach().cpu().float().gather(1, targets.clamp_min(0)) if logits is not None else p
+    heads = [
+        [f"{k}: {value_caption(output, q, v)}" if k >= 0 else "skipped"
+         for k, q, v in zip(ks, qs, vs, strict=True)]
+        for ks, qs, vs in zip(targets.tolist(), p.tolist(), z.tolist(), strict=True)
+    ]
+    notes = [saturation_note(ks, qs, output) for ks, qs in zip(targets.tolist(), p.tolist(), strict=True)]
+    return heads, notes
+
+
+def _picture(rows: np.ndarray) -> Image.Image:
+    """Rows [R, H, W, 3] stacked into one picture."""
     return Image.fromarray(rows.reshape(-1, rows.shape[2], 3))
 
 
@@ -271,11 +303,12 @@ def confusion_panels(
     projection_factor: float,
     zoom: int = 4,
     output: str | None = None,
-    channels: Literal["colour", "sum", "each", "magnitude"] | None = None,
+    channels: Literal["overlay", "colour", "sum", "each", "magnitude"] | None = None,
     display: Display = None,
     kind: Literal["auto", "image", "features"] = "auto",
     feature_names: Sequence[str] | None = None,
     top_n: int = 10,
+    method: str | None = None,
 ) -> Tensor:
     """One panel per confused sample, uint8 [N, H', W', 3], all the same size so they stack.
 
@@ -310,7 +343,7 @@ def confusion_panels(
     >>> confusion_panels(x, ga, gb, class_a=torch.tensor([4, 1, 3, 7]), class_b=torch.tensor([9, 7, 5, 1]),
     ...                  prob_a=torch.full((4,), 0.41), prob_b=torch.full((4,), 0.39), labels=None,
     ...                  projection_factor=0.5).shape
-    torch.Size([4, 156, 596, 3])
+    torch.Size([4, 190, 596, 3])
     """
     if grad_a.shape != images.shape or grad_b.shape != images.shape:
         raise PeeringValueError(
@@ -324,12 +357,16 @@ def confusion_panels(
     ca, cb = class_a.reshape(n).tolist(), class_b.reshape(n).tolist()
     pa, pb = prob_a.detach().reshape(n).float().tolist(), prob_b.detach().reshape(n).float().tolist()
     ls = [-1] * n if labels is None else labels.reshape(n).tolist()
-    heads = [[f"→{a} p={qa:.2f}", f"→{b} p={qb:.2f}"] for a, b, qa, qb in zip(ca, cb, pa, pb, strict=True)]
+    heads = [
+        [f"→{a} {value_caption(output, qa)}", f"→{b} {value_caption(output, qb)}"]
+        for a, b, qa, qb in zip(ca, cb, pa, pb, strict=True)
+    ]
     saturated = [
         saturation_note([a, b], [qa, qb], output) for a, b, qa, qb in zip(ca, cb, pa, pb, strict=True)
     ]
     label_text = [f"label {y}" if y >= 0 else "label ?" for y in ls]
     both = np.stack([ga, gb], axis=1)  # [N, 2, ...]
+    what = differentiated(output, method)
 
     if resolve_kind(kind, images.shape[1:]) == "features":
         a = np.nan_to_num(both.reshape(n, 2, -1), nan=0.0)
@@ -339,10 +376,11 @@ def confusion_panels(
             [f"{h}\n{scale_caption(float(s))}" for h in row] for row, s in zip(heads, scale, strict=True)
         ]
         notes = join_notes([f"True {t}." for t in label_text], saturated)
-        return torch.from_numpy(_compose(tiles, titles, zoom=1, notes=notes))
+        panels = _compose(tiles, titles, zoom=1, notes=notes)
+        return torch.from_numpy(headed(panels, [what] * n) if what else panels)
 
-    maps, map_titles = _map_rows(both, sample_ndim, channels, True, heads)
     shown = display_images(x, display, sample_ndim)
+    maps, map_titles, view, scales = _map_rows(both, sample_ndim, channels, True, heads, shown)
     projected = display_images(
         np.concatenate([x + projection_factor * ga, x + projection_factor * gb]), display, sample_ndim
     )  # [2N, ...]
@@ -350,10 +388,13 @@ def confusion_panels(
     tiles = np.concatenate(
         [_rgb(shown, sample_ndim)[:, None], maps, _rgb(projected, sample_ndim)], axis=1
     )  # _rgb clamps the projections to [0, 1]
+    f = f"{projection_factor:g}"
     titles = [
-        [label, *row, f"x+f·∇{a}", f"x+f·∇{b}"]
+        [label, *row, f"x+{f}·∇{a}", f"x+{f}·∇{b}"]
         for label, row, a, b in zip(label_text, map_titles, ca, cb, strict=True)
     ]
     cancelled = _cancel_notes(both, sample_ndim, channels)
     notes = join_notes(range_notes(shown, display), cancelled, saturated)
-    return torch.from_numpy(_compose(tiles, titles, zoom=zoom, notes=notes))
+    panels = _compose(tiles, titles, zoom=zoom, notes=notes)
+    legend = legend_band(view, list(scales) if scales is not None else [None] * n, panels.shape[2], what)
+    return torch.from_numpy(above(panels, legend))

@@ -7,83 +7,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-import torch
+import numpy as np
 from PIL import Image
 from torch import Tensor
 
 from peering._files import atomic_write
-from peering.errors import PeeringIndexError, PeeringValueError
-from peering.render._draw import Display, _compose, _rgb, display_images
+from peering.errors import PeeringValueError
+from peering.render._draw import Display, _compose, _numpy, _rgb, display_images, scale_caption
+from peering.render._frames import _frame_indices, _morph_frames
+from peering.render._legend import SHORT, headed
+from peering.render.features import bar_tiles, resolve_kind
 
 if TYPE_CHECKING:  # only for type hints: render never imports the modules that produce these
     from peering.morph.ascent import MorphResult
 
 __all__ = ["film_strip", "portrait_row", "save_gif"]
-
-
-def _frame_indices(n_frames: int, max_frames: int) -> list[int]:
-    """At most ``max_frames`` evenly spread indices into ``n_frames``, always the first and the last."""
-    if n_frames <= max_frames:
-        return list(range(n_frames))
-    if max_frames < 2:
-        raise PeeringValueError(f"max_frames must be at least 2 (first and last frame), got {max_frames}")
-    return torch.linspace(0, n_frames - 1, max_frames).round().to(torch.int64).unique().tolist()
-
-
-def _morph_frames(result: MorphResult | SimpleNamespace, index: int) -> tuple[Tensor, int, list[str]]:
-    """(frames [F', ...] of one sample up to where it stopped, picture dims, caption of each frame).
-
-    With ``result.steps`` (the step each sample first reached its target, -1 never), the frames end at
-    the first kept frame at or after that step: a sample that arrived at step 1 of 100 shows two frames,
-    not a hundred identical ones. The last caption says what happened, and gives the target's probability
-    when the last frame shown is the final input (the one ``result.probabilities`` describe).
-    """
-    frames = result.frames
-    n = frames.shape[1]
-    if not -n <= index < n:
-        raise PeeringIndexError(f"index {index} out of range for {n} samples")
-    index %= n
-    steps = [int(s) for s in result.frame_steps.reshape(-1).tolist()]
-    if len(steps) != frames.shape[0]:
-        raise PeeringValueError(f"{frames.shape[0]} frames but {len(steps)} frame_steps")
-    sample = frames[:, index]
-    last = len(steps) - 1
-    reached = getattr(result, "steps", None)
-    arrival = None if reached is None else int(reached.reshape(-1)[index])
-    if arrival is not None and arrival >= 0:
-        last = next((i for i, s in enumerate(steps) if s >= arrival), last)
-    captions = [f"step {s}" for s in steps[: last + 1]]
-    probs, targets = getattr(result, "probabilities", None), getattr(result, "targets", None)
-    target = int(targets.reshape(-1)[index]) if targets is not None else -1
-    if target < 0:
-        return sample[: last + 1], frames.ndim - 2, captions
-    final = last == len(steps) - 1 or bool(torch.equal(sample[last], sample[-1]))
-    p = f"p({target})={float(probs[index, target]):.2f}" if probs is not None and final else ""
-    s = steps[last]
-    if arrival is None:
-        head, tail = f"step {s}", p
-    elif arrival < 0:
-        head, tail = f"step {s}: {_unreached(result, index, target, final)}", p
-    elif arrival == 0:
-        head, tail = f"step {s}: already {target}", p
-    elif arrival == s:
-        head, tail = f"step {s}: reached {target}", p
-    else:
-        head, tail = f"step {s}", f"reached {target} at step {arrival}" + (f", {p}" if p else "")
-    captions[-1] = f"{head}\n{tail}" if tail else head
-    return sample[: last + 1], frames.ndim - 2, captions
-
-
-def _unreached(result: MorphResult | SimpleNamespace, index: int, target: int, final: bool) -> str:
-    """What the last caption of a morph that never met the stopping rule says: "still not 8" while 8 is
-    not the top class, "8, not yet p ≥ 0.99" when it is but below the asked-for confidence."""
-    confidence = getattr(result, "confidence", None)
-    probs = getattr(result, "probabilities", None)
-    if confidence is not None and probs is not None and final and int(probs[index].argmax()) == target:
-        return f"{target}, not yet p ≥ {confidence:g}"
-    return f"still not {target}"
 
 
 def film_strip(
@@ -93,8 +33,13 @@ def film_strip(
     zoom: int = 4,
     max_frames: int = 12,
     display: Display = None,
+    tokenizer: Any = None,
+    kind: Literal["auto", "image", "features"] = "auto",
+    feature_names: Sequence[str] | None = None,
+    top_n: int = 10,
 ) -> Image.Image:
-    """One sample's morph as a row of frames captioned "step s", ending where the sample stopped.
+    """One sample's morph as a row of frames captioned "step s", ending where the sample stopped, under a
+    line saying what was ascended ("steps up log p(8)").
 
     The strip ends at the sample's arrival step (``result.steps``: the first step the sample met morph's
     stopping rule: its target is the model's top class, with the asked-for confidence) and the last
@@ -103,14 +48,22 @@ def film_strip(
     p ≥ 0.99" when it is the top class but below morph's ``confidence``), with the
     target's probability when the last frame is the final input.
 
+    Token ids (a text morph, `peering.morph.text`) are drawn as sentences, one per frame, the swapped
+    tokens marked (`peering.render.token_strip`, with ``tokenizer``). Tabular inputs (``kind``, see
+    `peering.render.input_kind`) are drawn as bars of the features that changed most between the original
+    and where the sample stopped, each named and labelled with its value before and after.
+
     Args:
         result: a `MorphResult` (or any object with ``.frames`` [F, B, ...], ``.frame_steps`` [F], and
-            optionally ``.steps`` [B], ``.targets`` [B] and ``.probabilities`` [B, C]).
+            optionally ``.steps`` [B], ``.targets`` [B], ``.probabilities`` [B, C] and ``.output``).
         index: which sample of the batch.
         zoom: integer nearest-neighbour magnification.
         max_frames: at most this many frames, evenly subsampled, always with the first and the last.
         display: how inputs become pictures (None, ``(mean, std)`` or a function; see
             `explanation_image`).
+        tokenizer: for text morphs: turns ids into the words drawn.
+        kind, feature_names, top_n: for flat inputs: "image", "features" or "auto"; the features' names;
+            how many changed features get a bar.
 
     >>> import torch
     >>> from types import SimpleNamespace
@@ -119,14 +72,50 @@ def film_strip(
     ...                       steps=torch.tensor([12, -1]), targets=torch.tensor([3, 8]),
     ...                       probabilities=torch.rand(2, 10).softmax(1))
     >>> film_strip(res, 0).size  # frames at steps 0, 5, 10 and 15 (the sample arrived at step 12)
-    (704, 156)
+    (704, 178)
     """
+    if isinstance(result.frames, Tensor) and not result.frames.is_floating_point():
+        from peering.render.text_morphs import token_strip
+
+        return token_strip(result, index, tokenizer=tokenizer, max_frames=max_frames)
     frames, sample_ndim, captions = _morph_frames(result, index)
+    what = _ascended(result, index)
+    if sample_ndim == 1 and resolve_kind(kind, frames.shape[1:]) == "features":
+        return _feature_changes(frames, captions[-1], what, feature_names, top_n)
     keep = _frame_indices(frames.shape[0], max_frames)
     titles = [captions[i] for i in keep]
     shown = display_images(frames[keep], display, sample_ndim)
     tiles = _rgb(shown, sample_ndim)[None]  # [1, F', H, W, 3]
-    return Image.fromarray(_compose(tiles, [titles], zoom=zoom)[0])
+    return Image.fromarray(headed(_compose(tiles, [titles], zoom=zoom), [what])[0])
+
+
+def _ascended(result: MorphResult | SimpleNamespace, index: int) -> str:
+    """ "steps up log p(8)": what the morph of sample ``index`` ascended."""
+    targets = getattr(result, "targets", None)
+    output = getattr(result, "output", "log_probability")
+    if targets is None:
+        return "morph"
+    return f"steps up {SHORT.get(output, output)}({int(targets.reshape(-1)[index])})"
+
+
+def _feature_changes(
+    frames: Tensor, last: str, what: str, feature_names: Sequence[str] | None, top_n: int
+) -> Image.Image:
+    """A tabular morph: bars of the features that changed most from the first frame to the last, each
+    labelled "name: before → after" (the bar: the change)."""
+    before, after = _numpy(frames[0]), _numpy(frames[-1])
+    change = (after - before)[None, None]  # [1, 1, D]
+    d = before.shape[0]
+    names = list(feature_names) if feature_names is not None else [f"feature {j}" for j in range(d)]
+    if len(names) != d:
+        raise PeeringValueError(f"feature_names has {len(names)} names, the inputs have {d} features")
+    pairs = zip(names, before.tolist(), after.tolist(), strict=True)
+    labels = [f"{n}: {b:.3g} → {a:.3g}" for n, b, a in pairs]
+    scale = np.abs(change).reshape(1, -1).max(axis=1, initial=0.0)
+    tiles = bar_tiles(change, None, feature_names=labels, top_n=top_n, scale=scale)
+    title = f"{last.replace(chr(10), ', ')}: change from step 0\n{scale_caption(float(scale[0]))}"
+    rows = _compose(tiles, [[title]], zoom=1)
+    return Image.fromarray(headed(rows, [what])[0])
 
 
 def save_gif(
