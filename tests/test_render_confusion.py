@@ -119,3 +119,14 @@ def test_pair_panels_bad_input():
             torch.rand(2, 1, 4, 4),
             torch.tensor([[0, 1], [1, 0]]),
         )
+
+
+def test_pair_panels_state_the_scale_of_their_directions():
+    """Each direction's scale is drawn: a colour legend with the diverging map's bar from -scale to +scale
+    (and the scale in words under the direction)."""
+    from tests.test_render_tokens import has_colour_bar
+
+    panels = confused_pair_panels(
+        torch.rand(2, 1, 8, 8), torch.tensor([0, 0]), torch.randn(1, 1, 8, 8), torch.tensor([[4, 9]])
+    ).numpy()
+    assert has_colour_bar(panels[0])

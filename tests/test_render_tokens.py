@@ -199,3 +199,23 @@ def test_every_token_picture_reads_each_token_its_own_score_wherever_the_padding
                           prob_a=torch.tensor([0.5]), prob_b=torch.tensor([0.4]), labels=None,
                           tokenizer=tokenizer, width=300)  # fmt: skip
     assert panels.shape[0] == 1  # drawn from unpadded_tokens' words and scores, checked above
+
+
+def test_token_pictures_say_what_was_differentiated_and_what_the_colours_mean():
+    scores = torch.tensor([[[1.0, -1.0, 0.0]]])
+    page = str(token_html(scores, [["good", "bad", "film"]], output="sigmoid", method="integrated_gradients"))
+    legend = re.search(r'<p class="peering-tokens-legend">(.*?)</p>', page)
+    assert legend is not None and "integrated gradients of σ" in legend.group(1)
+    assert "bright yellow: for it" in legend.group(1)
+    bare = np.asarray(token_image(scores, [["good", "bad", "film"]], width=400))
+    assert has_colour_bar(bare)  # the legend under the text
+
+
+def has_colour_bar(image: np.ndarray) -> bool:
+    """Whether a row of the picture holds the diverging map's colour bar, from -scale to +scale."""
+    ramp = _lut_np()[np.clip(np.floor((np.linspace(-1.0, 1.0, 160) + 1.0) * 128.0), 0, 255).astype(np.intp)]
+    for row in image:
+        starts = np.flatnonzero((row == ramp[0]).all(axis=-1))
+        if any(x + 160 <= len(row) and np.array_equal(row[x : x + 160], ramp) for x in starts):
+            return True
+    return False

@@ -316,6 +316,7 @@ class PictureJob:
             labels=c.labels,
             ids_only=tokenizer is None,
             output=output,
+            method=self.output.drawing.get("method"),
         ).numpy()
         rounded = [[[float(f"{v:.4g}") for v in row] for row in k.tolist()] for k in kept]
         extra = [

@@ -98,13 +98,17 @@ def _bar(view: str) -> tuple[np.ndarray, str, str, str]:
     return np.broadcast_to(colours, (_BAR_HEIGHT, _BAR, 3)), "-", "+", meaning
 
 
-def legend_band(view: str, scales: Sequence[float | None], width: int, what: str = "") -> np.ndarray:
+def legend_band(
+    view: str, scales: Sequence[float | None], width: int, what: str = "", meaning: str | None = None
+) -> np.ndarray:
     """One legend per row, uint8 [R, h, w, 3] (w >= ``width``): the view's colour bar, the values at its
     ends and middle (each row's own scale; None: each map's, stated under it), and beside it what was
-    differentiated (``what``) and what the colours mean, wrapped to the width."""
+    differentiated (``what``) and what the colours mean (``meaning``, else the view's own words), wrapped
+    to the width."""
     font, unicode_ok = _font()
     line = _band_height(font)
-    bar, left, right, meaning = _bar(view)
+    bar, left, right, colours = _bar(view)
+    meaning = meaning or colours
     meaning = f"{what}: {meaning}" if what else meaning
     bar_h = bar.shape[0]
     labels = []
@@ -164,6 +168,20 @@ def above(rows: np.ndarray, band: np.ndarray) -> np.ndarray:
     out = np.full((r, band.shape[1] + h, width, 3), _BACKGROUND, dtype=np.uint8)
     out[:, : band.shape[1], : band.shape[2]] = band
     out[:, band.shape[1] :, :w] = rows
+    return out
+
+
+def below(rows: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """Rows [R, H, W, 3] with ``band`` [R, h, w, 3] under each (white filled to the wider of the two)."""
+    width = max(rows.shape[2], band.shape[2])
+    return np.concatenate([_widen(rows, width), _widen(band, width)], axis=1)
+
+
+def _widen(a: np.ndarray, width: int) -> np.ndarray:
+    if a.shape[2] >= width:
+        return a
+    out = np.full((*a.shape[:2], width, 3), _BACKGROUND, dtype=np.uint8)
+    out[:, :, : a.shape[2]] = a
     return out
 
 

@@ -36,7 +36,9 @@ from peering.render._draw import (
     _maps,
     _numpy,
     _rgb,
+    scale_caption,
 )
+from peering.render._legend import above, legend_band
 
 __all__ = ["confused_pair_panels", "confusion_matrix_image"]
 
@@ -255,6 +257,10 @@ def _header(panels: np.ndarray, headers: Sequence[str]) -> np.ndarray:
     return out
 
 
+def _direction_caption(a: int, b: int, scale: float, missing: bool) -> str:
+    return "no example" if missing else f"∇ log p{b} - log p{a}\n{scale_caption(scale)}"
+
+
 def confused_pair_panels(
     examples: Tensor,
     pair_index: Tensor,
@@ -273,7 +279,8 @@ def confused_pair_panels(
     example tiles (captioned with p(b), the probability the model gave the wrong class; an empty slot
     when a pair has fewer examples) and the pair's direction drawn with the diverging map of
     `peering.render.diverging` on its own scale: bright where more intensity turns an a into a b, dark
-    where less does. A direction that is all NaN (no example to average) is drawn neutral and captioned
+    where less does, its scale stated under it ("scale ±0.012": the value drawn at full colour) and in a
+    colour legend above. A direction that is all NaN (no example to average) is drawn neutral and captioned
     "no example".
 
     Args:
@@ -320,7 +327,9 @@ def confused_pair_panels(
     slots = int(per_pair) if per_pair is not None else int(slot.max(initial=-1) + 1)
     shown = slot < slots
 
-    direction_tiles = _colorize(_maps(directions, sample_ndim), None)  # [P, h, w, 3], each on its own scale
+    maps = _maps(directions, sample_ndim)
+    scales = np.abs(maps).reshape(p, -1).max(axis=1, initial=0.0)
+    direction_tiles = _colorize(maps, None)  # [P, h, w, 3], each on its own scale (stated under it)
     h, w = direction_tiles.shape[1:3]
     tiles = np.full((p, slots + 1, h, w, 3), _BACKGROUND, dtype=np.uint8)
     if n:
@@ -330,7 +339,7 @@ def confused_pair_panels(
     ab = pairs.detach().to("cpu", torch.int64).tolist()
     missing = np.isnan(_numpy(directions).reshape(p, -1)).all(axis=1)
     titles = [
-        [""] * slots + ["no example" if missing[k] else f"∇ log p{b} - log p{a}"]
+        [""] * slots + [_direction_caption(a, b, float(scales[k]), bool(missing[k]))]
         for k, (a, b) in enumerate(ab)
     ]
     if probabilities is not None:
@@ -349,4 +358,8 @@ def confused_pair_panels(
             if total_list is not None and total_list[k]:
                 text += f" ({count_list[k] / total_list[k]:.1%} of the {a}s)"
         headers.append(text)
-    return torch.from_numpy(_header(panels, headers))
+    what = "direction, the mean gradient of log p(b) - log p(a) over the examples"
+    meaning = "bright: more intensity here turns an a into a b, dark: less does"
+    scale_of = [None if missing[k] else float(scales[k]) for k in range(p)]
+    legend = legend_band("sum", scale_of, panels.shape[2], what, meaning)
+    return torch.from_numpy(_header(above(panels, legend), headers))

@@ -35,6 +35,7 @@ from peering.render._draw import (
     saturation_note,
     scale_caption,
 )
+from peering.render._legend import below, differentiated, legend_band, value_caption
 
 __all__ = [
     "token_html",
@@ -49,6 +50,7 @@ __all__ = [
 
 _TOKEN_PAD = 3  # pixels of colour around a token's text
 _TOKEN_GAP = 4  # pixels between words (none between the pieces of one word)
+_MEANING = "dark blue: the token speaks against the class, bright yellow: for it, grey: neither"
 
 
 def token_scores(attributions: Tensor, *, reduce: Literal["sum", "norm"] = "sum") -> Tensor:
@@ -205,7 +207,7 @@ def _prepare(
         if probabilities is not None:
             p = probabilities.detach().cpu().float()[:n].gather(1, t.clamp_min(0))
             heads = [
-                [f"→{c} p={q:.2f}" for c, q in zip(cs, qs, strict=True)]
+                [f"→{c} {value_caption(output, q)}" for c, q in zip(cs, qs, strict=True)]
                 for cs, qs in zip(t.tolist(), p.tolist(), strict=True)
             ]
             notes = [saturation_note(cs, qs, output) for cs, qs in zip(t.tolist(), p.tolist(), strict=True)]
@@ -236,6 +238,7 @@ def token_image(
     output: str | None = None,
     max_samples: int | None = 16,
     width: int = 720,
+    method: str | None = None,
 ) -> Image.Image:
     """The tokens of each sample as coloured text, one paragraph per explained class: a PIL image.
 
@@ -252,9 +255,11 @@ def token_image(
         output: what was differentiated; with "probability", saturated classes get a note.
         max_samples: draw at most this many samples; None for all.
         width: wrap the text at this many pixels.
+        method: the attribution method (for the legend's words on what the scores are).
 
     Each paragraph is captioned with its class, probability and the sample's scale (shared by its
-    classes: the |score| drawn at full colour).
+    classes: the |score| drawn at full colour); a colour legend under them says what was
+    differentiated and what the colours mean.
 
     >>> import torch
     >>> from peering.render import token_image
@@ -313,7 +318,8 @@ def token_image(
                 (4 + x + _TOKEN_PAD, y0 + y + _TOKEN_PAD), piece, fill=tuple(int(v) for v in text), font=font
             )
         y0 += value + 6
-    return image
+    legend = legend_band("sum", [None], width, differentiated(output, method), _MEANING)
+    return Image.fromarray(below(np.asarray(image)[None], legend)[0])
 
 
 def token_html(
@@ -326,10 +332,12 @@ def token_html(
     probabilities: Tensor | None = None,
     output: str | None = None,
     max_samples: int | None = None,
+    method: str | None = None,
 ) -> str:
     """The same as `token_image`, as an HTML fragment (inline styles only, every token escaped): one
     ``<div class="peering-tokens">`` per sample and class, each token a ``<span>`` whose ``title`` is its
-    score. Returned as ``markupsafe.Markup``, so a Jinja2 template inserts it as HTML.
+    score, after a ``<p class="peering-tokens-legend">`` saying what the colours mean. Returned as
+    ``markupsafe.Markup``, so a Jinja2 template inserts it as HTML.
 
     >>> import torch
     >>> from peering.render import token_html
@@ -342,7 +350,8 @@ def token_html(
     s, words, heads, scale, notes = _prepare(
         scores, tokens, tokenizer, mask, targets, probabilities, output, max_samples
     )
-    out = []
+    what = differentiated(output, method)
+    out = [f'<p class="peering-tokens-legend">{html.escape(f"{what}: " if what else "")}{_MEANING}</p>']
     for i, row in enumerate(words):
         for c in range(s.shape[1]):
             back, text = _colours(s[i, c, : len(row)], float(scale[i]))
@@ -378,6 +387,7 @@ def token_panels(
     mask: Tensor | None = None,
     output: str | None = None,
     width: int = 720,
+    method: str | None = None,
 ) -> Tensor:
     """One panel per confused text sample, uint8 [N, H, W, 3], all the same size so they stack: the
     sample's true label, then its tokens coloured toward class a and toward class b (two paragraphs of
@@ -395,6 +405,7 @@ def token_panels(
             drawn as their ids, and the panel says that a tokenizer shows the words.
         mask: [N, L], nonzero for the real tokens (an attention mask): padding is left out, wherever it is.
         output: what the scores are of; with "probability", a saturated class gets a note.
+        method: the attribution method, said in the legend with ``output``.
         width: the panels' width in pixels (the text wraps inside it).
 
     >>> import torch
@@ -418,6 +429,7 @@ def token_panels(
         ids_only=_converter(tokenizer) is None,
         output=output,
         width=width,
+        method=method,
     )
 
 
@@ -475,6 +487,7 @@ def token_panels_of(
     ids_only: bool,
     output: str | None,
     width: int = 720,
+    method: str | None = None,
 ) -> Tensor:
     """`token_panels` from `unpadded_tokens`' tokens and scores (``ids_only``: the words are ids, and the
     panels say that a tokenizer would show the words).
@@ -497,7 +510,7 @@ def token_panels_of(
     for i in range(n):
         body = token_image(
             kept[i][None], [words[i]], targets=classes[i : i + 1], probabilities=probs[i : i + 1],
-            output=output, max_samples=None, width=width,
+            output=output, max_samples=None, width=width, method=method,
         )
         head = f"label {ls[i]}" if ls[i] >= 0 else "label ?"
         if ids_only:
