@@ -736,3 +736,38 @@ def test_read_image_conversions(tmp_path):
 def test_load_model_api_errors(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model(tmp_path / "none.ckpt")
+
+
+def test_sigmoid_and_raw_heads_from_the_command_line(images, tmp_path):
+    """--output sigmoid for a multi-label or single-logit model, --output raw for a regression; a softmax
+    over one output is refused, naming both."""
+    folder = tmp_path / "heads"
+    folder.mkdir()
+    (folder / "head_models.py").write_text(
+        "from torch import nn\n\n"
+        "def one():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1))\n\n"
+        "def tags():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 4))\n"
+    )
+    sys.path.insert(0, str(folder))
+    import head_models
+
+    torch.manual_seed(0)
+    weights = {name: folder / f"{name}.pt" for name in ("one", "tags")}
+    for name, path in weights.items():
+        torch.save(getattr(head_models, name)().state_dict(), path)
+
+    def run(command, name, *extra):
+        return invoke(command, weights[name], images["digit0"], "--model", f"head_models:{name}",
+                      "-o", tmp_path / f"{command}_{name}{len(extra)}.png", *extra)
+
+    assert_bad_input(run("explain", "one", "--top-k", "1"), "one output", "'sigmoid'", "'raw'")
+    binary = run("explain", "one", "--top-k", "1", "--output", "sigmoid")
+    assert binary.exit_code == 0, binary.output
+    assert "class probabilities (sigmoid)" in binary.output and "gradient of the sigmoid" in binary.output
+    regression = run("explain", "one", "--output", "raw")
+    assert regression.exit_code == 0, regression.output
+    assert "outputs" in regression.output and "largest" in regression.output
+    tagged = run("morph", "tags", "--target", "2", "--output", "sigmoid", "--confidence", "0.6",
+                 "--reference", "none", "--no-progress")
+    assert tagged.exit_code == 0, tagged.output
+    assert "σ(2)=" in tagged.output and "reached σ(2) >= 0.6" in tagged.output

@@ -177,6 +177,8 @@ def _parts(out: Any) -> list[str]:
 
 def class_scores_of(loaded: LoadedModel, images: Tensor) -> Tensor:
     """Run the model on images [B, C, H, W] without gradients; class scores [B, C] or a `CheckpointError`.
+    One output (C = 1) is taken: a single-logit binary model or a regression, which `peering.explain`
+    takes with ``output="sigmoid"`` or ``"raw"`` (and refuses with a softmax, naming both).
 
     >>> m = LoadedModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), "example", 1, (8, 8))
     >>> class_scores_of(m, torch.zeros(3, 1, 8, 8)).shape
@@ -205,10 +207,10 @@ def class_scores_of(loaded: LoadedModel, images: Tensor) -> Tensor:
         raise CheckpointError(
             f"{loaded.source}: --output-fn picked a {type(out).__name__}, not a tensor of class scores [B, C]"
         )
-    if out.ndim != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 2 or not out.is_floating_point():
+    if out.ndim != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 1 or not out.is_floating_point():
         raise CheckpointError(
             f"{loaded.source} does not return class scores: expected a float tensor [B, C] with B = "
-            f"{x.shape[0]} and C >= 2, got {out.dtype} {list(out.shape)}"
+            f"{x.shape[0]} and C >= 1, got {out.dtype} {list(out.shape)}"
         )
     return out.float()
 

@@ -241,7 +241,7 @@ def _baseline_points(baseline: float | Tensor, gradients: ClassGradients, inputs
     `PeeringValueError` naming the shapes it may have."""
     ids = gradients.model_inputs
     at_layer = gradients.layer is not None and ids is not None
-    if at_layer and isinstance(baseline, int) and not ids.is_floating_point():
+    if ids is not None and at_layer and isinstance(baseline, int) and not ids.is_floating_point():
         return _token_baseline(baseline, gradients, ids).to(inputs.dtype)
     value = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     try:

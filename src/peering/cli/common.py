@@ -46,11 +46,23 @@ class MethodName(str, Enum):
 
 
 class OutputName(str, Enum):
-    """What `peering.explain` differentiates."""
+    """What `peering.explain` differentiates: a softmax classifier's probability, log-probability or logit;
+    "sigmoid" for a multi-label (or single-logit binary) model; "raw" for a regression."""
 
     probability = "probability"
     log_probability = "log_probability"
     logit = "logit"
+    sigmoid = "sigmoid"
+    raw = "raw"
+
+
+class MorphOutputName(str, Enum):
+    """What `peering.morph` raises (a regression has no class to reach: no "raw")."""
+
+    log_probability = "log_probability"
+    probability = "probability"
+    logit = "logit"
+    sigmoid = "sigmoid"
 
 
 class ReferenceName(str, Enum):

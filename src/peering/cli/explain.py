@@ -60,6 +60,10 @@ def explain(
 ) -> None:
     """The images and their input gradients toward the top two (or the given) classes, as one picture.
 
+    --output sigmoid explains a multi-label (or single-logit binary) model by each class's own sigmoid
+    probability; --output raw a model whose output is the quantity itself (a regression). A model with one
+    output is refused with a softmax (probability, log_probability).
+
     Example: peering explain runs/demo/model.ckpt digit.png --target 8 -o explain.png
     """
     import peering
@@ -74,7 +78,7 @@ def explain(
             x, display = norm.apply(x), norm.display
         n_classes = class_count(loaded, x)
         check_target(target, n_classes)
-        if target is None and top_k > n_classes:
+        if target is None and top_k > n_classes and output is not OutputName.raw:
             fail(f"--top-k {top_k} is more than the model's {n_classes} classes")
         try:
             exp = peering.explain(
@@ -95,35 +99,42 @@ def explain(
         picture = explanation_image(
             picture_exp, x, zoom=zoom or auto_zoom(max(size)), max_samples=None, display=display
         )
-        _print_probabilities(images, exp)
+        _print_probabilities(images, exp, output.value)
         save(lambda p: save_png(picture, p), out)
     what = f"class {target}" if target is not None else f"top {min(top_k, n_classes)} classes"
     typer.echo(f"wrote {out} ({method.value} of the {output.value} of the {what})")
 
 
-def _print_probabilities(paths: list[Path], exp: object) -> None:
+def _print_probabilities(paths: list[Path], exp: object, output: str) -> None:
+    """The class probabilities (softmax; each class's own sigmoid for "sigmoid"), or the outputs for "raw"
+    (a regression has no probabilities)."""
     import numpy as np
     from rich.table import Table
     from rich.text import Text
 
-    probs: Tensor = exp.probabilities  # type: ignore[attr-defined]
+    raw = output == "raw"
+    probs: Tensor = exp.logits if raw else exp.probabilities  # type: ignore[attr-defined]
     n_classes = probs.shape[1]
-    table = Table(title="class probabilities", title_justify="left", box=None, pad_edge=False)
+    title = {"raw": "outputs", "sigmoid": "class probabilities (sigmoid)"}
+    table = Table(title=title.get(output, "class probabilities"), title_justify="left", box=None,
+                  pad_edge=False)
     table.add_column("image", no_wrap=True, overflow="ellipsis", max_width=32)
-    table.add_column("predicted", justify="right")
+    table.add_column("largest" if raw else "predicted", justify="right")
     shown = list(range(n_classes)) if n_classes <= 10 else None
     if shown is not None:
         for c in shown:
             table.add_column(str(c), justify="right")
     else:
         table.add_column("top 5", justify="left")
+    fmt = "{:.4g}" if raw else "{:.2f}"
     for path, row in zip(paths, probs.tolist(), strict=True):
         best = int(np.argmax(row))
-        cells: list[str | Text] = [Text(path.name), f"{best} ({row[best]:.2f})"]
+        cells: list[str | Text] = [Text(path.name), f"{best} ({fmt.format(row[best])})"]
         if shown is not None:
-            cells += [f"[bold]{p:.2f}[/bold]" if c == best else f"{p:.2f}" for c, p in enumerate(row)]
+            values = [fmt.format(p) for p in row]
+            cells += [f"[bold]{v}[/bold]" if c == best else v for c, v in enumerate(values)]
         else:
             top = np.argsort(row)[::-1][:5]
-            cells.append(", ".join(f"{int(c)}: {row[int(c)]:.2f}" for c in top))
+            cells.append(", ".join(f"{int(c)}: {fmt.format(row[int(c)])}" for c in top))
         table.add_row(*cells)
     console().print(table)

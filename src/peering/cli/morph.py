@@ -17,6 +17,7 @@ from peering.cli.common import (
     InvertOption,
     MeanOption,
     ModelOption,
+    MorphOutputName,
     NormName,
     OutputFnOption,
     ReferenceName,
@@ -105,6 +106,11 @@ def morph(
     ] = None,
     step_size: Annotated[float | None, typer.Option(min=0.0, help="Length of each step.")] = None,
     norm: Annotated[NormName, typer.Option(help="Step normalisation and budget ball.")] = NormName.l2,
+    output: Annotated[
+        MorphOutputName,
+        typer.Option(help="What is raised; sigmoid: a multi-label model, --confidence is the target's own "
+                     "sigmoid probability."),
+    ] = MorphOutputName.log_probability,
     gif: Annotated[Path | None, typer.Option(help="Also write the morph as an animated GIF.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the film strip.")] = Path(
         "morph.png"
@@ -144,7 +150,8 @@ def morph(
             fail(f"--step-size must be > 0, got {step_size}")
         from peering.checkpoints import class_scores_of
 
-        before = class_scores_of(loaded, x).softmax(dim=1)[0]
+        scores = class_scores_of(loaded, x)
+        before = (scores.sigmoid() if output.value == "sigmoid" else scores.softmax(dim=1))[0]
         batch = loaded.batch(x)
         references = _reference_data(reference, checkpoint, data_dir, tuple(batch.shape[1:]))
         try:
@@ -161,13 +168,14 @@ def morph(
                     budget=budget,
                     step_size=step_size,
                     norm=norm.value,
+                    output=output.value,
                     progress=progress,
                     output_fn=loaded.output_fn,
                 )
         except (ValueError, TypeError) as err:
             fail(f"cannot morph with {loaded.source}: {err}")
         shown = unflatten(result, x.shape[1:]) if loaded.flat else result
-        _say_outcome(image, before, result, target, confidence, steps, budget, norm.value)
+        _say_outcome(image, before, result, target, confidence, steps, budget, norm.value, output.value)
         z = zoom or auto_zoom(max(size))  # the strip and the GIF end where the image reached the target
         save(lambda p: save_png(film_strip(shown, 0, zoom=z), p), out)
         typer.echo(f"wrote {out}")
@@ -185,26 +193,29 @@ def _say_outcome(
     steps: int,
     budget: float | None,
     norm: str,
+    output: str = "log_probability",
 ) -> None:
-    """Print where the morph started and whether it got there."""
+    """Print where the morph started and whether it got there (p: the softmax; σ: each class's own sigmoid
+    probability, with --output sigmoid)."""
+    p = "σ" if output == "sigmoid" else "p"
     predicted = int(before.argmax())
     typer.echo(
-        f"{image.name}: predicted {predicted} (p={float(before[predicted]):.2f}); "
-        f"p({target})={float(before[target]):.2f} before morphing"
+        f"{image.name}: predicted {predicted} ({p}={float(before[predicted]):.2f}); "
+        f"{p}({target})={float(before[target]):.2f} before morphing"
     )
     distance = float(result.distance[0])
     p_after = float(result.probabilities[0, target])
-    rule = f"p({target}) >= {confidence:g}" if confidence else f"the top class {target}"
+    rule = f"{p}({target}) >= {confidence:g}" if confidence else f"the top class {target}"
     if bool(result.success[0]):
         reached = int(result.steps[0])
         when = "already at step 0" if reached == 0 else f"at step {reached}"
-        typer.echo(f"reached {rule} {when}: p({target})={p_after:.2f}, {norm} distance {distance:.3f}")
+        typer.echo(f"reached {rule} {when}: {p}({target})={p_after:.2f}, {norm} distance {distance:.3f}")
     else:
         now = int(result.probabilities[0].argmax())
         limit = f" (budget {budget:g})" if budget is not None else ""
         typer.echo(
             f"did not reach {rule} in {steps} steps{limit}: predicted {now}, "
-            f"p({target})={p_after:.2f}, {norm} distance {distance:.3f}; try more --steps or a "
+            f"{p}({target})={p_after:.2f}, {norm} distance {distance:.3f}; try more --steps or a "
             "lower --confidence"
         )
 

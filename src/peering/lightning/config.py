@@ -107,7 +107,7 @@ class CallbackConfig:
     @property
     def thresholds(self) -> Thresholds:
         """What makes a sample confused."""
-        head = "sigmoid" if self.output == "sigmoid" else "softmax"
+        head: Literal["softmax", "sigmoid"] = "sigmoid" if self.output == "sigmoid" else "softmax"
         return Thresholds(self.max_logit_difference, self.margin, self.min_logit_value, head)
 
     @property

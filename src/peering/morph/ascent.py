@@ -169,7 +169,7 @@ def morph(
         image_only = {"smoothing": (smoothing, "auto"), "prior": (prior, None), "seed": (seed, 0),
                       "step_size": (step_size, None), "norm": (norm, "l2"), "bounds": (bounds, (0.0, 1.0))}
         return morph_tokens(
-            model, inputs, target, layer=layer, steps=steps, confidence=confidence, output=output,
+            model, inputs, target,  # type: ignore[arg-type]  # one model: morph_tokens refuses a list layer=layer, steps=steps, confidence=confidence, output=output,
             budget=budget, early_stop=early_stop, keep_every=keep_every, output_fn=output_fn,
             chunk_size=chunk_size, progress=progress, forward_kwargs=forward_kwargs,
             shared_kwargs=shared_kwargs, ignored={k: v for k, (v, d) in image_only.items() if v != d},

@@ -150,6 +150,7 @@ def morph_tokens(
     output = check_output(output, CLASS_OUTPUTS)
     _check_ids(ids)
     weight = _embedding_weight(model, layer)
+    assert layer is not None  # _embedding_weight refuses None
     b, length = ids.shape
     int_at_least("steps", steps, 0)
     int_at_least("keep_every", keep_every, 1)

@@ -264,7 +264,7 @@ def explanation_image(
     cancelled = _cancel_notes(attributions[:n], sample_ndim, channels)
     notes = join_notes(range_notes(shown, display), cancelled, saturated)
     rows = _compose(tiles, titles, zoom=zoom, notes=notes)
-    legend = legend_band(view, scales if scales is not None else [None] * n, rows.shape[2], what)
+    legend = legend_band(view, list(scales) if scales is not None else [None] * n, rows.shape[2], what)
     return _picture(above(rows, legend))
 
 

@@ -20,7 +20,7 @@ from peering.render._legend import SHORT
 from peering.render.tokens import _converter, _pieces
 
 if TYPE_CHECKING:
-    from peering.morph.text import TextMorphResult
+    from peering.morph.ascent import MorphResult
 
 __all__ = ["token_strip"]
 
@@ -31,7 +31,7 @@ _PAD = 3
 
 
 def token_strip(
-    result: TextMorphResult | SimpleNamespace,
+    result: MorphResult | SimpleNamespace,
     index: int,
     *,
     tokenizer: Any = None,
@@ -137,13 +137,13 @@ def _draw(title: str, lines: list[tuple[str, list[str], list[bool], list[bool]]]
     for heads, boxes, h in placed:
         for k, text in enumerate(heads):
             draw.text((4, y0 + k * band), text, fill=(0, 0, 0), font=font)
-        for x, y, piece, changed, new in boxes:
+        for x, y, piece, was_changed, fresh in boxes:
             left, top = _CAPTION + x, y0 + y
             w = font.getlength(piece) + 2 * _PAD
-            if changed:
+            if was_changed:
                 draw.rectangle((left, top, left + w, top + row - 2), fill=_CHANGED, outline=_OUTLINE)
             draw.text((left + _PAD, top + _PAD), piece, fill=(0, 0, 0), font=font)
-            if new:
+            if fresh:
                 bottom = top + row - 4
                 draw.line((left + _PAD, bottom, left + w - _PAD, bottom), fill=(0, 0, 0), width=2)
         y0 += h
