@@ -28,44 +28,9 @@ from peering._model import (
 from peering._validate import int_at_least, number, one_of, optional
 from peering.errors import PeeringTypeError, PeeringValueError
 from peering.morph.priors import Noise, Prior, PriorState, smooth
+from peering.morph.result import MorphResult, _arrived, _progress_bar
 
 __all__ = ["MorphResult", "morph"]
-
-
-@dataclass(frozen=True)
-class MorphResult:
-    """What `morph` returns.
-
-    Attributes:
-        inputs: the final inputs [B, ...].
-        frames: the kept frames [F, B, ...]; the first is the original, the last the final inputs.
-        frame_steps: int64 [F]: the step number of each frame.
-        targets: int64 [B]: the class each sample was pushed toward.
-        success: bool [B]: the final input meets the stopping rule: the model predicts the target, with
-            probability >= ``confidence`` when one was asked for.
-        steps: int64 [B]: the step at which each sample first met the stopping rule (0 if it already
-            did, -1 if never).
-        distance: float [B]: L2 distance between the final and the original input.
-        logits, probabilities: [B, C] for the final inputs (for a list of models: the log of their mean
-            probability, and that mean probability).
-        confidence: the target probability the morph asked for, or None (the top class is enough).
-        output: what was ascended ("probability", "log_probability", "logit" or "sigmoid").
-    """
-
-    inputs: Tensor
-    frames: Tensor
-    frame_steps: Tensor
-    targets: Tensor
-    success: Tensor
-    steps: Tensor
-    distance: Tensor
-    logits: Tensor
-    probabilities: Tensor
-    confidence: float | None = None
-    output: str = "log_probability"
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
 
 
 def morph(
@@ -164,12 +129,10 @@ def morph(
     torch.Size([101, 4, 64])
     """
     if layer is not None or (isinstance(inputs, Tensor) and not inputs.is_floating_point()):
-        from peering.morph.text import morph_tokens  # token ids: swaps, not steps
-
         image_only = {"smoothing": (smoothing, "auto"), "prior": (prior, None), "seed": (seed, 0),
                       "step_size": (step_size, None), "norm": (norm, "l2"), "bounds": (bounds, (0.0, 1.0))}
-        return morph_tokens(
-            model, inputs, target,  # type: ignore[arg-type]  # one model: morph_tokens refuses a list layer=layer, steps=steps, confidence=confidence, output=output,
+        return _morph_text(
+            model, inputs, target, layer=layer, steps=steps, confidence=confidence, output=output,
             budget=budget, early_stop=early_stop, keep_every=keep_every, output_fn=output_fn,
             chunk_size=chunk_size, progress=progress, forward_kwargs=forward_kwargs,
             shared_kwargs=shared_kwargs, ignored={k: v for k, (v, d) in image_only.items() if v != d},
@@ -181,17 +144,7 @@ def morph(
             "integer token ids and layer=<the embedding module>"
         )
     members = _check_models(model)
-    check_output(output, CLASS_OUTPUTS)
-    check_inputs(inputs)
-    one_of("norm", norm, ("l2", "linf"))
-    int_at_least("steps", steps, 0)
-    int_at_least("keep_every", keep_every, 1)
-    int_at_least("chunk_size", chunk_size, 1)
-    optional(number, "budget", budget, least=0)
-    if confidence is not None and (isinstance(confidence, bool) or not 0 < confidence < 1):
-        raise PeeringValueError(
-            f"confidence must be a probability in (0, 1) or None (stop at the top class), got {confidence!r}"
-        )
+    _check_numbers(output, inputs, norm, steps, keep_every, chunk_size, budget, confidence)
     sigma = _check_smoothing(smoothing, inputs)
     priors = _check_priors(prior)
     clamp = _check_bounds(bounds, inputs)
@@ -257,6 +210,30 @@ def morph(
     )
 
 
+def _check_numbers(
+    output: str, inputs: Tensor, norm: str, steps: int, keep_every: int, chunk_size: int,
+    budget: float | None, confidence: float | None,
+) -> None:
+    check_output(output, CLASS_OUTPUTS)
+    check_inputs(inputs)
+    one_of("norm", norm, ("l2", "linf"))
+    int_at_least("steps", steps, 0)
+    int_at_least("keep_every", keep_every, 1)
+    int_at_least("chunk_size", chunk_size, 1)
+    optional(number, "budget", budget, least=0)
+    if confidence is not None and (isinstance(confidence, bool) or not 0 < confidence < 1):
+        raise PeeringValueError(
+            f"confidence must be a probability in (0, 1) or None (stop at the top class), got {confidence!r}"
+        )
+
+
+def _morph_text(model: Any, inputs: Tensor, target: int | Tensor, **options: Any) -> MorphResult:
+    """Token ids: swaps, not steps (`peering.morph.text.morph_tokens`, which takes one model)."""
+    from peering.morph.text import morph_tokens
+
+    return morph_tokens(model, inputs, target, **options)
+
+
 def _default_step_size(inputs: Tensor, clamp: tuple[Tensor, Tensor] | None, norm: str) -> float:
     """For "l2", 0.005 * sqrt(numel per sample) * (hi - lo); for "linf", 0.01 * (hi - lo); (hi - lo) is the
     bounds' mean finite span (1 without bounds)."""
@@ -285,22 +262,6 @@ def _warn_unreached(
         + ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1],
         stacklevel=3,
     )
-
-
-def _arrived(
-    scores: Tensor, targets: Tensor, confidence: float | None, output: str = "log_probability"
-) -> Tensor:
-    """bool [B]: the stopping rule: the target is the top class (with probability >= confidence); with
-    "sigmoid", the target's own sigmoid probability is >= confidence (>= 0.5 without one)."""
-    if scores.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool, device=scores.device)
-    if output == "sigmoid":
-        own = scores.sigmoid().gather(1, targets[:, None])[:, 0]
-        return own >= (0.5 if confidence is None else confidence)
-    hit = scores.argmax(dim=1) == targets
-    if confidence is not None:
-        hit &= scores.softmax(dim=1).gather(1, targets[:, None])[:, 0] >= confidence
-    return hit
 
 
 def _scores(
@@ -513,11 +474,3 @@ def _check_bounds(bounds: Any, inputs: Tensor) -> tuple[Tensor, Tensor] | None:
                 "or pass bounds=None"
             )
     return lo_t, hi_t
-
-
-def _progress_bar(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="morph", unit="step", leave=False)

@@ -44,7 +44,7 @@ from peering._model import (
 from peering._validate import int_at_least
 from peering.attribution.engine import ClassGradients
 from peering.errors import PeeringTypeError, PeeringValueError
-from peering.morph.ascent import MorphResult, _arrived, _progress_bar
+from peering.morph.result import MorphResult, _arrived, _progress_bar
 
 __all__ = ["TextMorphResult", "morph_tokens"]
 
