@@ -116,3 +116,33 @@ def test_confusion_panels_draw_flat_inputs_as_bars():
     )
     assert panels.shape[0] == n
     assert len(bars(panels[0].numpy(), charts=2)) == 2 * 4  # two classes, top 4 each
+
+
+def test_every_printed_number_fits_inside_its_chart():
+    """A value of 3.7e-10 is printed whole ("+3.7e-10", not "+3.7e-1" cut at the edge), as are wide ones:
+    the chart is as wide as its longest number, with white to its right."""
+    from peering.render._draw import _BACKGROUND
+    from peering.render.features import _value_text, bar_tiles
+
+    values = np.array([[[3.7e-10, -1.234e9, 5.0]]], dtype=np.float32)
+    tiles = bar_tiles(values, None, feature_names=None, top_n=3, scale=np.array([1.234e9]))
+    assert _value_text(3.7e-10) == "+3.7e-10"
+    assert (tiles[..., -3:, :] == _BACKGROUND).all()
+    narrow = bar_tiles(np.array([[[0.5, -0.25, 0.1]]], dtype=np.float32), None, feature_names=None, top_n=3,
+                       scale=np.array([0.5]))
+    assert tiles.shape[3] > narrow.shape[3]  # made wider for the long numbers, not cut
+
+
+def test_a_tabular_morph_is_drawn_as_bars_of_the_changed_features():
+    from peering.render import film_strip
+
+    frames = torch.zeros(3, 1, 12)
+    frames[1, 0, 4] = 0.5
+    frames[2, 0, 4], frames[2, 0, 7] = 1.0, -0.3
+    res = SimpleNamespace(frames=frames, frame_steps=torch.arange(3), steps=torch.tensor([2]),
+                          targets=torch.tensor([1]), probabilities=torch.tensor([[0.1, 0.9]]))
+    names = [f"f{j}" for j in range(12)]
+    three = np.asarray(film_strip(res, 0, kind="features", feature_names=names, top_n=3))
+    six = np.asarray(film_strip(res, 0, kind="features", feature_names=names, top_n=6))
+    assert three.shape[0] > 60 and six.shape[0] > three.shape[0]  # a chart with one row per feature shown
+    assert (three != 255).any(axis=2).sum() > 500  # bars and labels, not a 1-pixel row
