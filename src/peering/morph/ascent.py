@@ -15,10 +15,8 @@ from peering._model import (
     CLASS_OUTPUTS,
     ForwardKwargs,
     check_guesses,
-    check_head,
     check_inputs,
     check_output,
-    check_targets,
     class_scores,
     gradient_context,
     num_classes,
@@ -28,7 +26,14 @@ from peering._model import (
 from peering._validate import int_at_least, number, one_of, optional
 from peering.errors import PeeringTypeError, PeeringValueError
 from peering.morph.priors import Noise, Prior, PriorState, smooth
-from peering.morph.result import MorphResult, _arrived, _progress_bar
+from peering.morph.result import (
+    MorphResult,
+    _arrived,
+    _check_confidence,
+    _frame_steps,
+    _one_target,
+    _progress_bar,
+)
 
 __all__ = ["MorphResult", "morph"]
 
@@ -152,21 +157,13 @@ def morph(
     number("step_size", step_size, above=0)
 
     b = inputs.shape[0]
-    frame_steps = list(range(0, steps + 1, keep_every))
-    if frame_steps[-1] != steps:
-        frame_steps.append(steps)
+    frame_steps = _frame_steps(steps, keep_every)
     with gradient_context(nn.ModuleList(members)):
         x0 = inputs.detach().clone()
         kwargs = ForwardKwargs(forward_kwargs, b, shared_kwargs)
         check_guesses(members[0], x0, kwargs, output_fn)
         n_classes = _num_classes(members, x0, output_fn, kwargs)
-        check_head(n_classes, output)
-        targets = check_targets(target, b, n_classes)
-        if targets.shape[1] != 1:
-            raise PeeringValueError(
-                f"morph takes one target per sample (an int or a [B] tensor), got shape {list(targets.shape)}"
-            )
-        targets = targets[:, 0].to(x0.device)
+        targets = _one_target(target, b, n_classes, output, x0.device)
         walker = _Walker(members, output, output_fn, step_size, norm, budget, clamp, early_stop, confidence,
                          sigma, priors, seed)
         frames = x0.new_empty((len(frame_steps), *x0.shape))
@@ -221,10 +218,7 @@ def _check_numbers(
     int_at_least("keep_every", keep_every, 1)
     int_at_least("chunk_size", chunk_size, 1)
     optional(number, "budget", budget, least=0)
-    if confidence is not None and (isinstance(confidence, bool) or not 0 < confidence < 1):
-        raise PeeringValueError(
-            f"confidence must be a probability in (0, 1) or None (stop at the top class), got {confidence!r}"
-        )
+    _check_confidence(confidence)
 
 
 def _morph_text(model: Any, inputs: Tensor, target: int | Tensor, **options: Any) -> MorphResult:

@@ -1,5 +1,5 @@
-"""What a morph returns (`MorphResult`), and what image and text morphs share: the stopping rule and the
-progress bar."""
+"""What a morph returns (`MorphResult`), and what image and text morphs share: the checks of the target and
+the confidence, the frames kept, the stopping rule and the progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from peering._model import check_head, check_targets
+from peering.errors import PeeringValueError
 
 __all__ = ["MorphResult"]
 
@@ -70,3 +73,30 @@ def _progress_bar(enabled: bool, total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="morph", unit="step", leave=False)
+
+
+def _check_confidence(confidence: Any) -> None:
+    if confidence is not None and (isinstance(confidence, bool) or not 0 < confidence < 1):
+        raise PeeringValueError(
+            f"confidence must be a probability in (0, 1) or None (stop at the top class), got {confidence!r}"
+        )
+
+
+def _frame_steps(steps: int, keep_every: int) -> list[int]:
+    """The steps whose frames are kept: every ``keep_every``-th, and always the first and the last."""
+    kept = list(range(0, steps + 1, keep_every))
+    if kept[-1] != steps:
+        kept.append(steps)
+    return kept
+
+
+def _one_target(target: Any, b: int, n_classes: int, output: str, device: torch.device) -> Tensor:
+    """int64 [B]: one target per sample (an int or a [B] tensor), checked against the classes; a softmax
+    over one output refused (`peering._model.check_head`)."""
+    check_head(n_classes, output)
+    targets = check_targets(target, b, n_classes)
+    if targets.shape[1] != 1:
+        raise PeeringValueError(
+            f"morph takes one target per sample (an int or a [B] tensor), got shape {list(targets.shape)}"
+        )
+    return targets[:, 0].to(device)

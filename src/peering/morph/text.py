@@ -32,9 +32,7 @@ from peering._model import (
     CLASS_OUTPUTS,
     ForwardKwargs,
     check_guesses,
-    check_head,
     check_output,
-    check_targets,
     class_scores,
     gradient_context,
     num_classes,
@@ -44,7 +42,14 @@ from peering._model import (
 from peering._validate import int_at_least
 from peering.attribution.engine import ClassGradients
 from peering.errors import PeeringTypeError, PeeringValueError
-from peering.morph.result import MorphResult, _arrived, _progress_bar
+from peering.morph.result import (
+    MorphResult,
+    _arrived,
+    _check_confidence,
+    _frame_steps,
+    _one_target,
+    _progress_bar,
+)
 
 __all__ = ["TextMorphResult", "morph_tokens"]
 
@@ -157,26 +162,15 @@ def morph_tokens(
     int_at_least("chunk_size", chunk_size, 1)
     int_at_least("candidates", candidates, 1)
     cap = _check_budget(budget, length)
-    if confidence is not None and (isinstance(confidence, bool) or not 0 < confidence < 1):
-        raise PeeringValueError(
-            f"confidence must be a probability in (0, 1) or None (stop at the top class), got {confidence!r}"
-        )
+    _check_confidence(confidence)
     allowed = _allowed_tokens(exclude_ids, weight.shape[0], weight.device)
-    frame_steps = list(range(0, steps + 1, keep_every))
-    if frame_steps[-1] != steps:
-        frame_steps.append(steps)
+    frame_steps = _frame_steps(steps, keep_every)
     with gradient_context(model):
         x0 = ids.detach().clone()
         kwargs = ForwardKwargs(forward_kwargs, b, shared_kwargs)
         check_guesses(model, x0, kwargs, output_fn)
         n_classes = num_classes(model, x0, output_fn, kwargs)
-        check_head(n_classes, output)
-        targets = check_targets(target, b, n_classes)
-        if targets.shape[1] != 1:
-            raise PeeringValueError(
-                f"morph takes one target per sample (an int or a [B] tensor), got shape {list(targets.shape)}"
-            )
-        targets = targets[:, 0].to(x0.device)
+        targets = _one_target(target, b, n_classes, output, x0.device)
         padding = _padding(kwargs, b, length, x0.device)
         fixed = _frozen(frozen, padding, x0, allowed)
         _check_layer_output(model, layer, weight, x0, kwargs, output_fn)
