@@ -32,6 +32,7 @@ from torch import Tensor
 from peering._validate import int_at_least
 from peering.errors import PeeringValueError
 from peering.render._draw import (
+    PYTHON_HINT,
     Display,
     _canonical,
     _colorize,
@@ -174,6 +175,7 @@ def explanation_image(
     kind: Literal["auto", "image", "features"] = "auto",
     feature_names: Sequence[str] | None = None,
     top_n: int = 10,
+    saturation_hint: str = PYTHON_HINT,
 ) -> Image.Image:
     """One row per sample: the input, then its K attribution maps, each captioned "class: p=prob" and
     with its scale ("scale ±3.7e-4": the |value| drawn at full colour).
@@ -197,7 +199,8 @@ def explanation_image(
 
     Samples skipped by ``explain`` (target -1) are drawn neutral and captioned "skipped". With
     ``output="probability"`` a row whose classes have p > 0.99 or p < 0.01 gets a note under it: the
-    gradient is saturated, and "log_probability" or "logit" shows more.
+    gradient is saturated, and "log_probability" or "logit" shows more (``saturation_hint`` says how:
+    ``output="log_probability" or "logit"`` by default; the command line names its ``--output`` option).
 
     >>> import torch
     >>> from types import SimpleNamespace
@@ -230,7 +233,10 @@ def explanation_image(
         for ks, qs in zip(t.tolist(), p.tolist(), strict=True)
     ]
     output = getattr(explanation, "output", None)
-    saturated = [saturation_note(ks, qs, output) for ks, qs in zip(t.tolist(), p.tolist(), strict=True)]
+    saturated = [
+        saturation_note(ks, qs, output, saturation_hint)
+        for ks, qs in zip(t.tolist(), p.tolist(), strict=True)
+    ]
 
     if resolve_kind(kind, inputs.shape[1:]) == "features":
         a = _numpy(attributions[:n]).reshape(n, attributions.shape[1], -1)

@@ -27,6 +27,7 @@ from torch import Tensor
 from peering.errors import PeeringTypeError, PeeringValueError
 from peering.render._draw import (
     _BACKGROUND,
+    PYTHON_HINT,
     _band_height,
     _font,
     _lut_np,
@@ -122,6 +123,7 @@ def _prepare(
     probabilities: Tensor | None,
     output: str | None,
     max_samples: int | None,
+    hint: str = PYTHON_HINT,
 ) -> tuple[np.ndarray, list[list[str]], list[list[str]], np.ndarray, list[str]]:
     """(scores [n, K, L], tokens per sample, caption heads [n][K], scale [n], notes [n])."""
     if scores.ndim == 4:
@@ -157,7 +159,9 @@ def _prepare(
                 [f"→{c} p={q:.2f}" for c, q in zip(cs, qs, strict=True)]
                 for cs, qs in zip(t.tolist(), p.tolist(), strict=True)
             ]
-            notes = [saturation_note(cs, qs, output) for cs, qs in zip(t.tolist(), p.tolist(), strict=True)]
+            notes = [
+                saturation_note(cs, qs, output, hint) for cs, qs in zip(t.tolist(), p.tolist(), strict=True)
+            ]
         else:
             heads = [[f"→{c}" for c in cs] for cs in t.tolist()]
     return s, words, heads, scale, notes
@@ -184,6 +188,7 @@ def token_image(
     output: str | None = None,
     max_samples: int | None = 16,
     width: int = 720,
+    saturation_hint: str = PYTHON_HINT,
 ) -> Image.Image:
     """The tokens of each sample as coloured text, one paragraph per explained class: a PIL image.
 
@@ -197,6 +202,7 @@ def token_image(
         output: what was differentiated; with "probability", saturated classes get a note.
         max_samples: draw at most this many samples; None for all.
         width: wrap the text at this many pixels.
+        saturation_hint: how a saturation note names the remedy (the command line: its ``--output``).
 
     Each paragraph is captioned with its class, probability and the sample's scale (shared by its
     classes: the |score| drawn at full colour).
@@ -208,7 +214,7 @@ def token_image(
     ('RGB', 720)
     """
     s, words, heads, scale, notes = _prepare(
-        scores, tokens, tokenizer, targets, probabilities, output, max_samples
+        scores, tokens, tokenizer, targets, probabilities, output, max_samples, saturation_hint
     )
     font, unicode_ok = _font()
     line = _band_height(font) + 2 * _TOKEN_PAD + 2
