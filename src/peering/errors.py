@@ -17,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "DatasetError",
+    "FolderLockedError",
     "ImageError",
     "PeeringError",
     "PeeringIndexError",
@@ -24,6 +25,7 @@ __all__ = [
     "PeeringTypeError",
     "PeeringValueError",
     "ReportError",
+    "RunInterrupted",
     "ShardError",
 ]
 
@@ -67,3 +69,29 @@ class ShardError(PeeringValueError):
 
 class ReportError(PeeringValueError):
     """The folder is not a run that a report can be built from (the message says why, in one line)."""
+
+
+class FolderLockedError(PeeringRuntimeError):
+    """Another process holds the lock on an output folder (``pid``: its process id, when it is known)."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:  # crosses processes whole
+        return type(self), (str(self), self.pid)
+
+
+class RunInterrupted(PeeringRuntimeError):
+    """A run stopped at a batch boundary on SIGTERM or SIGINT, after writing what it had explained.
+
+    ``signum`` is the signal's number: a command exits with ``128 + signum`` (143 for SIGTERM, 130 for
+    SIGINT), as a process killed by it would. The message says how to resume.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # crosses processes whole
+        return type(self), (str(self), self.signum)

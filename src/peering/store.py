@@ -47,6 +47,7 @@ __all__ = [
     "read_manifest",
     "shard_path",
     "tensor_crc32",
+    "verify_shard",
     "write_manifest",
     "write_shard",
 ]
@@ -138,8 +139,9 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ShardError(
-            f"cannot read the manifest {path}: {err}; it is corrupt (delete the folder, or rerun the same "
-            "command to rewrite it)"
+            f"cannot read the manifest {path}: it is corrupt ({' '.join(str(err).split())[:120]}); rerun the "
+            "same command (or Trainer.predict with the same writer) to rebuild it from the shards, or delete "
+            "the folder to start over"
         ) from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ShardError(f"{path} is not the manifest of a peering attributions folder")
@@ -237,6 +239,24 @@ def open_shard(path: str | os.PathLike[str], expected_hash: str | None = None) -
     if tensor_crc32(indices) != crcs.get("indices"):
         raise _corrupt(file, "the checksum of its indices does not match")
     return _Shard(file, meta, indices, shapes, dtypes)
+
+
+def verify_shard(path: str | os.PathLike[str], expected_hash: str | None = None) -> int:
+    """Check one shard whole: its header (as `open_shard`) and the CRC-32 of every tensor's bytes, read in
+    blocks of 64 MiB. Returns its number of samples; raises `ShardError` naming the file and the damaged
+    tensor.
+
+    >>> import tempfile
+    >>> p = write_shard(Path(tempfile.mkdtemp()) / "s.safetensors", {"indices": torch.arange(2),
+    ...     "attributions": torch.rand(2, 1, 3), "targets": torch.zeros(2, 1, dtype=torch.int64),
+    ...     "logits": torch.zeros(2, 3), "labels": torch.zeros(2, dtype=torch.int64),
+    ...     "valid": torch.ones(2, dtype=torch.bool)}, {"config_hash": "x"})
+    >>> verify_shard(p, "x")
+    2
+    """
+    shard = open_shard(path, expected_hash)
+    _verify(shard)
+    return len(shard.indices)
 
 
 def _verify(shard: _Shard) -> None:

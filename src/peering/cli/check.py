@@ -20,6 +20,7 @@ from peering.cli.common import (
     bad_input,
     console,
     fail,
+    images_only,
     load,
     load_images,
     note,
@@ -133,6 +134,7 @@ def check(
     shown = console()
     with bad_input():
         loaded = load(checkpoint, model, channels, image_size, output_fn)
+        images_only(loaded, "check")
         x, source = _check_inputs(checkpoint, loaded, images, dataset, data_dir, samples, invert)
         batch = loaded.batch(x)
         shown.print(f"Checking {loaded.source} on {source}.", markup=False, soft_wrap=True)

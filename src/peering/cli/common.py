@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,6 +88,13 @@ class NormName(str, Enum):
 
     l2 = "l2"
     linf = "linf"
+
+
+class NonfiniteName(str, Enum):
+    """What a dataset run does with a sample whose inputs or logits are NaN or Inf."""
+
+    raise_ = "raise"
+    skip = "skip"
 
 
 class BaselineName(str, Enum):
@@ -172,7 +180,19 @@ def load(
 ) -> LoadedModel:
     from peering.checkpoints import load_model
 
-    return load_model(checkpoint, model, channels=channels, image_size=image_size, output=output_fn)
+    loaded = load_model(checkpoint, model, channels=channels, image_size=image_size, output=output_fn)
+    for line in loaded.notes:
+        note(line)
+    return loaded
+
+
+def images_only(loaded: LoadedModel, command: str) -> None:
+    """Fail for a text classifier in a command that works on images."""
+    if loaded.is_text:
+        fail(
+            f"{loaded.source} is a text classifier; peering {command} works on image classifiers (explain "
+            "text with: peering explain FOLDER --text '...')"
+        )
 
 
 def check_target(target: int | None, num_classes: int) -> None:
@@ -188,6 +208,35 @@ def class_count(loaded: LoadedModel, images: Tensor) -> int:
     if loaded.num_classes is not None:
         return loaded.num_classes
     return int(class_scores_of(loaded, images[:1]).shape[1])
+
+
+def check_output_file(path: Path, option: str = "-o") -> None:
+    """Fail now, before any computing, when ``path`` cannot be written: a folder in its place, a file
+    where one of its folders should be, or a folder that exists and is not writable."""
+    if path.is_dir():
+        fail(f"cannot write {option} {path}: it is a folder; give a file name, e.g. {path / 'picture.png'}")
+    _check_parents(path, option)
+
+
+def check_output_folder(path: Path, option: str = "--out") -> None:
+    """Fail now when ``path`` cannot be an output folder (a file in its place or among its parents, or an
+    existing folder that is not writable)."""
+    if path.exists() and not path.is_dir():
+        fail(f"cannot write into {option} {path}: it is a file, not a folder")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        fail(f"cannot write into {option} {path}: permission denied")
+    _check_parents(path, option)
+
+
+def _check_parents(path: Path, option: str) -> None:
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        fail(f"cannot write {option} {path}: {blocker} is a file, not a folder")
+    existing = next((p for p in path.parents if p.is_dir()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK) and not path.parent.is_dir():
+        fail(f"cannot write {option} {path}: cannot create folders in {existing} (permission denied)")
+    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+        fail(f"cannot write {option} {path}: {path.parent} is not writable (permission denied)")
 
 
 def save(write: Callable[[Path], Any], path: Path) -> None:

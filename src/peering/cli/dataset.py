@@ -9,18 +9,22 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from peering.cli.common import (
+    EXIT_INTERRUPTED,
     ChannelsOption,
     InvertOption,
     MeanOption,
     MethodName,
     ModelOption,
+    NonfiniteName,
     OutputName,
     SizeOption,
     StdOption,
     bad_input,
+    check_output_folder,
     check_target,
     class_count,
     fail,
+    images_only,
     load,
     note,
     parse_normalisation,
@@ -119,6 +123,16 @@ def explain_dataset(
     progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
     mean: MeanOption = None,
     std: StdOption = None,
+    verify: Annotated[
+        bool,
+        typer.Option(help="On a rerun, check the checksums of the shards already written before skipping "
+                     "their samples (--no-verify: headers and indices only)."),
+    ] = True,
+    nonfinite: Annotated[
+        NonfiniteName,
+        typer.Option(help="A sample with NaN/Inf inputs or logits: stop naming it (raise), or store it as "
+                     "not valid (skip)."),
+    ] = NonfiniteName.raise_,
 ) -> None:
     """Explain every sample of a data set with Trainer.predict on one or more devices; shards in --out.
 
@@ -126,24 +140,36 @@ def explain_dataset(
     model is fed normalised images (the attributions are of those, as with `peering explain`), and the
     report shows the images as read.
 
+    SIGTERM or Ctrl+C stops the run at the next batch, writes what was explained and exits with 143 or
+    130; the same command resumes it. One run at a time writes into a folder (a lock in it).
+
     Example: peering explain-dataset runs/demo/model.ckpt --data digits --out runs/digits-explained
     """
-    with bad_input():
-        loaded = load(checkpoint, model, channels, image_size)
-        dataset, source, n_classes = _dataset(data, data_dir, loaded, invert)
-        norm = parse_normalisation(mean, std, int(dataset[0][0].shape[0]))
-        if norm is not None:  # the model sees normalised images (as with `peering explain`)
-            dataset = norm.dataset(dataset)
-            source["normalisation"] = norm.to_dict()
-        parsed_target = _target(target, loaded, dataset, n_classes)
-        source.update(checkpoint=str(checkpoint.resolve()), model=model)
-        _record_source(out, source)
-        start = time.perf_counter()
-        done_before = _samples_done(out)
-        total = _run_predict(loaded, dataset, out, devices=devices, accelerator=accelerator,
-                             batch_size=batch_size, workers=workers, progress=progress, top_k=top_k,
-                             target=parsed_target, method=method.value, output=output.value)
-        seconds = time.perf_counter() - start
+    from peering._files import FolderLock
+
+    check_output_folder(out, "--out")
+    try:
+        with bad_input(), FolderLock(out, "peering explain-dataset"):
+            loaded = load(checkpoint, model, channels, image_size)
+            images_only(loaded, "explain-dataset")
+            dataset, source, n_classes = _dataset(data, data_dir, loaded, invert)
+            norm = parse_normalisation(mean, std, int(dataset[0][0].shape[0]))
+            if norm is not None:  # the model sees normalised images (as with `peering explain`)
+                dataset = norm.dataset(dataset)
+                source["normalisation"] = norm.to_dict()
+            parsed_target = _target(target, loaded, dataset, n_classes)
+            source.update(checkpoint=str(checkpoint.resolve()), model=model)
+            _record_source(out, source)
+            start = time.perf_counter()
+            done_before = _samples_done(out)
+            total = _run_predict(loaded, dataset, out, devices=devices, accelerator=accelerator,
+                                 batch_size=batch_size, workers=workers, progress=progress, top_k=top_k,
+                                 target=parsed_target, method=method.value, output=output.value,
+                                 verify_done=verify, nonfinite=nonfinite.value)
+            seconds = time.perf_counter() - start
+    except KeyboardInterrupt:  # before the run's own handlers were in place: nothing was being written
+        typer.echo(f"\ninterrupted before the run started; nothing was written to {out}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     explained = total - done_before
     what = (f"class {parsed_target}" if isinstance(parsed_target, int)
             else "the label" if parsed_target == "label" else f"top {top_k} classes")
@@ -152,6 +178,11 @@ def explain_dataset(
         f"in {seconds:.1f} s on {devices} device(s)"
         + (f"; {done_before:,} were already done" if done_before else "")
     )
+    if done_before:
+        typer.echo(
+            "the shards already written were verified (CRC-32 of every tensor)" if verify
+            else "the shards already written were not verified (--no-verify); pass --verify to check them"
+        )
     typer.echo(f"wrote {out}  (peering.load_attributions({str(out)!r}), or: peering report {out})")
 
 
@@ -214,10 +245,20 @@ def _samples_done(out: Path) -> int:
 
 def _run_predict(loaded: LoadedModel, dataset: Dataset, out: Path, **options: Any) -> int:
     """`peering.lightning.explain_dataset`, its failures as one line; the samples in the finished run."""
+    from peering.errors import RunInterrupted
     from peering.lightning import explain_dataset as explain_all
+    from peering.lightning.stopping import signal_name
 
     try:
-        return explain_all(loaded.model, dataset, out, flatten=loaded.flat, **options)
+        return explain_all(loaded.model, dataset, out, flatten=loaded.flat, lock=False, **options)
+    except RunInterrupted as err:
+        total = len(dataset)  # type: ignore[arg-type]
+        typer.echo(
+            f"\ninterrupted by {signal_name(err.signum)}: {_samples_done(out):,} of {total:,} samples are "
+            f"written in {out}; rerun the same command to resume",
+            err=True,
+        )
+        raise typer.Exit(128 + err.signum) from None
     except PeeringError as err:
         fail(str(err))
     except Exception as err:  # an error in a spawned process arrives as its traceback text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -29,9 +30,11 @@ from peering.cli.common import (
     ZoomOption,
     auto_zoom,
     bad_input,
+    check_output_file,
     check_target,
     class_count,
     fail,
+    images_only,
     load,
     load_images,
     note,
@@ -123,7 +126,9 @@ def morph(
     zoom: ZoomOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (only ever on a terminal: never into a pipe or file).")
+    ] = True,
 ) -> None:
     """Change the image step by step until the model gives --target a probability of --confidence; film
     strip and distance.
@@ -138,8 +143,12 @@ def morph(
     import peering
     from peering.render import film_strip, save_gif, save_png
 
+    check_output_file(out)
+    if gif is not None:
+        check_output_file(gif, "--gif")
     with bad_input():
         loaded = load(checkpoint, model, channels, image_size, output_fn)
+        images_only(loaded, "morph")
         x, size = load_images([image], loaded.channels, loaded.size, invert)
         normalisation = parse_normalisation(mean, std, x.shape[1])
         if normalisation is not None:  # the morph walks the image; the model sees it normalised
@@ -169,7 +178,7 @@ def morph(
                     step_size=step_size,
                     norm=norm.value,
                     output=output.value,
-                    progress=progress,
+                    progress=progress and sys.stderr.isatty(),
                     output_fn=loaded.output_fn,
                 )
         except (ValueError, TypeError) as err:
@@ -253,8 +262,10 @@ def portraits(
     import peering
     from peering.render import portrait_row, save_png
 
+    check_output_file(out)
     with bad_input():
         loaded = load(checkpoint, model, channels, image_size, output_fn)
+        images_only(loaded, "portraits")
         if loaded.channels is None or loaded.size is None:
             fail(f"cannot tell the input size of {loaded.source}: pass --channels and --image-size")
         shape = (loaded.channels, *loaded.size)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from peering.cli.common import StdOption, bad_input, fail, parse_normalisation
+from peering.errors import PeeringError
 
 __all__: list[str] = []  # a command of the app (peering.cli.app); its docstring is its --help
 
@@ -46,12 +47,17 @@ def report(
         display = None if norm is None else norm.display
         try:
             path = build_report(run_dir, out, max_per_epoch=max_per_epoch, display=display)
+        except PeeringError:
+            raise
         except OSError as err:
             fail(f"cannot write the report of {run_dir}: {err.strerror or err}")
         except ValueError as err:
             if display is None:
-                raise
+                fail(f"cannot build the report of {run_dir}: {' '.join(str(err).split())[:300]}")
             fail(f"--mean/--std do not fit the run's inputs: {err}")
+        except Exception as err:  # a report never ends in a traceback: one line that names the folder
+            text = " ".join(str(err).split())[:300]
+            fail(f"cannot build the report of {run_dir}: {type(err).__name__}: {text}")
     log_dir = find_log_dir(run_dir)
     if log_dir is not None and (why := no_pictures_reason(log_dir)):
         typer.echo(why)

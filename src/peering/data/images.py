@@ -38,8 +38,11 @@ def read_image(
     Returns:
         The image and the notes on what was changed (empty when nothing was).
 
+    An animated image (GIF, PNG, WebP) is read as its first frame, with a note. Float images (32-bit
+    TIFFs) with NaN or Inf pixels are refused: there is no honest pixel to make of them.
+
     Raises:
-        ImageError: the file is missing or is not an image Pillow can read.
+        ImageError: the file is missing, is not an image Pillow can read, or has NaN/Inf pixels.
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "digit.png"
@@ -56,12 +59,15 @@ def read_image(
     notes: list[str] = []
     try:
         with Image.open(file) as opened:
+            frames = int(getattr(opened, "n_frames", 1) or 1)
             opened.load()
             image = opened.copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         detail = " ".join(str(err).split())
         raise ImageError(f"cannot read image {file}: not a PNG/JPEG image, or truncated ({detail})") from err
-    image = _to_mode(image, channels, notes)
+    if frames > 1:
+        notes.append(f"an animated image of {frames} frames: read its first frame")
+    image = _to_mode(image, channels, notes, file)
     if size is not None and (image.height, image.width) != tuple(size):
         h, w = size
         shrinking = h * w < image.height * image.width
@@ -76,11 +82,17 @@ def read_image(
     return tensor.contiguous(), notes
 
 
-def _to_mode(image: Image.Image, channels: int | None, notes: list[str]) -> Image.Image:
+def _to_mode(image: Image.Image, channels: int | None, notes: list[str], file: Path) -> Image.Image:
     """Convert to "L" (grey) or "RGB", flattening transparency onto white and scaling 16-bit images."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
+        bad = int((~np.isfinite(array)).sum())
+        if bad:
+            raise ImageError(
+                f"image {file} has {bad} NaN or Inf pixel(s) (a float image); replace them (e.g. "
+                "numpy.nan_to_num) and save it again"
+            )
         top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
         notes.append(f"scaled {mode} pixels to 8 bits")

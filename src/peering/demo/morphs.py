@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -77,7 +78,8 @@ def morph_digits(
     targets = torch.tensor([t for _, t, _, _ in jobs], dtype=torch.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a morph that does not arrive is recorded as such
-        result = peering.morph(model, inputs, targets, steps=steps, prior=prior, progress=progress)
+        shown = progress and sys.stderr.isatty()  # a bar into a pipe or a log file is noise
+        result = peering.morph(model, inputs, targets, steps=steps, prior=prior, progress=shown)
     morph_dir = run_dir / names.MORPH_DIR
     records = []
     for k, (i, target, kind, start_logits) in enumerate(jobs):

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from peering.lightning.quiet import quiet_lightning
+from peering._files import FolderLock
+from peering.errors import RunInterrupted, ShardError
+from peering.lightning.quiet import quiet_lightning, quiet_process
+from peering.lightning.stopping import StopSignals, signal_name
 from peering.lightning.writer import AttributionWriter
-from peering.store import read_manifest
+from peering.store import load_attributions, read_manifest
 
 __all__ = ["ExplainedModule", "explain_dataset"]
 
@@ -36,12 +41,18 @@ class ExplainedModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Any:
         return self.model(x.flatten(1) if self.flatten else x)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled, which happens in the processes ``ddp_spawn`` starts for `explain_dataset`: quiet
+        Lightning there as in the parent (its distributed start-up banner, its tips) before the run begins.
+        Such a process lives for the run only."""
+        super().__setstate__(state)
+        quiet_process()
+
     def setup(self, stage: str) -> None:
         import multiprocessing
-        import warnings
 
         if multiprocessing.parent_process() is not None:  # a process ddp_spawn started: quiet like its parent
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+            quiet_process()
 
     def predict_step(self, *args: Any, **kwargs: Any) -> tuple[()]:
         return ()  # nothing to return (None would make Lightning warn once per process)
@@ -58,14 +69,21 @@ def explain_dataset(
     workers: int = 0,
     progress: bool = True,
     flatten: bool = False,
+    lock: bool = True,
     **writer_options: Any,
 ) -> int:
     """Explain every sample of ``dataset`` with ``Trainer.predict`` on ``devices`` processes (``ddp_spawn``
     beyond one) into ``out_dir``; returns the number of samples in the finished run.
 
-    ``writer_options`` go to `AttributionWriter` (``top_k``, ``method``, ``output``, ``target``, ...); a
-    rerun with the same options resumes an interrupted run. ``flatten``: the model takes flat vectors and
-    the data set gives images. `peering.load_attributions` reads the result back in dataset order.
+    ``writer_options`` go to `AttributionWriter` (``top_k``, ``method``, ``output``, ``target``,
+    ``verify_done``, ...); a rerun with the same options resumes an interrupted run. ``flatten``: the model
+    takes flat vectors and the data set gives images. `peering.load_attributions` reads the result back in
+    dataset order.
+
+    The run holds ``out_dir``'s lock (`peering.errors.FolderLockedError` names the process holding it;
+    ``lock=False`` when the caller holds it). SIGTERM or SIGINT (to this process or to its workers) stop
+    every process at its next batch, after writing what it explained, and raise
+    `peering.errors.RunInterrupted` saying how many samples are written (its ``signum`` is the signal's).
 
     >>> import tempfile, torch, peering
     >>> from torch.utils.data import TensorDataset
@@ -77,18 +95,47 @@ def explain_dataset(
     torch.Size([10, 2, 4])
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    with quiet_lightning():
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=devices,
-            strategy="ddp_spawn" if devices > 1 else "auto",
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-            callbacks=[AttributionWriter(out_dir, **writer_options)],
-            default_root_dir=str(out_dir),
-        )
-        trainer.predict(ExplainedModule(model, flatten), loader, return_predictions=False)
+    held = FolderLock(out_dir, "explain_dataset").acquire() if lock else None
+    stop = StopSignals(forward=devices > 1)  # the workers handle their own; this one tells them too
+    try:
+        with quiet_lightning():
+            trainer = pl.Trainer(
+                accelerator=accelerator,
+                devices=devices,
+                strategy="ddp_spawn" if devices > 1 else "auto",
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+                callbacks=[AttributionWriter(out_dir, lock=False, **writer_options)],
+                default_root_dir=str(out_dir),
+            )
+            if devices > 1:
+                stop.install()
+            trainer.predict(ExplainedModule(model, flatten), loader, return_predictions=False)
+    except RunInterrupted as err:
+        raise _interrupted(out_dir, err.signum, len(dataset)) from None  # type: ignore[arg-type]
+    except Exception as err:
+        if stop.signum is None:
+            raise
+        raise _interrupted(out_dir, stop.signum, len(dataset)) from err  # type: ignore[arg-type]
+    finally:
+        stop.restore()
+        if held is not None:
+            held.release()
     manifest = read_manifest(out_dir) or {}
     return int(manifest.get("complete", {}).get("0", {}).get("samples", 0))
+
+
+def _interrupted(out_dir: str | os.PathLike[str], signum: int, total: int) -> RunInterrupted:
+    """The error of a stopped run: the signal, and what is written (counted from the shards)."""
+    with contextlib.suppress(ShardError):
+        written = len(load_attributions(out_dir, verify=False, allow_incomplete=True))
+        return RunInterrupted(
+            f"stopped by {signal_name(signum)}: {written:,} of {total:,} samples are written in "
+            f"{Path(out_dir)}; run it again with the same arguments to resume",
+            signum,
+        )
+    return RunInterrupted(
+        f"stopped by {signal_name(signum)}; run it again with the same arguments to resume", signum
+    )

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
-import zlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +22,33 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from peering._files import FolderLock
 from peering._model import OUTPUTS, ForwardKwargs, Output
 from peering._validate import callable_or_none, int_at_least, one_of
 from peering.attribution.explanation import Explanation, explain
 from peering.attribution.methods import AttributionMethod, make_method
-from peering.errors import PeeringRuntimeError, PeeringTypeError, PeeringValueError
+from peering.errors import (
+    PeeringError,
+    PeeringRuntimeError,
+    PeeringTypeError,
+    PeeringValueError,
+    RunInterrupted,
+)
 from peering.lightning.batches import Batch, as_model_dtype, unpack_batch
 from peering.lightning.sinks import BackgroundWriter
+from peering.lightning.stopping import StopSignals, die_with_parent, signal_name
+from peering.lightning.writer_config import (
+    _fingerprint,
+    _jsonable,
+    _layer_name,
+    _length,
+    _model_class,
+    _predict_loaders,
+    _resolve_layer,
+)
+from peering.lightning.writer_folder import finished_samples, prepare_folder
 from peering.store import (
     SHARDS,
     ShardError,
@@ -41,7 +56,6 @@ from peering.store import (
     open_shard,
     read_manifest,
     shard_path,
-    tensor_crc32,
     write_manifest,
     write_shard,
 )
@@ -98,6 +112,15 @@ class AttributionWriter(BasePredictionWriter):
             ``valid`` False and NaN attributions.
         shared_kwargs: names of forward arguments the model takes whole for every sample (not split with
             the samples; see `peering.explain`).
+        nonfinite: "raise" (default) stops on a NaN/Inf input or logit, naming the samples by dataset
+            index; "skip" stores such samples with ``valid`` False and NaN attributions.
+        lock: hold an exclusive lock on ``out_dir`` for the run (global rank zero; `FolderLock`): a second
+            writer into the same folder is refused with the holder's PID. `explain_dataset` holds it
+            itself and passes False.
+        verify_done: before skipping the samples earlier runs wrote, check their shards' checksums whole
+            (about 2 GB/s); False checks only the headers and the indices.
+        handle_signals: SIGTERM and SIGINT stop the run at the next batch, after writing what was
+            explained, with `peering.errors.RunInterrupted` (a second SIGINT stops at once).
         **method_options: options of the method, e.g. ``n_samples=8`` for SmoothGrad.
 
     What "the same arguments" means: ``out_dir/manifest.json`` records the method and its options,
@@ -113,6 +136,7 @@ class AttributionWriter(BasePredictionWriter):
     writes its own shards (``<out_dir>/shards/dl<d>-r<rank>-<first index>.safetensors``), in the
     background while the next batch is explained; global rank zero writes the manifest. Batches need the
     dataset index of each sample, which Lightning tracks for map-style datasets in a ``DataLoader``.
+    Under ``ddp_spawn`` each rank is killed if the process that started it dies, so no orphan writes on.
 
     >>> import tempfile, torch, lightning.pytorch as pl, peering
     >>> from torch.utils.data import DataLoader, TensorDataset
@@ -146,6 +170,9 @@ class AttributionWriter(BasePredictionWriter):
         samples_per_shard: int = 1024,
         nonfinite: Literal["raise", "skip"] = "raise",
         shared_kwargs: Sequence[str] | None = None,
+        lock: bool = True,
+        verify_done: bool = True,
+        handle_signals: bool = True,
         **method_options: Any,
     ) -> None:
         super().__init__("batch")
@@ -180,6 +207,9 @@ class AttributionWriter(BasePredictionWriter):
         ):
             raise PeeringTypeError(f"shared_kwargs must be a list of argument names, got {shared_kwargs!r}")
         self.shared_kwargs = None if shared_kwargs is None else tuple(shared_kwargs)
+        self.lock = bool(lock)
+        self.verify_done = bool(verify_done)
+        self.handle_signals = bool(handle_signals)
         # per run
         self._layer: nn.Module | None = None
         self._loaders: dict[int, _Loader] = {}
@@ -187,8 +217,17 @@ class AttributionWriter(BasePredictionWriter):
         self._writer: BackgroundWriter | None = None
         self._rank = 0
         self._world_size = 1
+        self._lock: FolderLock | None = None
+        self._stop = StopSignals()
+        self._batches = 0
 
     # ---------------------------------------------------------------------------------------- Lightning
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        die_with_parent()  # a ddp_spawn rank: no orphan when the parent dies
+        if self.handle_signals:
+            self._stop = StopSignals().install()
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,20 +237,24 @@ class AttributionWriter(BasePredictionWriter):
         lengths = {d: _length(loader) for d, loader in enumerate(loaders)}
         config = self._config(pl_module, lengths)
         self._config_hash = config_hash(config)
-        manifest = read_manifest(self.out_dir)
-        if manifest is not None and manifest.get("config_hash") != self._config_hash:
-            changed = _differences(manifest.get("config", {}), config)
-            raise PeeringValueError(
-                f"{self.out_dir} holds a run with other arguments ({changed}); use another out_dir, or "
-                "delete it to start over"
-            )
+        error: PeeringError | None = None
+        if trainer.is_global_zero:
+            try:
+                if self.lock:
+                    self._lock = FolderLock(self.out_dir, "AttributionWriter").acquire()
+                prepare_folder(self.out_dir, config, self._config_hash, self.verify_done)
+            except PeeringError as err:
+                error = err
+        error = trainer.strategy.broadcast(error, src=0)  # every rank stops on rank zero's refusal
+        if error is not None:
+            raise error
         self._loaders = {d: _Loader(length) for d, length in lengths.items()}
         for d, state in self._loaders.items():
-            state.done = self._finished(d, state.length)
-        if trainer.is_global_zero:
-            keep = {k: v for k, v in (manifest or {}).items() if k not in ("format", "version", "complete")}
-            keep.update(config=config, config_hash=self._config_hash)
-            write_manifest(self.out_dir, keep)
+            state.done = finished_samples(self.out_dir, d, state.length, self._config_hash)
+        if self.handle_signals:  # again: Lightning put its own SIGTERM handler in since setup
+            self._stop.restore()
+            self._stop.install()
+        self._batches = 0
         self._writer = BackgroundWriter(max_pending=2)
 
     @override
@@ -226,6 +269,21 @@ class AttributionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         self._raise_write_errors()
+        self._write_batch(pl_module, batch, batch_indices, dataloader_idx)
+        self._batches += 1
+        if self._stop.requested:  # stop at this batch boundary, after writing what is buffered (under
+            self._flush_all()  # ddp_spawn no on_exception hook runs in the ranks)
+            self._end_run()
+            raise RunInterrupted(
+                f"AttributionWriter stopped by {signal_name(self._stop.signum or 0)} after {self._batches} "
+                f"batch(es) on rank {self._rank}; what was explained is written to {self.out_dir}: run the "
+                "same Trainer.predict again to resume",
+                self._stop.signum or 0,
+            )
+
+    def _write_batch(
+        self, pl_module: pl.LightningModule, batch: Any, batch_indices: Any, dataloader_idx: int
+    ) -> None:
         try:
             found = unpack_batch(batch, self.unpack, allow_integer=self._layer is not None,
                                  shared=self.shared_kwargs, multilabel=self.output == "sigmoid")
@@ -257,6 +315,13 @@ class AttributionWriter(BasePredictionWriter):
                 indices, found = indices[keep], _rows(found, keep)
         inputs, labels = found.inputs, found.labels
         exp = self._explain(pl_module, inputs, labels, found.forward)
+        if self.nonfinite == "raise" and not bool(exp.valid.all()):
+            bad = indices[~exp.valid.cpu()].tolist()
+            raise PeeringValueError(
+                f"AttributionWriter: the inputs or logits of dataset index(es) {bad[:10]}"
+                f"{' ...' if len(bad) > 10 else ''} are NaN or Inf; fix those samples, or skip them "
+                "(nonfinite='skip'; peering explain-dataset --nonfinite skip)"
+            )
         self._add(state, dataloader_idx, indices, exp, labels)
 
     @override
@@ -287,11 +352,21 @@ class AttributionWriter(BasePredictionWriter):
         try:
             self._flush_all()
         finally:
-            self._close_writer()
+            self._end_run()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close_writer()
+        self._end_run()
+
+    def _end_run(self) -> None:
+        """Wait for the shards being written, then give the signals and the folder's lock back."""
+        try:
+            self._close_writer()
+        finally:
+            self._stop.restore()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # ------------------------------------------------------------------------------------------ private
 
@@ -316,25 +391,6 @@ class AttributionWriter(BasePredictionWriter):
         if self.shared_kwargs:  # recorded only when given, so that earlier runs still resume
             config["shared_kwargs"] = sorted(self.shared_kwargs)
         return config
-
-    def _finished(self, dataloader: int, length: int | None) -> Tensor | None:
-        """Which samples earlier runs already wrote (bool [length]), or None when there are none."""
-        files = sorted((self.out_dir / SHARDS).glob(f"dl{dataloader}-r*-*.safetensors"))
-        if not files:
-            return None
-        done = torch.zeros(length or 0, dtype=torch.bool)
-        for file in files:
-            shard = open_shard(file, self._config_hash)
-            if len(shard.indices):
-                top = int(shard.indices.max())
-                if top >= len(done):
-                    if length is not None:
-                        raise ShardError(
-                            f"shard {file} holds dataset index {top}, beyond the {length} samples"
-                        )
-                    done = torch.cat([done, done.new_zeros(top + 1 - len(done))])
-                done[shard.indices] = True
-        return done
 
     def _completion(self, dataloader: int, total: int) -> dict[str, Any]:
         """The manifest's record of a finished dataloader: its shards, checked to hold ``total`` samples."""
@@ -375,19 +431,22 @@ class AttributionWriter(BasePredictionWriter):
         if self._layer is not None:
             options["layer"] = self._layer
         try:
-            return explain(
-                pl_module,
-                as_model_dtype(pl_module, inputs),
-                target,
-                top_k=self.top_k,
-                method=self.method,
-                output=self.output,
-                output_fn=self.output_fn,
-                chunk_size=self.chunk_size,
-                nonfinite=self.nonfinite,
-                forward_kwargs=forward,
-                **options,
-            )
+            with warnings.catch_warnings():
+                if self.nonfinite == "raise":  # raised with the dataset indices instead
+                    warnings.filterwarnings("ignore", message=r"peering: skipped .* NaN or Inf")
+                return explain(
+                    pl_module,
+                    as_model_dtype(pl_module, inputs),
+                    target,
+                    top_k=self.top_k,
+                    method=self.method,
+                    output=self.output,
+                    output_fn=self.output_fn,
+                    chunk_size=self.chunk_size,
+                    nonfinite="skip",  # "raise" is checked by the caller, which knows the dataset indices
+                    forward_kwargs=forward,
+                    **options,
+                )
         except RuntimeError as err:
             if "Inference tensors cannot be saved for backward" in str(err):
                 raise PeeringRuntimeError(
@@ -463,98 +522,6 @@ def _write_parts(path: Path, parts: list[dict[str, Tensor]], metadata: dict[str,
         event.synchronize()  # the non-blocking copies to the host are done
     tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     write_shard(path, tensors, metadata)
-
-
-def _predict_loaders(trainer: pl.Trainer) -> list[Any]:
-    loaders = trainer.predict_dataloaders
-    if loaders is None:
-        return []
-    if isinstance(loaders, Mapping):
-        return list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return list(loaders)
-    return [loaders]
-
-
-def _length(loader: Any) -> int | None:
-    dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
-    try:
-        return len(dataset) if dataset is not None else None
-    except TypeError:
-        return None
-
-
-def _fingerprint(module: nn.Module) -> str:
-    """CRC-32 of the module's parameters and buffers (names, shapes, dtypes and bytes), as hex."""
-    lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if is_lazy(t)]
-    if lazy:
-        raise PeeringValueError(
-            f"AttributionWriter: the model has uninitialized lazy parameters ({lazy[:3]}); run one forward "
-            "pass (outside torch.inference_mode()) before Trainer.predict so that its weights exist"
-        )
-    crc = 0
-    for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
-        if not isinstance(tensor, Tensor):
-            continue
-        crc = zlib.crc32(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode(), crc)
-        crc = tensor_crc32(tensor, crc)
-    return f"{crc:08x}"
-
-
-def _model_class(pl_module: nn.Module) -> str:
-    """The model's class name (the wrapped model's, for `peering.lightning.predict.ExplainedModule`)."""
-    inner = pl_module.model if getattr(pl_module, "wraps_a_model", False) else pl_module
-    return type(inner).__qualname__
-
-
-def _resolve_layer(module: nn.Module, layer: nn.Module | str | None) -> nn.Module | None:
-    """The layer as a submodule of ``module``, or a clear error."""
-    if layer is None:
-        return None
-    if isinstance(layer, str):
-        try:
-            return module.get_submodule(layer)
-        except AttributeError:
-            names = [n for n, _ in module.named_modules() if n][:8]
-            raise PeeringValueError(
-                f"AttributionWriter: the model has no submodule {layer!r} (it has {names}, ...)"
-            ) from None
-    if not isinstance(layer, nn.Module):
-        raise PeeringTypeError(
-            f"layer must be a submodule of the model or its name, got {type(layer).__name__}"
-        )
-    if not any(sub is layer for sub in module.modules()):
-        raise PeeringValueError(
-            "AttributionWriter: layer is not a submodule of the model Trainer.predict runs (under ddp_spawn "
-            "each process has its own copy of the model: pass the layer's name, e.g. layer='model.conv1')"
-        )
-    return layer
-
-
-def _layer_name(module: nn.Module, layer: nn.Module) -> str:
-    return next(name for name, sub in module.named_modules() if sub is layer)
-
-
-def _jsonable(value: Any) -> Any:
-    """Method options as JSON: numbers, strings and lists as they are; tensors by shape, dtype and CRC."""
-    if isinstance(value, (str, bool, int)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, Tensor):
-        crc = tensor_crc32(value)
-        return {"tensor": list(value.shape), "dtype": str(value.dtype), "crc32": f"{crc:08x}"}
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return repr(value)
-
-
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    keys = sorted(set(old) | set(new))
-    diffs = [f"{k}: {old.get(k)!r} before, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(diffs) if diffs else "the same arguments but another format"
 
 
 def _rows(batch: Batch, keep: Tensor) -> Batch:

@@ -309,7 +309,13 @@ def scale_caption(scale: float, signed: bool = True) -> str:
     return f"scale {'±' if signed else ''}{format_scale(scale)}"
 
 
-def saturation_note(classes: Sequence[int], probabilities: Sequence[float], output: str | None) -> str:
+PYTHON_HINT = 'output="log_probability" or "logit"'
+"""How a saturation note says what shows more, in Python; the command line passes its own options."""
+
+
+def saturation_note(
+    classes: Sequence[int], probabilities: Sequence[float], output: str | None, hint: str = PYTHON_HINT
+) -> str:
     """The note for a row whose explained classes have a saturated probability, or ""."""
     if output not in ("probability", "sigmoid"):
         return ""
@@ -322,12 +328,10 @@ def saturation_note(classes: Sequence[int], probabilities: Sequence[float], outp
     if not hit:
         return ""
     if output == "sigmoid":
-        return (
-            f"{', '.join(hit)}: saturated, the sigmoid's gradient is tiny there; output=\"logit\" shows more."
-        )
+        logit = "--output logit" if hint.startswith("--") else 'output="logit"'
+        return f"{', '.join(hit)}: saturated, the sigmoid's gradient is tiny there; {logit} shows more."
     return (
-        f"{', '.join(hit)}: saturated, the probability's gradient is tiny there; "
-        'output="log_probability" or "logit" shows more.'
+        f"{', '.join(hit)}: saturated, the probability's gradient is tiny there; {hint} shows more."
     )
 
 

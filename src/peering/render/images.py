@@ -32,6 +32,7 @@ from torch import Tensor
 from peering._validate import int_at_least
 from peering.errors import PeeringValueError
 from peering.render._draw import (
+    PYTHON_HINT,
     Display,
     _canonical,
     _colorize,
@@ -186,6 +187,7 @@ def explanation_image(
     kind: Literal["auto", "image", "features"] = "auto",
     feature_names: Sequence[str] | None = None,
     top_n: int = 10,
+    saturation_hint: str = PYTHON_HINT,
 ) -> Image.Image:
     """One row per sample: the input, then its K attribution maps, each captioned "class: p=prob" and
     with its scale ("scale ±3.7e-4": the |value| drawn at full colour).
@@ -209,7 +211,8 @@ def explanation_image(
 
     Samples skipped by ``explain`` (target -1) are drawn neutral and captioned "skipped". With
     ``output="probability"`` a row whose classes have p > 0.99 or p < 0.01 gets a note under it: the
-    gradient is saturated, and "log_probability" or "logit" shows more.
+    gradient is saturated, and "log_probability" or "logit" shows more (``saturation_hint`` says how:
+    ``output="log_probability" or "logit"`` by default; the command line names its ``--output`` option).
 
     >>> import torch
     >>> from types import SimpleNamespace
@@ -237,7 +240,9 @@ def explanation_image(
         raise PeeringValueError("no samples to draw")
     t = targets[:n].detach().cpu().to(torch.int64)
     output = getattr(explanation, "output", None)
-    heads, saturated = _heads(t, explanation.probabilities[:n], getattr(explanation, "logits", None), output)
+    heads, saturated = _heads(
+        t, explanation.probabilities[:n], getattr(explanation, "logits", None), output, saturation_hint
+    )
     what = differentiated(output, getattr(explanation, "method", None))
 
     if resolve_kind(kind, inputs.shape[1:]) == "features":
@@ -269,7 +274,7 @@ def explanation_image(
 
 
 def _heads(
-    targets: Tensor, probabilities: Tensor, logits: Tensor | None, output: str | None
+    targets: Tensor, probabilities: Tensor, logits: Tensor | None, output: str | None, hint: str = PYTHON_HINT
 ) -> tuple[list[list[str]], list[str]]:
     """Each map's first caption line ("3: p=0.91", "3: σ=0.48", "0: out=2.5", "skipped") and each row's
     saturation note, for targets [n, K]."""
@@ -281,7 +286,9 @@ def _heads(
          for k, q, v in zip(ks, qs, vs, strict=True)]
         for ks, qs, vs in zip(targets.tolist(), p.tolist(), z.tolist(), strict=True)
     ]
-    notes = [saturation_note(ks, qs, output) for ks, qs in zip(targets.tolist(), p.tolist(), strict=True)]
+    notes = [
+        saturation_note(ks, qs, output, hint) for ks, qs in zip(targets.tolist(), p.tolist(), strict=True)
+    ]
     return heads, notes
 
 

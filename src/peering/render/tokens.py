@@ -28,6 +28,7 @@ from torch import Tensor
 from peering.errors import PeeringTypeError, PeeringValueError
 from peering.render._draw import (
     _BACKGROUND,
+    PYTHON_HINT,
     _band_height,
     _font,
     _lut_np,
@@ -173,6 +174,7 @@ def _prepare(
     probabilities: Tensor | None,
     output: str | None,
     max_samples: int | None,
+    hint: str = PYTHON_HINT,
 ) -> tuple[np.ndarray, list[list[str]], list[list[str]], np.ndarray, list[str]]:
     """(scores [n, K, L], tokens per sample, caption heads [n][K], scale [n], notes [n])."""
     if scores.ndim == 4:
@@ -210,7 +212,9 @@ def _prepare(
                 [f"→{c} {value_caption(output, q)}" for c, q in zip(cs, qs, strict=True)]
                 for cs, qs in zip(t.tolist(), p.tolist(), strict=True)
             ]
-            notes = [saturation_note(cs, qs, output) for cs, qs in zip(t.tolist(), p.tolist(), strict=True)]
+            notes = [
+                saturation_note(cs, qs, output, hint) for cs, qs in zip(t.tolist(), p.tolist(), strict=True)
+            ]
         else:
             heads = [[f"→{c}" for c in cs] for cs in t.tolist()]
     return s, words, heads, scale, notes
@@ -239,6 +243,7 @@ def token_image(
     max_samples: int | None = 16,
     width: int = 720,
     method: str | None = None,
+    saturation_hint: str = PYTHON_HINT,
 ) -> Image.Image:
     """The tokens of each sample as coloured text, one paragraph per explained class: a PIL image.
 
@@ -256,6 +261,7 @@ def token_image(
         max_samples: draw at most this many samples; None for all.
         width: wrap the text at this many pixels.
         method: the attribution method (for the legend's words on what the scores are).
+        saturation_hint: how a saturation note names the remedy (the command line: its ``--output``).
 
     Each paragraph is captioned with its class, probability and the sample's scale (shared by its
     classes: the |score| drawn at full colour); a colour legend under them says what was
@@ -268,7 +274,7 @@ def token_image(
     ('RGB', 720)
     """
     s, words, heads, scale, notes = _prepare(
-        scores, tokens, tokenizer, mask, targets, probabilities, output, max_samples
+        scores, tokens, tokenizer, mask, targets, probabilities, output, max_samples, saturation_hint
     )
     font, unicode_ok = _font()
     line = _band_height(font) + 2 * _TOKEN_PAD + 2

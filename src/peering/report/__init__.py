@@ -117,6 +117,11 @@ def build_report(
     if max_per_epoch < 1:
         raise PeeringValueError(f"max_per_epoch must be >= 1, got {max_per_epoch}")
     run = read_run(root)
+    if run.empty and (root / names.MANIFEST).is_file():
+        raise ReportError(
+            f"{root} holds a dataset run with no samples written yet (it was stopped before its first shard "
+            "was written): rerun the same peering explain-dataset command, then build the report"
+        )
     if run.empty:
         raise ReportError(
             f"{root} holds no run: no TensorBoard event files, no peering/ pictures and no run.json "

@@ -156,6 +156,8 @@ def _read_dataset(root: Path) -> DatasetRun | None:
     if not (root / names.MANIFEST).is_file():
         return None
     run = load_attributions(root, allow_incomplete=True)
+    if len(run) == 0:
+        return None  # stopped before its first shard: nothing to show (build_report says so)
     source = read_dataset_json(root)
     means, counts = _class_means(run)
     inputs, why = _input_loader(source)
