@@ -104,7 +104,8 @@ def unpack_batch(
     batch: Any, unpack: Callable[[Any], Any] | None = None, *, allow_integer: bool = False
 ) -> Batch:
     """A checked `Batch` from ``unpack(batch)`` (default `default_unpack`), which returns ``(inputs,
-    labels)`` or ``(inputs, labels, forward_kwargs)``. Labels that are not class indices [B] become None.
+    labels)``, ``(inputs, labels, forward_kwargs)`` or ``(inputs, labels, forward_kwargs, indices)``
+    (the dataset indices, else taken from the batch). Labels that are not class indices [B] become None.
 
     Raises `PeeringTypeError` when the inputs are not a floating-point tensor [B, ...] (integers are taken
     with ``allow_integer``: token ids explained at a layer) or ``unpack`` returns something else.
@@ -115,20 +116,21 @@ def unpack_batch(
     (4, [0, 1, 2, 1], False)
     """
     unpacked = (unpack or default_unpack)(batch)
-    if not isinstance(unpacked, (tuple, list)) or len(unpacked) not in (2, 3):
+    if not isinstance(unpacked, (tuple, list)) or len(unpacked) not in (2, 3, 4):
         raise PeeringTypeError(
-            "unpack must return (inputs, labels) or (inputs, labels, forward_kwargs), got "
-            f"{type(unpacked).__name__}"
+            "unpack must return (inputs, labels), (inputs, labels, forward_kwargs) or (inputs, labels, "
+            f"forward_kwargs, indices), got {type(unpacked).__name__}"
         )
     inputs, labels = unpacked[0], unpacked[1]
-    kwargs = unpacked[2] if len(unpacked) == 3 and unpacked[2] is not None else {}
+    kwargs = unpacked[2] if len(unpacked) >= 3 and unpacked[2] is not None else {}
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise PeeringTypeError(
             f"forward_kwargs must be a dict of argument names, got {type(kwargs).__name__}"
         )
     _check_inputs(inputs, allow_integer)
+    indices = _indices((None, None, unpacked[3]) if len(unpacked) == 4 else batch, inputs.shape[0])
     return Batch(inputs, _class_labels(labels, inputs.shape[0]), ForwardKwargs(kwargs, inputs.shape[0]),
-                 _indices(batch, inputs.shape[0]))
+                 indices)
 
 
 def _check_inputs(inputs: Any, allow_integer: bool) -> None:
