@@ -248,7 +248,8 @@ def test_pictures_show_the_suspects_with_their_sentence(noisy_digits, tmp_path):
     records = [r for r in read_index(log_dir) if r["tag"] == names.LABEL_ISSUES]
     assert len(records) == 6 and all(r["box"] for r in records)
     last = records[3:]
-    assert [r["index"] for r in last] == [s["index"] for s in callback.suspects(3)]
+    assert [r["sample"] for r in last] == [s["index"] for s in callback.suspects(3)]
+    assert [r["index"] for r in last] == [0, 1, 2]  # their place in the stacked picture
     assert all(r["sentence"].startswith(f"given {r['given']}, the model ") for r in last)
     assert len(read_scalars(log_dir, names.LABEL_MISFIT)) == 2
 

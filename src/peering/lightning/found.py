@@ -36,8 +36,8 @@ class FoundOutput:
 
     def panels(self, tag: str, panels: np.ndarray, step: int, records: list[dict[str, Any]]) -> None:
         """The panels [n, H, W, 3] of one write: ONE stacked picture to the loggers, one file each to the
-        PNG folder; one record each (``tag``, ``step``, ``index``, ``box``/``png``, ``width``,
-        ``height`` are added) to the picture index."""
+        PNG folder; one record each (``tag``, ``step``, ``index`` (0 to n - 1 in the write), ``box``/``png``,
+        ``width``, ``height`` are set) to the picture index."""
         boxes: list[list[int]] | None = None
         if self.sinks:
             picture, boxes = stack_panels(panels)
@@ -55,7 +55,7 @@ class FoundOutput:
         out = []
         for i, record in enumerate(records):
             out.append({
-                "tag": tag, "step": int(step), "index": i, **record, "width": int(width),
+                **record, "tag": tag, "step": int(step), "index": i, "width": int(width),
                 "height": int(height), "png": files[i] if files else None, "box": boxes[i] if boxes else None,
             })
         self._guarded(self.index, lambda: self.index.append(out))

@@ -335,7 +335,8 @@ class LabelIssues(Callback):
             self.pictures = False
             rank_zero_warn(f"peering: LabelIssues draws no pictures of its suspects: {err}")
             return
-        records = [{"stage": "label_issues", "epoch": trainer.current_epoch, **s} for s in suspects]
+        records = [{"stage": "label_issues", "epoch": trainer.current_epoch, "sample": s["index"],
+                    **{k: v for k, v in s.items() if k != "index"}} for s in suspects]
         self._output.panels(names.LABEL_ISSUES, panels, trainer.global_step, records)
 
     def _say_once(self, key: str, message: str) -> None:

@@ -96,9 +96,9 @@ class ShortcutAlarm(Callback):
         zoom: magnification of the alarm pictures.
 
     ``alarms``: a list of dicts, one per class and kind the first time it fires (and again if it fires
-    after having stopped), with ``class``, ``epoch``, ``kind`` ("patch" or "paint"), ``share`` and
-    ``ratio`` (patch) or ``fooled`` (paint), ``patch`` ((row, column, height, width)), ``sentence``, and
-    ``before`` / ``after``: the class's mean map at the first validation run and now ([H, W]). Each alarm
+    after having stopped), with ``class``, ``epoch`` (counted from 1), ``kind`` ("patch" or "paint"),
+    ``share`` and ``ratio`` (patch) or ``fooled`` (paint), ``patch`` ((row, column, height, width)),
+    ``sentence``, and ``before`` / ``after``: the class's mean map at the first validation run and now ([H, W]). Each alarm
     is also drawn (`peering.render.map_change`) to every logger that takes images (tag
     ``peering/shortcuts/alarms``), else the PNG folder. ``history``: per validation run, the statistics of
     every class; the loggers get ``peering/shortcuts/<statistic>/<class>`` for ``quiet_share``,
@@ -182,7 +182,7 @@ class ShortcutAlarm(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
             return
         with torch.inference_mode(False):
-            new = self.check(pl_module, trainer.current_epoch, trainer.global_step)
+            new = self.check(pl_module, trainer.current_epoch + 1, trainer.global_step)
         if self._output is not None:
             self._log(self.history[-1], trainer.global_step)
             if new:
@@ -192,7 +192,8 @@ class ShortcutAlarm(Callback):
 
     def check(self, model: torch.nn.Module, epoch: int, step: int = 0) -> list[dict[str, Any]]:
         """Explain the probe with ``model`` now, record the statistics, raise alarms; returns the new
-        alarms. The callback calls it at the end of every validation run of ``fit`` (rank zero)."""
+        alarms. The callback calls it at the end of every validation run of ``fit`` (rank zero), with the
+        epoch counted from 1."""
         maps, counts, stats = self._statistics(model)
         stats.update(epoch=epoch, step=step)
         self.history.append({k: v.tolist() if isinstance(v, Tensor) else v for k, v in stats.items()})
