@@ -98,8 +98,8 @@ class ShortcutAlarm(Callback):
     ``alarms``: a list of dicts, one per class and kind the first time it fires (and again if it fires
     after having stopped), with ``class``, ``epoch`` (counted from 1), ``kind`` ("patch" or "paint"),
     ``share`` and ``ratio`` (patch) or ``fooled`` (paint), ``patch`` ((row, column, height, width)),
-    ``sentence``, and ``before`` / ``after``: the class's mean map at the first validation run and now ([H, W]). Each alarm
-    is also drawn (`peering.render.map_change`) to every logger that takes images (tag
+    ``sentence``, and ``before`` / ``after``: the class's mean map at the first validation run and now
+    ([H, W]). Each alarm is also drawn (`peering.render.map_change`) to every logger that takes images (tag
     ``peering/shortcuts/alarms``), else the PNG folder. ``history``: per validation run, the statistics of
     every class; the loggers get ``peering/shortcuts/<statistic>/<class>`` for ``quiet_share``,
     ``ratio``, ``fooled``, ``off_support`` and ``stability``. Global rank zero does all of it.
