@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from peering.lightning import ShortcutAlarm
 from peering.lightning.shortcut_stats import class_maps, quiet_patches, signal_region
 from peering.models import DigitClassifier
+from peering.runs import names, read_index
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 N_TRAIN = 3000
@@ -101,6 +102,12 @@ def test_patch_on_threes_names_class_3_and_clean_training_raises_none(shortcut_d
     assert row <= 3 and col <= 3 and patch["share"] >= 0.015  # the window overlaps the mark (rows, cols 0-3)
     assert patch["sentence"].startswith("class 3: ") and "no signal" in patch["sentence"]
     assert patch["before"].shape == patch["after"].shape == (28, 28)
+    assert not torch.equal(patch["before"], patch["after"])  # before training, and at the alarm
+    # each alarm drawn once (no logger: the PNG folder), with its record in the picture index
+    drawn = sorted((tmp_path / "patch" / names.SHORTCUT_ALARMS).glob("*.png"))
+    records = [r for r in read_index(tmp_path / "patch") if r["tag"] == names.SHORTCUT_ALARMS]
+    assert len(drawn) == len(records) == len(patched.alarms)
+    assert [r["sentence"] for r in records] == [a["sentence"] for a in patched.alarms]
 
     clean = ShortcutAlarm(probe)
     fit(train_x, train_y, (val_x, val_y), tmp_path / "clean", [clean])

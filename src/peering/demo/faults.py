@@ -20,7 +20,7 @@ from torch import Tensor
 
 from peering.errors import PeeringValueError
 
-__all__ = ["FLIP_FRACTION", "PATCH", "PATCH_CLASS", "Faults", "found", "plant_faults"]
+__all__ = ["FLIP_FRACTION", "PATCH", "PATCH_CLASS", "Faults", "plant_faults"]
 
 FLIP_FRACTION = 0.1
 PATCH_CLASS = 3

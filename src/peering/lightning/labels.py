@@ -111,7 +111,7 @@ class LabelIssues(Callback):
         output_fn: Callable[[Any], Tensor] | None = None,
         top_k: int = 16,
         pictures: bool = True,
-        projection_factor: float = 0.15,
+        projection_factor: float = 1.0,
         zoom: int = 4,
         write: bool = True,
     ) -> None:

@@ -98,13 +98,19 @@ class ShortcutAlarm(Callback):
     ``alarms``: a list of dicts, one per class and kind the first time it fires (and again if it fires
     after having stopped), with ``class``, ``epoch`` (counted from 1), ``kind`` ("patch" or "paint"),
     ``share`` and ``ratio`` (patch) or ``fooled`` (paint), ``patch`` ((row, column, height, width)),
-    ``sentence``, and ``before`` / ``after``: the class's mean map at the first validation run and now
-    ([H, W]). Each alarm is also drawn (`peering.render.map_change`) to every logger that takes images (tag
+    ``sentence``, and ``before`` / ``after``: the class's mean map before training and now ([H, W]).
+    Each alarm is also drawn (`peering.render.map_change`) to every logger that takes images (tag
     ``peering/shortcuts/alarms``), else the PNG folder. ``history``: per validation run, the statistics of
     every class; the loggers get ``peering/shortcuts/<statistic>/<class>`` for ``quiet_share``,
     ``ratio``, ``fooled``, ``off_support`` and ``stability``. Global rank zero does all of it.
 
     Raises `PeeringValueError` before training when the model does not take the probe.
+
+    >>> import torch
+    >>> probe = (torch.rand(20, 1, 28, 28), torch.arange(20) % 10)
+    >>> alarm = ShortcutAlarm(probe)
+    >>> alarm.alarms, alarm.window
+    ([], 4)
     """
 
     def __init__(
@@ -176,6 +182,9 @@ class ShortcutAlarm(Callback):
                 f"ShortcutAlarm's probe labels go up to {int(self.labels.max())} but the model's scores are "
                 f"{list(scores.shape)} (classes along dimension 1)"
             )
+        if self._first is None and trainer.is_global_zero:  # the maps before training: each alarm's "before"
+            with torch.inference_mode(False):
+                self._first = self._class_maps(pl_module)[0]
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -219,11 +228,8 @@ class ShortcutAlarm(Callback):
     def _statistics(self, model: torch.nn.Module) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """The class maps, their counts and this check's statistics (tensors [K])."""
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        exp = explain(model, self.inputs.to(device), self.labels.to(device), method="gradient",
-                      output=self.output, output_fn=self.output_fn,  # type: ignore[arg-type]
-                      chunk_size=self.chunk_size)
-        k = exp.logits.shape[1]
-        maps, counts = class_maps(exp.attributions[:, 0].cpu(), self.labels, k)
+        maps, counts, logits = self._class_maps(model)
+        k = logits.shape[1]
         quiet = ~self.signal
         shares, ratios, corners = quiet_patches(maps, quiet, self.window)
         if not bool(quiet.any()) and "no quiet pixel" not in self._told:
@@ -245,12 +251,22 @@ class ShortcutAlarm(Callback):
                 model, self.inputs[keep].to(device), self.labels[keep], quiet.to(device), self.window,
                 value=self._mark.to(device), num_classes=k, output_fn=self.output_fn,
             )
-        accuracy = float((exp.logits.argmax(1).cpu() == self.labels).float().mean())
+        accuracy = float((logits.argmax(1).cpu() == self.labels).float().mean())
         return maps, counts, {
             "accuracy": accuracy, "quiet_share": shares, "ratio": ratios, "patch_corner": corners,
             "fooled": fooled, "painted_corner": painted_at,
             "off_support": (torch.nan_to_num(maps) * quiet).flatten(1).sum(dim=1), "stability": stability,
         }
+
+    def _class_maps(self, model: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """Per class, the mean map of its probe samples' input gradients toward it, the counts, and the
+        probe's logits."""
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        exp = explain(model, self.inputs.to(device), self.labels.to(device), method="gradient",
+                      output=self.output, output_fn=self.output_fn,  # type: ignore[arg-type]
+                      chunk_size=self.chunk_size)
+        maps, counts = class_maps(exp.attributions[:, 0].cpu(), self.labels, exp.logits.shape[1])
+        return maps, counts, exp.logits.cpu()
 
     def _alarm(
         self, c: int, epoch: int, kind: str, value: float, ratio: float, corner: Tensor, maps: Tensor
@@ -276,14 +292,14 @@ class ShortcutAlarm(Callback):
             self._output.scalars(metrics, step)
 
     def _draw(self, alarms: Sequence[dict[str, Any]], step: int) -> None:
-        """One picture per new alarm: the class's mean map at the first check and now, and the patch."""
+        """One picture per new alarm: the class's mean map before training and now, and the patch."""
         from peering.render import map_change
 
         assert self._output is not None
         for alarm in alarms:
+            titles = (f"class {alarm['class']}: before training", f"epoch {alarm['epoch']}")
             picture = map_change(alarm["before"], alarm["after"], signal=self.signal, patch=alarm["patch"],
-                                 titles=(f"class {alarm['class']}: first check", f"epoch {alarm['epoch']}"),
-                                 note=alarm["sentence"], zoom=self.zoom).numpy()
+                                 titles=titles, note=alarm["sentence"], zoom=self.zoom).numpy()
             record = {k: v for k, v in alarm.items() if k not in ("before", "after")}
             record.update(stage="shortcuts", patch=list(alarm["patch"]))
             self._output.panels(names.SHORTCUT_ALARMS, picture[None], step, [record])

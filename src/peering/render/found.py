@@ -2,7 +2,7 @@
 
 - `headed_panels`: panels (e.g. `confusion_panels`' of the most suspect labels) with one line of text
   above each ("#4711 given 3, the model says 5 from epoch 2 on");
-- `map_change`: one class's mean attribution map at the first check and now, on one scale, next to
+- `map_change`: one class's mean attribution map before training and now, on one scale, next to
   where the probe carries signal with the alarmed patch in red, and the alarm's sentence under them.
 """
 
@@ -43,11 +43,11 @@ def map_change(
     *,
     signal: Tensor | None = None,
     patch: tuple[int, int, int, int] | None = None,
-    titles: tuple[str, str] = ("first check", "now"),
+    titles: tuple[str, str] = ("before", "now"),
     note: str = "",
     zoom: int = 4,
 ) -> Tensor:
-    """One class's mean map [H, W] at the first check and now, on ONE colour scale (the larger max
+    """One class's mean map [H, W] before (training, say) and now, on ONE colour scale (the larger max
     |value| of the two), then the signal region (bool [H, W]: grey where the probe varies, white where it
     is constant) with ``patch`` ((row, column, height, width)) in red; ``note`` under the row. Returns
     uint8 [H', W', 3].
