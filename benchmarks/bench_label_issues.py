@@ -57,8 +57,6 @@ PAIRS = {7: 1, 4: 9, 3: 5, 2: 7, 9: 4}
 VARIANTS = {
     "LabelIssues() [default: distance, eval pass, calibrated, burn-in 1]": {},
     "  score='margin' (calibrated margin, eval logits)": {"score": "margin"},
-    "  score='margin', calibrate=False, burn_in=0 (plain AUM on eval logits)": {
-        "score": "margin", "calibrate": False, "burn_in": 0},
     "  score='margin', logits='step', calibrate=False, burn_in=0 (AUM as in the paper)": {
         "score": "margin", "logits": "step", "calibrate": False, "burn_in": 0},
 }
