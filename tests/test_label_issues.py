@@ -291,5 +291,8 @@ def test_ddp_every_rank_s_samples_counted_once(digits, tmp_path):
     assert [h["samples"] for h in ranks[0]["history"]] == [101, 101]
     rows = list(csv.DictReader(open(tmp_path / names.LABEL_ISSUES_FILE)))
     assert [int(r["index"]) for r in rows] == ranks[0]["indices"].tolist()
-    # rank zero alone draws: one picture file per suspect and epoch (no logger: the PNG folder)
+    # rank zero alone draws: one picture file and one index record per suspect and epoch (no logger: the
+    # PNG folder; a second writer would double the records)
     assert len(list((tmp_path / names.LABEL_ISSUES).glob("*.png"))) == 2 * 2
+    assert len([r for r in read_index(tmp_path) if r["tag"] == names.LABEL_ISSUES]) == 2 * 2
+    assert len(read_scalars(tmp_path, names.LABEL_SUSPECTS)) == 2
