@@ -28,7 +28,8 @@ def demo(
         typer.Option(help="Folder with the MNIST IDX files (default: $PEERING_DATA_DIR, else download)."),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Training epochs (default: 10 digits, 2 MNIST, 3 with --faults).")
+        int | None,
+        typer.Option(min=1, help="Training epochs (default: 10 digits, 2 MNIST, 3 with --faults)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for runs.")] = Path("runs"),
