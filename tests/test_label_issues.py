@@ -252,6 +252,11 @@ def test_pictures_show_the_suspects_with_their_sentence(noisy_digits, tmp_path):
     assert [r["index"] for r in last] == [0, 1, 2]  # their place in the stacked picture
     assert all(r["sentence"].startswith(f"given {r['given']}, the model ") for r in last)
     assert len(read_scalars(log_dir, names.LABEL_MISFIT)) == 2
+    # the report's "Labels to check": the ranking's head, each with its sentence (and its picture)
+    from peering.report import build_report
+
+    page = build_report(log_dir).read_text()
+    assert 'id="labels"' in page and last[0]["sentence"] in page
 
 
 class RankRecorder(pl.Callback):

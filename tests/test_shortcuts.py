@@ -162,6 +162,11 @@ def test_statistics_reach_the_loggers(shortcut_data, tmp_path):
     assert all(r.get("peering/shortcuts/ratio/3") for r in logged)
     assert all(r.get("peering/shortcuts/off_support/3") for r in logged)
     assert all(r.get("peering/shortcuts/stability/3") for r in logged[1:])
+    # the report's "Shortcut alarms": no alarm, what was checked, and every class's share per epoch
+    from peering.report import build_report
+
+    page = build_report(logger.log_dir).read_text()
+    assert 'id="shortcuts"' in page and "No alarm" in page and "<th>epoch 2</th>" in page
 
 
 def test_images_with_signal_everywhere_say_so_once(shortcut_data, tmp_path):

@@ -30,7 +30,7 @@ class FoundOutput:
         self.loggers, self.who = list(loggers), who
         self.sinks: list[Sink] = image_sinks(loggers)
         self.fallback = PNGFolderSink(run_dir) if not self.sinks else None
-        self.scalar_fallback = PNGFolderSink(run_dir) if not self.loggers else None
+        self.scalar_fallback = self.fallback  # no logger takes images: scalars.csv too, as the callback's
         self.index = PictureIndex(run_dir)
         self.failed: set[int] = set()
 
@@ -61,7 +61,8 @@ class FoundOutput:
         self._guarded(self.index, lambda: self.index.append(out))
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
-        """Per-epoch scalars to every logger (or the PNG folder's scalars.csv without one)."""
+        """Per-epoch scalars to every logger, and to the PNG folder's scalars.csv when no logger takes
+        images (what the report reads)."""
         for logger in self.loggers:
             self._guarded(logger, functools.partial(logger.log_metrics, metrics, step=step))
         if self.scalar_fallback is not None:

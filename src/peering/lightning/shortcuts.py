@@ -288,8 +288,8 @@ class ShortcutAlarm(Callback):
             for c, v in enumerate(stats[name])
             if math.isfinite(float(v))
         }
-        if metrics:
-            self._output.scalars(metrics, step)
+        metrics[names.SHORTCUT_EPOCH] = float(stats["epoch"])
+        self._output.scalars(metrics, step)
 
     def _draw(self, alarms: Sequence[dict[str, Any]], step: int) -> None:
         """One picture per new alarm: the class's mean map before training and now, and the patch."""

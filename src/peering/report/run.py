@@ -304,7 +304,7 @@ def _found(data: RunData, log_dir: Path, tags: list[str], pictures: Callable[[st
     if names.SHORTCUT_ALARMS in tags:
         data.alarms = pictures(names.SHORTCUT_ALARMS)
     data.label_ranking = read_label_issues(log_dir)
-    for tag in (names.LABEL_SUSPECTS, names.LABEL_MISFIT):
+    for tag in (names.LABEL_SUSPECTS, names.LABEL_MISFIT, names.SHORTCUT_EPOCH):
         data.scalars[tag] = read_scalars(log_dir, tag)
     for c in range(100):  # ShortcutAlarm's per-class statistic, until a class has none
         tag = names.shortcut_tag("quiet_share", c)

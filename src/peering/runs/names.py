@@ -51,6 +51,7 @@ __all__ = [
     "SHARDS",
     "SHORTCUTS",
     "SHORTCUT_ALARMS",
+    "SHORTCUT_EPOCH",
     "SHORTCUT_STATISTICS",
     "STAGES",
     "SUMMARY_FILE",
@@ -127,6 +128,8 @@ SHORTCUTS = "peering/shortcuts"
 """`ShortcutAlarm`'s scalars: ``peering/shortcuts/<statistic>/<class>`` (see `shortcut_tag`)."""
 SHORTCUT_ALARMS = "peering/shortcuts/alarms"
 """`ShortcutAlarm`'s pictures: one per alarm, the class's mean map before and after."""
+SHORTCUT_EPOCH = "peering/shortcuts/epoch"
+"""Scalar: the epoch (counted from 1) of each of `ShortcutAlarm`'s checks, so readers can date them."""
 SHORTCUT_STATISTICS = ("quiet_share", "ratio", "fooled", "off_support", "stability")
 """The per-class statistics `ShortcutAlarm` logs at each validation run."""
 

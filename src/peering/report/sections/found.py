@@ -17,6 +17,10 @@ SHOWN_SUSPECTS = 16
 """The most suspect labels the report lists (those of the last epoch's picture have one each)."""
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _last_write(pictures: list[Picture]) -> list[Picture]:
     """The pictures of the last step (the last epoch's write)."""
     if not pictures:
@@ -45,8 +49,9 @@ def label_issues(run: RunData, options: Options) -> dict[str, Any] | None:
     epoch_of = _callback_epochs(run.records, run.scalars.get("epoch", []))
     misfit = dict(run.scalars.get(names.LABEL_MISFIT, []))
     epochs = [
-        {"epoch": epoch_of(step), "suspects": int(value), "misfit": fmt(misfit.get(step), "{:.1%}")}
-        for step, value in run.scalars.get(names.LABEL_SUSPECTS, [])
+        {"epoch": _or(epoch_of(step), i + 1), "suspects": int(value),
+         "misfit": fmt(misfit.get(step), "{:.1%}")}
+        for i, (step, value) in enumerate(run.scalars.get(names.LABEL_SUSPECTS, []))
     ]
     return {
         "total": len(ranking), "negative": len(negative), "rows": rows,
@@ -71,7 +76,12 @@ def shortcuts(run: RunData, options: Options) -> dict[str, Any] | None:
     ]
     alarmed = {a["class"] for a in alarms}
     steps = sorted({step for values in series.values() for step, _ in values})
-    epoch_of = _callback_epochs(run.records, run.scalars.get("epoch", []))
+    epoch_at = {step: int(e) for step, e in run.scalars.get(names.SHORTCUT_EPOCH, [])}
+    callback_epoch = _callback_epochs(run.records, run.scalars.get("epoch", []))
+
+    def epoch_of(step: int) -> int | None:
+        return epoch_at.get(step, callback_epoch(step))
+
     table = []
     for c, values in series.items():
         at = dict(values)
@@ -79,6 +89,7 @@ def shortcuts(run: RunData, options: Options) -> dict[str, Any] | None:
         table.append({"class": c, "cells": cells, "alarmed": c in alarmed})
     return {
         "alarms": alarms,
-        "epochs": [epoch_of(s) for s in steps],
+        "epochs": [f"epoch {e}" if (e := epoch_of(s)) is not None else f"check {i + 1}"
+                   for i, s in enumerate(steps)],
         "table": table,
     }
