@@ -175,8 +175,8 @@ class DigitLeNet(_Standardised):
 class DigitClassifier(pl.LightningModule):
     """A `DigitCNN` (`self.model`) trained with cross-entropy and Adam by a Lightning `Trainer`.
 
-    Batches are `(images, labels)` tuples. Logs `train_loss`; `val_loss` and `val_acc` (and returns the
-    validation logits); `test_acc`.
+    Batches are `(images, labels)` tuples (or `(images, labels, index)`, as `LabelIssues` wants). Logs
+    `train_loss`; `val_loss` and `val_acc` (and returns the validation logits); `test_acc`.
     Hyperparameters are saved, so `DigitClassifier.load_from_checkpoint(path)` rebuilds it.
 
     Args:
@@ -208,7 +208,7 @@ class DigitClassifier(pl.LightningModule):
         return self.model(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]  # (images, labels) or (images, labels, index)
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
@@ -216,7 +216,7 @@ class DigitClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Logs ``val_loss`` and ``val_acc``; returns the loss and the logits (which callbacks such as
         `ConfusedLogitCallback`'s confusion atlas read instead of running the model again)."""
-        x, y = batch
+        x, y = batch[0], batch[1]
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.log("val_loss", loss, prog_bar=True)
@@ -224,7 +224,7 @@ class DigitClassifier(pl.LightningModule):
         return {"loss": loss, "logits": logits.detach()}
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]
         acc = (self(x).argmax(1) == y).float().mean()
         self.log("test_acc", acc)
         return acc

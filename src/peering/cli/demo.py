@@ -28,7 +28,8 @@ def demo(
         typer.Option(help="Folder with the MNIST IDX files (default: $PEERING_DATA_DIR, else download)."),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Training epochs (default: 10 digits, 2 MNIST).")
+        int | None,
+        typer.Option(min=1, help="Training epochs (default: 10 digits, 2 MNIST, 3 with --faults)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for runs.")] = Path("runs"),
@@ -40,10 +41,15 @@ def demo(
     ] = 32,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    faults: Annotated[
+        bool,
+        typer.Option(help="Plant 10% flipped labels and a patch on the 3s (MNIST): watch LabelIssues and "
+                     "ShortcutAlarm find them."),
+    ] = False,
 ) -> None:
     """Train the demo CNN while watching what confuses it; morph digits; write runs/<name>/report.html.
 
-    Example: peering demo --epochs 5 --name quick
+    Example: peering demo --epochs 5 --name quick;  peering demo --dataset mnist --faults
     """
     from peering.demo import run_demo
 
@@ -64,6 +70,7 @@ def demo(
                     sanity_digits=sanity_digits,
                     progress=progress,
                     threads=threads,
+                    faults=faults,
                     echo=lambda line: print_flushed(shown, line),
                 )
             except ValueError as err:

@@ -35,6 +35,7 @@ from torch import Tensor
 from peering._files import atomic_path
 from peering._validate import int_at_least, optional
 from peering.demo.data import DEFAULT_EPOCHS, load_demo_data, mnist_folder
+from peering.demo.faults import PATCH_CLASS, Faults, found, plant_faults
 from peering.demo.interrupt import StopRequest, graceful_interrupt, stop_callback
 from peering.demo.morphs import halves, judge, morph_digits
 from peering.demo.sanity import sanity_check
@@ -60,6 +61,8 @@ CALLBACK_SETTINGS: dict[str, Any] = {
     "examples_per_pair": 4,
 }
 """The demo's `ConfusedLogitCallback` settings (``track`` and ``zoom`` come from the run)."""
+FAULT_EPOCHS = 3
+"""Epochs of ``faults=True`` when none are given: the alarm comes within 3 (`peering.demo.faults`)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class _Settings:
     morph_steps: int
     sanity_digits: int
     progress: bool
+    faults: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ def run_demo(
     progress: bool = True,
     threads: int | None = 1,
     echo: Callable[[str], None] | None = None,
+    faults: bool = False,
 ) -> DemoResult:
     """Train the demo CNN with `ConfusedLogitCallback`, morph a few test digits and write a report.
 
@@ -151,6 +156,10 @@ def run_demo(
             One is the default because this model is small: on a machine whose cores are busy, more
             threads than free cores made training 10x slower (measured: 130 s instead of 13 s).
         echo: called with one line of text per stage (e.g. ``print``); None logs at INFO level.
+        faults: plant 10% flipped labels and a white patch on every training 3 (MNIST only, see
+            `peering.demo.faults`) and train with `LabelIssues` and `ShortcutAlarm` too, which find them
+            (``run.json``'s ``faults``; the report's "Labels to check" and "Shortcut alarms"). Default
+            epochs then 3.
 
     Returns:
         A `DemoResult`.
@@ -173,7 +182,7 @@ def run_demo(
     say = echo or log.info
     if dataset not in DEFAULT_EPOCHS:
         raise PeeringValueError(f"dataset must be 'digits' or 'mnist', got {dataset!r}")
-    epochs = DEFAULT_EPOCHS[dataset] if epochs is None else epochs
+    epochs = (FAULT_EPOCHS if faults else DEFAULT_EPOCHS[dataset]) if epochs is None else epochs
     int_at_least("epochs", epochs, 1)
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise PeeringValueError(f"name must be a plain folder name (no '/'), got {name!r}")
@@ -183,7 +192,7 @@ def run_demo(
         int_at_least(label, value, 0)
     optional(int_at_least, "threads", threads, 1)
     settings = _Settings(dataset, data_dir, epochs, seed, track, morph_digits, morph_steps, sanity_digits,
-                         progress)
+                         progress, bool(faults))
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -203,10 +212,22 @@ def _run(
     from peering.report import build_report
 
     data = _Data(*load_demo_data(s.dataset, s.data_dir, s.seed, say))
+    planted = None
+    if s.faults:
+        planted = plant_faults(data.train_x, data.train_y, data.test_x, data.test_y, s.seed)
+        say(f"Planted faults: {int(planted.flipped.sum()):,} training labels flipped, a white patch on every "
+            f"training {PATCH_CLASS}")
+        data = _Data(planted.train_x, planted.train_y, data.test_x, data.test_y,
+                     data.described + ", 10% of the labels flipped, the 3s patched")
     zoom = max(1, -(-64 // int(data.train_x.shape[-1])))  # tiles ~64 px wide: three side by side
     _clear_previous(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, checkpoint = _train(s, data, run_dir, zoom, say, stop)
+    model, checkpoint, watchers = _train(s, data, run_dir, zoom, say, stop, planted)
+    caught = found(planted, *watchers) if planted is not None and watchers else None
+    if caught is not None:
+        say(f"LabelIssues: {caught['precision_at_flips']:.0%} of the {int(planted.flipped.sum()):,} most "  # type: ignore[union-attr]
+            f"suspect samples are flipped labels; ShortcutAlarm: "
+            + ("; ".join(a["sentence"] for a in caught["alarms"][:2]) or "no alarm"))
     test_accuracy = accuracy(model, data.test_x, data.test_y)
     say(f"Test accuracy: {test_accuracy:.2%} on {len(data.test_x):,} held-out digits")
     stop.check()
@@ -223,6 +244,8 @@ def _run(
     stop.check()  # after this, the last second of writing run.json and the report goes on to the end
     log_dir = run_dir / names.LOG_DIR
     summary = _summary(s, data, log_dir, test_accuracy, started, zoom)
+    if planted is not None:
+        summary["faults"] = {**planted.record(), **(caught or {})}
     write_run_json(run_dir, {**summary, "morphs": morphs, "judges": judges, "sanity": sanity})
     report = build_report(run_dir)
     return DemoResult(
@@ -240,24 +263,30 @@ def _run(
 
 
 def _train(
-    s: _Settings, data: _Data, run_dir: Path, zoom: int, say: Callable[[str], None], stop: StopRequest
-) -> tuple[torch.nn.Module, Path]:
-    """Train the demo CNN with the callback, logging to TensorBoard; the model and its checkpoint."""
+    s: _Settings, data: _Data, run_dir: Path, zoom: int, say: Callable[[str], None], stop: StopRequest,
+    planted: Faults | None = None,
+) -> tuple[torch.nn.Module, Path, tuple[Any, ...]]:
+    """Train the demo CNN with the callback (and, with planted faults, `LabelIssues` and `ShortcutAlarm`),
+    logging to TensorBoard; the model, its checkpoint and the two watchers (empty without faults)."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader, TensorDataset
 
-    from peering.lightning import ConfusedLogitCallback, quiet_lightning
+    from peering.lightning import ConfusedLogitCallback, LabelIssues, ShortcutAlarm, quiet_lightning
     from peering.models import DigitClassifier
 
     plural = "s" if s.epochs != 1 else ""
     say(f"Training the demo CNN on {data.described} for {s.epochs} epoch{plural} (seed {s.seed})")
     generator = torch.Generator().manual_seed(s.seed)
+    indices = torch.arange(len(data.train_y))  # (image, label, index) batches: LabelIssues needs the index
     train_loader = DataLoader(
-        TensorDataset(data.train_x, data.train_y), batch_size=32, shuffle=True, generator=generator
+        TensorDataset(data.train_x, data.train_y, indices), batch_size=32, shuffle=True, generator=generator
     )
     val_loader = DataLoader(TensorDataset(data.test_x, data.test_y), batch_size=256)
     callback = ConfusedLogitCallback(**CALLBACK_SETTINGS, track=s.track, zoom=zoom)
+    watchers: tuple[Any, ...] = ()
+    if planted is not None:
+        watchers = (LabelIssues(top_k=8, zoom=zoom), ShortcutAlarm(planted.probe, zoom=zoom))
     with quiet_lightning():
         pl.seed_everything(s.seed, workers=True, verbose=False)
         module = DigitClassifier(image_size=int(data.train_x.shape[-1]), lr=2e-3)
@@ -266,7 +295,7 @@ def _train(
             accelerator="cpu",
             devices=1,
             logger=TensorBoardLogger(str(run_dir), name=names.LOG_DIR, version="", default_hp_metric=False),
-            callbacks=[callback, stop_callback(stop)],
+            callbacks=[callback, *watchers, stop_callback(stop)],
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=s.progress,
@@ -279,7 +308,7 @@ def _train(
         checkpoint = run_dir / names.CHECKPOINT_FILE
         with atomic_path(checkpoint) as tmp:
             trainer.save_checkpoint(str(tmp))
-    return module.model.eval(), checkpoint
+    return module.model.eval(), checkpoint, watchers
 
 
 def _fit(trainer: Any, module: Any, train_loader: Any, val_loader: Any) -> None:

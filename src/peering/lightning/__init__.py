@@ -1,5 +1,6 @@
-"""Lightning integration: `ConfusedLogitCallback` and the sinks its pictures go to; `AttributionWriter`,
-which explains a whole dataset on ``Trainer.predict``.
+"""Lightning integration: `ConfusedLogitCallback` and the sinks its pictures go to; `LabelIssues` (which
+training labels look wrong) and `ShortcutAlarm` (a class whose evidence sits where the data has none);
+`AttributionWriter`, which explains a whole dataset on ``Trainer.predict``.
 
 >>> from peering.lightning import ConfusedLogitCallback
 >>> ConfusedLogitCallback(top_k=2).top_k
@@ -7,8 +8,10 @@ which explains a whole dataset on ``Trainer.predict``.
 """
 
 from peering.lightning.callback import ConfusedLogitCallback, default_unpack
+from peering.lightning.labels import LabelIssues
 from peering.lightning.predict import explain_dataset
 from peering.lightning.quiet import quiet_lightning
+from peering.lightning.shortcuts import ShortcutAlarm
 from peering.lightning.sinks import (
     image_tags,
     no_pictures_reason,
@@ -22,6 +25,8 @@ from peering.lightning.writer import AttributionWriter
 __all__ = [
     "AttributionWriter",
     "ConfusedLogitCallback",
+    "LabelIssues",
+    "ShortcutAlarm",
     "default_unpack",
     "explain_dataset",
     "image_tags",

@@ -109,7 +109,8 @@ def unpack_batch(
     multilabel: bool = False,
 ) -> Batch:
     """A checked `Batch` from ``unpack(batch)`` (default `default_unpack`), which returns ``(inputs,
-    labels)`` or ``(inputs, labels, forward_kwargs)``. Labels that are not class indices [B] become None
+    labels)``, ``(inputs, labels, forward_kwargs)`` or ``(inputs, labels, forward_kwargs, indices)``
+    (the dataset indices, else taken from the batch). Labels that are not class indices [B] become None
     (one-hot or soft labels [B, C] become their argmax, unless ``multilabel``: then they are several
     labels per sample, and None). The forward arguments named in ``shared`` are passed whole (see
     `peering._model.ForwardKwargs`); ``forward_kwargs`` may also be a `ForwardKwargs`.
@@ -123,13 +124,13 @@ def unpack_batch(
     (4, [0, 1, 2, 1], False)
     """
     unpacked = (unpack or default_unpack)(batch)
-    if not isinstance(unpacked, (tuple, list)) or len(unpacked) not in (2, 3):
+    if not isinstance(unpacked, (tuple, list)) or len(unpacked) not in (2, 3, 4):
         raise PeeringTypeError(
-            "unpack must return (inputs, labels) or (inputs, labels, forward_kwargs), got "
-            f"{type(unpacked).__name__}"
+            "unpack must return (inputs, labels), (inputs, labels, forward_kwargs) or (inputs, labels, "
+            f"forward_kwargs, indices), got {type(unpacked).__name__}"
         )
     inputs, labels = unpacked[0], unpacked[1]
-    kwargs = unpacked[2] if len(unpacked) == 3 and unpacked[2] is not None else {}
+    kwargs = unpacked[2] if len(unpacked) >= 3 and unpacked[2] is not None else {}
     if not isinstance(kwargs, (Mapping, ForwardKwargs)) or (
         isinstance(kwargs, Mapping) and not all(isinstance(k, str) for k in kwargs)
     ):
@@ -139,7 +140,8 @@ def unpack_batch(
     _check_inputs(inputs, allow_integer)
     labels = None if multilabel and isinstance(labels, Tensor) and labels.ndim == 2 else labels
     forward = ForwardKwargs(kwargs, inputs.shape[0], shared)
-    return Batch(inputs, _class_labels(labels, inputs.shape[0]), forward, _indices(batch, inputs.shape[0]))
+    indices = _indices((None, None, unpacked[3]) if len(unpacked) == 4 else batch, inputs.shape[0])
+    return Batch(inputs, _class_labels(labels, inputs.shape[0]), forward, indices)
 
 
 def _check_inputs(inputs: Any, allow_integer: bool) -> None:

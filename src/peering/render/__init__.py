@@ -9,6 +9,7 @@ One module per kind of picture, all re-exported here (``peering.render.<name>`` 
 - `peering.render.text_morphs`: `token_strip`, a text morph's frames as sentences, swapped tokens marked;
 - `peering.render.datasets`: `class_mean_maps` (a whole dataset's attributions, per class);
 - `peering.render.confusion`: the confusion atlas: `confusion_matrix_image`, `confused_pair_panels`;
+- `peering.render.found`: `headed_panels`, `map_change` (what `LabelIssues` and `ShortcutAlarm` found);
 - `peering.render.layout`: `grid`, `save_png`;
 - `peering.render.sanity`: `sanity_curves`, `sanity_maps` (the randomisation sanity check);
 - `peering.render._draw`, `_legend`, `_frames`: the shared, private drawing helpers (colour table, font,
@@ -42,6 +43,7 @@ from peering.render._draw import Display
 from peering.render.confusion import confused_pair_panels, confusion_matrix_image
 from peering.render.datasets import class_mean_maps
 from peering.render.features import input_kind
+from peering.render.found import headed_panels, map_change
 from peering.render.images import confusion_panels, diverging, explanation_image, to_rgb
 from peering.render.layout import grid, save_png
 from peering.render.morphs import film_strip, portrait_row, save_gif
@@ -59,7 +61,9 @@ __all__ = [
     "explanation_image",
     "film_strip",
     "grid",
+    "headed_panels",
     "input_kind",
+    "map_change",
     "portrait_row",
     "save_gif",
     "sanity_curves",

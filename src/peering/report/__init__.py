@@ -11,6 +11,10 @@ there, and writes ``<run_dir>/report.html`` with these sections:
   through the epochs, with CSS only), and the last run's most frequent mistakes, each with its count per
   epoch (a small SVG chart), its examples and its direction map (left out when the run has no atlas);
 - ``#tracked``: the tracked samples' time-lapse, one row per sample, one picture per epoch;
+- ``#labels``: `LabelIssues`' most suspect labels ("given 3, the model says 5 from epoch 2 on"), each
+  with its picture, the most frequent (given, model's class) pairs among them, and counts per epoch;
+- ``#shortcuts``: `ShortcutAlarm`'s alarms, each with its sentence and the class's mean map before and
+  after, and every class's quiet-patch share per validation run;
 - ``#morph``: the morph film strips, each with its animation.
 - ``#sanity``: the randomisation sanity check (`peering.sanity`): per method, its rank correlation curve as
   layers are re-initialised, its verdict, and example maps.

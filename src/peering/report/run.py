@@ -21,6 +21,7 @@ from peering.runs import (
     read_dataset_json,
     read_images,
     read_index,
+    read_label_issues,
     read_run_json,
     read_scalars,
 )
@@ -75,7 +76,9 @@ class RunData:
     of its logs (None without logs); ``scalars`` maps a tag to its (step, value) pairs; ``train``, ``val``
     and ``tracked`` (sample index -> pictures over time) hold the callback's pictures, ``records`` its
     picture index; ``matrices`` and ``pairs`` the confusion atlas's pictures (one matrix per validation
-    run, whose record holds the counts; one picture per confused pair); ``morphs`` the film strips listed
+    run, whose record holds the counts; one picture per confused pair); ``suspects`` and ``alarms`` the
+    pictures of `LabelIssues` (its most suspect labels, per epoch) and `ShortcutAlarm` (one per alarm),
+    ``label_ranking`` the former's ranking file; ``morphs`` the film strips listed
     in ``run.json`` or found in ``morph/``; ``no_pictures`` why the run has no pictures
     (`peering.runs.no_pictures_reason`; None when it has some or has no logs).
     """
@@ -93,6 +96,9 @@ class RunData:
     morphs: list[dict[str, Any]] = field(default_factory=list)
     dataset: DatasetRun | None = None
     no_pictures: str | None = None
+    suspects: list[Picture] = field(default_factory=list)
+    alarms: list[Picture] = field(default_factory=list)
+    label_ranking: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -289,7 +295,24 @@ def _collect(root: Path, log_dir: Path) -> RunData:
         rest = tag[len(TAG_TRACKED) :]
         if tag.startswith(TAG_TRACKED) and rest.isdigit():
             data.tracked[int(rest)] = pictures(tag)
+    _found(data, log_dir, tags, pictures)
     return data
+
+
+def _found(data: RunData, log_dir: Path, tags: list[str], pictures: Callable[[str], list[Picture]]) -> None:
+    """What `LabelIssues` and `ShortcutAlarm` left in the run: pictures, ranking, scalars."""
+    if names.LABEL_ISSUES in tags:
+        data.suspects = pictures(names.LABEL_ISSUES)
+    if names.SHORTCUT_ALARMS in tags:
+        data.alarms = pictures(names.SHORTCUT_ALARMS)
+    data.label_ranking = read_label_issues(log_dir)
+    for tag in (names.LABEL_SUSPECTS, names.LABEL_MISFIT, names.SHORTCUT_EPOCH):
+        data.scalars[tag] = read_scalars(log_dir, tag)
+    for c in range(100):  # ShortcutAlarm's per-class statistic, until a class has none
+        tag = names.shortcut_tag("quiet_share", c)
+        data.scalars[tag] = read_scalars(log_dir, tag)
+        if not data.scalars[tag]:
+            break
 
 
 def _write_group(records: Sequence[dict[str, Any]], start: int) -> list[dict[str, Any]]:

@@ -11,6 +11,10 @@ Three kinds of folder, written by different parts and read by the report (`peeri
 
       <log>/peering/index.jsonl  callback.json  scalars.csv  <tag>/step_<n>_<i>.png
 
+- the same folder watched by `peering.lightning.LabelIssues` and `peering.lightning.ShortcutAlarm`::
+
+      <log>/peering/label_issues.csv   (and their pictures and records in the files above)
+
 - a **dataset run** (`peering.lightning.AttributionWriter`, ``peering explain-dataset``)::
 
       <out>/manifest.json  shards/  dataset.json
@@ -29,6 +33,10 @@ __all__ = [
     "DATASET_FILE",
     "FRACTION",
     "INDEX_FILE",
+    "LABEL_ISSUES",
+    "LABEL_ISSUES_FILE",
+    "LABEL_MISFIT",
+    "LABEL_SUSPECTS",
     "LOG_DIR",
     "MANIFEST",
     "MATRIX",
@@ -41,9 +49,14 @@ __all__ = [
     "SANITY_DIR",
     "SCALARS_FILE",
     "SHARDS",
+    "SHORTCUTS",
+    "SHORTCUT_ALARMS",
+    "SHORTCUT_EPOCH",
+    "SHORTCUT_STATISTICS",
     "STAGES",
     "SUMMARY_FILE",
     "TRACKED",
+    "shortcut_tag",
     "tracked_tag",
 ]
 
@@ -100,3 +113,31 @@ def tracked_tag(i: int) -> str:
     'peering/tracked/0'
     """
     return f"{TRACKED}/{i}"
+
+
+# ---------------------------------------------------------------- LabelIssues and ShortcutAlarm
+LABEL_ISSUES_FILE = f"{PEERING_DIR}/label_issues.csv"
+"""`LabelIssues`' whole ranking: ``index,score,given,predicted,since_epoch,epochs``, most suspect first."""
+LABEL_ISSUES = "peering/label_issues"
+"""`LabelIssues`' pictures: the most suspect training samples, one stacked picture per training epoch."""
+LABEL_SUSPECTS = "peering/label_issues/suspects"
+"""Scalar: how many samples have a negative score (the model puts them elsewhere on average) so far."""
+LABEL_MISFIT = "peering/label_issues/misfit_fraction"
+"""Scalar: the fraction of the epoch's samples the model put in another class than their label."""
+SHORTCUTS = "peering/shortcuts"
+"""`ShortcutAlarm`'s scalars: ``peering/shortcuts/<statistic>/<class>`` (see `shortcut_tag`)."""
+SHORTCUT_ALARMS = "peering/shortcuts/alarms"
+"""`ShortcutAlarm`'s pictures: one per alarm, the class's mean map before and after."""
+SHORTCUT_EPOCH = "peering/shortcuts/epoch"
+"""Scalar: the epoch (counted from 1) of each of `ShortcutAlarm`'s checks, so readers can date them."""
+SHORTCUT_STATISTICS = ("quiet_share", "ratio", "fooled", "off_support", "stability")
+"""The per-class statistics `ShortcutAlarm` logs at each validation run."""
+
+
+def shortcut_tag(statistic: str, c: int) -> str:
+    """The tag of one of `ShortcutAlarm`'s per-class scalars.
+
+    >>> shortcut_tag("quiet_share", 3)
+    'peering/shortcuts/quiet_share/3'
+    """
+    return f"{SHORTCUTS}/{statistic}/{c}"

@@ -21,7 +21,15 @@ from typing import Any
 
 from peering._files import write_json_atomic
 from peering.runs.events import image_tags
-from peering.runs.names import CONFUSED, DATASET_FILE, INDEX_FILE, RUN_FILE, SUMMARY_FILE, TRACKED
+from peering.runs.names import (
+    CONFUSED,
+    DATASET_FILE,
+    INDEX_FILE,
+    LABEL_ISSUES_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    TRACKED,
+)
 
 __all__ = [
     "PictureIndex",
@@ -29,6 +37,7 @@ __all__ = [
     "read_dataset_json",
     "read_index",
     "read_json",
+    "read_label_issues",
     "read_run_json",
     "read_summary",
     "write_dataset_json",
@@ -184,3 +193,27 @@ def no_pictures_reason(logdir: str | os.PathLike[str]) -> str | None:
     ran = {s: i for s, i in watched.items() if i.get("checks")} or watched  # stages of other runs: noise
     reasons = [f"{stage}: {info.get('why_no_pictures') or 'none written'}" for stage, info in ran.items()]
     return "No confused-sample pictures: " + ("; ".join(reasons) or "no stage was watched") + "."
+
+
+def read_label_issues(logdir: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """`peering.lightning.LabelIssues`' ranking in ``<logdir>/peering/label_issues.csv``, most suspect
+    first: dicts with ``index``, ``score``, ``given``, ``predicted``, ``since_epoch``, ``epochs`` (the
+    first ``limit`` rows; all with None); ``[]`` without the file or for a malformed one.
+
+    >>> import tempfile
+    >>> read_label_issues(tempfile.mkdtemp())
+    []
+    """
+    import csv
+
+    path = Path(logdir) / LABEL_ISSUES_FILE
+    try:
+        with open(path, newline="") as f:
+            rows: list[dict[str, Any]] = []
+            for row in csv.DictReader(f):
+                if limit is not None and len(rows) >= limit:
+                    break
+                rows.append({k: float(v) if k == "score" else int(v) for k, v in row.items()})
+            return rows
+    except (OSError, ValueError, TypeError):
+        return []

@@ -7,13 +7,14 @@ sees, or returns None when the run has nothing for it (the section, and its link
 page).
 
 The builders live by what they show: `peering.report.sections.training` (summary, confused samples, atlas,
-tracked samples), `peering.report.sections.demo` (morphs, judges, sanity check) and
+tracked samples), `peering.report.sections.found` (what `LabelIssues` and `ShortcutAlarm` found),
+`peering.report.sections.demo` (morphs, judges, sanity check) and
 `peering.report.sections.dataset`. The builders compute and format; the templates only lay out. Numbers are
 formatted here (one place that knows "0.9812" is shown as "98.12%"), pictures stay `Picture` objects that
 templates embed with the ``data_uri`` filter.
 """
 
-from peering.report.sections import dataset, demo, training
+from peering.report.sections import dataset, demo, found, training
 from peering.report.sections.base import Options, Section
 
 __all__ = ["ALL", "SECTIONS", "Options", "Section"]
@@ -23,6 +24,8 @@ ALL: tuple[Section, ...] = (
     Section("confused", "Confused samples per epoch", "Confused samples", training.confused),
     Section("atlas", "Confusion atlas per epoch", "Confusion atlas", training.atlas),
     Section("tracked", "Tracked samples over time", "Tracked samples", training.tracked),
+    Section("labels", "Labels to check", "Labels", found.label_issues),
+    Section("shortcuts", "Shortcut alarms", "Shortcuts", found.shortcuts),
     Section("morph", "Morphing digits", "Morphing", demo.morph),
     Section("judges", "Do other models believe the morphs?", "Judges", demo.judges),
     Section("dataset", "Dataset attributions", "Dataset", dataset.dataset),
