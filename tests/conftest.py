@@ -162,5 +162,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = terminalreporter.stats.get("skipped", [])
     missing = sum(1 for report in skipped if "MNIST not found" in str(report.longrepr))
     if missing:
-        terminalreporter.write_sep("-", f"{missing} test{'s' * (missing != 1)} skipped: MNIST not found", yellow=True)
+        title = f"{missing} test{'s' * (missing != 1)} skipped: MNIST not found"
+        terminalreporter.write_sep("-", title, yellow=True)
         terminalreporter.write_line(MNIST_HOWTO)

@@ -8,7 +8,7 @@ which explains a whole dataset on ``Trainer.predict``.
 
 from peering.lightning.callback import ConfusedLogitCallback, default_unpack
 from peering.lightning.predict import explain_dataset
-from peering.lightning.quiet import quiet_lightning
+from peering.lightning.quiet import drop_lightning_tips, quiet_lightning
 from peering.lightning.sinks import (
     image_tags,
     no_pictures_reason,
@@ -18,6 +18,8 @@ from peering.lightning.sinks import (
     read_summary,
 )
 from peering.lightning.writer import AttributionWriter
+
+drop_lightning_tips()  # Lightning's "try installing litlogger/litmodels" tips, in your Trainers too
 
 __all__ = [
     "AttributionWriter",
