@@ -47,7 +47,7 @@ demo: $(STAMP)
 
 # The documentation site (docs/, mkdocs.yml; the API pages come from the docstrings) into site/.
 docs: $(DOCS_STAMP)
-	$(VENV)/bin/mkdocs build --strict $(MKDOCS_ARGS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict $(MKDOCS_ARGS)
 
 # Benchmarks compare against Captum and torchattacks. torchattacks hard-requires torchvision, which has no
 # CPU build here, so it is installed without its dependencies (the attacks used need only torch).

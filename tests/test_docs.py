@@ -196,7 +196,9 @@ def test_the_examples_of_each_page_run(page, tmp_path, monkeypatch, digits, digi
         if language == "python" and marker != "not run":
             if page == "README.md" or number == 1:  # the README's sections stand alone; a page's build up
                 namespace = dict(given)
-            exec(compile(code, where, "exec"), namespace)
+            with warnings.catch_warnings():  # e.g. "1 of 8 morphs did not reach": what a reader sees too
+                warnings.simplefilter("ignore")
+                exec(compile(code, where, "exec"), namespace)
             ran += 1
         elif language == "bash" and marker == "run":
             _run_cli(code, where)
@@ -247,3 +249,23 @@ def test_every_name_in_the_readme_imports():
             missing.append(name)
     assert len(_readme_names()) > 20, "the README's names were not found"
     assert not missing, f"README names that do not import: {missing}"
+
+
+def test_a_run_without_mnist_says_at_the_end_how_many_tests_it_skipped_and_how_to_get_it(tmp_path):
+    """`make test` without PEERING_DATA_DIR: the last lines count the skipped MNIST tests and say how to run
+    them (tests/conftest.py's pytest_terminal_summary)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PEERING_DATA_DIR"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_data.py::test_t10k_shape_dtype_range_and_label_counts"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    tail = run.stdout.strip().splitlines()[-5:]
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 test skipped: MNIST not found" in tail[0], tail
+    assert "download_mnist" in "\n".join(tail) and "PEERING_DATA_DIR=" in "\n".join(tail)
+    assert tail[-1].startswith("1 skipped"), tail
