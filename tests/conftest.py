@@ -29,6 +29,11 @@ MNIST_SKIP = (
     "MNIST not found: set PEERING_DATA_DIR to the folder with the IDX files "
     "(CI uses ../shared/datasets/mnist)"
 )
+MNIST_HOWTO = (
+    "To run them, download MNIST once (about 11 MB) and point PEERING_DATA_DIR at it:\n"
+    "  .venv/bin/python -c \"from peering.data import download_mnist; download_mnist('~/data/mnist')\"\n"
+    "  PEERING_DATA_DIR=~/data/mnist make test"
+)
 
 # trained_cnn: 1 epoch, batch 32, lr 2e-3 on the first 8,000 t10k digits gives 97.65% on the last 2,000 in
 # about 7 s on 2 CPU cores (2 epochs at batch 64: 98.15% in 12.6 s; 1 epoch at batch 64, lr 1e-3: 97.15%,
@@ -147,3 +152,16 @@ def digits_mlp(digits_split):
     train_x, train_y, _, _ = digits_split
     model = _seeded(lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)))
     return train_classifier(model, train_x.flatten(1), train_y, **DIGITS_MLP_TRAIN)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # the outermost wrapper: after the short test summary
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say at the end of the run how many tests were skipped for lack of MNIST, and how to get it (the
+    skips are otherwise lines among many in the short summary)."""
+    yield
+    skipped = terminalreporter.stats.get("skipped", [])
+    missing = sum(1 for report in skipped if "MNIST not found" in str(report.longrepr))
+    if missing:
+        title = f"{missing} test{'s' * (missing != 1)} skipped: MNIST not found"
+        terminalreporter.write_sep("-", title, yellow=True)
+        terminalreporter.write_line(MNIST_HOWTO)

@@ -10,7 +10,7 @@ training labels look wrong) and `ShortcutAlarm` (a class whose evidence sits whe
 from peering.lightning.callback import ConfusedLogitCallback, default_unpack
 from peering.lightning.labels import LabelIssues
 from peering.lightning.predict import explain_dataset
-from peering.lightning.quiet import quiet_lightning
+from peering.lightning.quiet import drop_lightning_tips, quiet_lightning
 from peering.lightning.shortcuts import ShortcutAlarm
 from peering.lightning.sinks import (
     image_tags,
@@ -21,6 +21,8 @@ from peering.lightning.sinks import (
     read_summary,
 )
 from peering.lightning.writer import AttributionWriter
+
+drop_lightning_tips()  # Lightning's "try installing litlogger/litmodels" tips, in your Trainers too
 
 __all__ = [
     "AttributionWriter",

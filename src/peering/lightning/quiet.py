@@ -7,7 +7,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["quiet_lightning"]
+__all__ = ["drop_lightning_tips", "quiet_lightning"]
 
 
 _NAMES = ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning")
@@ -51,3 +51,28 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... try installing [litlogger] / [litmodels] ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in str(record.msg)
+
+
+_RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"  # where Lightning's rank_zero_info() logs
+
+
+def drop_lightning_tips() -> None:
+    """Keep Lightning's "💡 Tip: try installing litlogger / litmodels" lines out of the output of every
+    Trainer in this process (peering's callbacks and `peering.lightning.AttributionWriter` are used from
+    your own Trainers, where `quiet_lightning` does not reach). Only those tips: every other message of
+    Lightning is left as it is. Done once when `peering.lightning` is imported; calling it again is a no-op.
+
+    >>> drop_lightning_tips()
+    >>> sum(isinstance(f, _NoTips) for f in logging.getLogger(_RANK_ZERO_LOGGER).filters)
+    1
+    """
+    logger = logging.getLogger(_RANK_ZERO_LOGGER)
+    if not any(isinstance(f, _NoTips) for f in logger.filters):
+        logger.addFilter(_NoTips())

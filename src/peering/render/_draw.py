@@ -425,10 +425,10 @@ def display_images(x: Tensor | np.ndarray, display: Display, sample_ndim: int) -
     axis_len = a.shape[-3] if sample_ndim == 3 else a.shape[-1]
     for name, v in (("mean", mean), ("std", std)):
         if v.size not in (1, axis_len):
-            what = "channels" if sample_ndim == 3 else "features"
+            what = ("channel" if sample_ndim == 3 else "feature") + "s" * (axis_len != 1)
+            allowed = "1" if axis_len == 1 else f"1 or {axis_len}"
             raise PeeringValueError(
-                f"display {name} has {v.size} values; the inputs have {axis_len} {what} "
-                f"(give 1 or {axis_len})"
+                f"display {name} has {v.size} values; the inputs have {axis_len} {what} (give {allowed})"
             )
     shape = (-1, 1, 1) if sample_ndim == 3 else (-1,) if sample_ndim == 1 else (1, 1)
     return a * std.reshape(shape) + mean.reshape(shape)
