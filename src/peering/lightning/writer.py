@@ -28,12 +28,13 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from peering._model import OUTPUTS, ForwardKwargs
-from peering._validate import callable_or_none, int_at_least, one_of
+from peering._validate import callable_or_none, int_at_least, one_of, optional
 from peering.attribution.explanation import Explanation, explain
 from peering.attribution.methods import AttributionMethod, make_method
 from peering.errors import PeeringRuntimeError, PeeringTypeError, PeeringValueError
 from peering.lightning.batches import Batch, as_model_dtype, unpack_batch
 from peering.lightning.sinks import BackgroundWriter
+from peering.memory import MemoryBudget
 from peering.store import (
     SHARDS,
     ShardError,
@@ -81,7 +82,8 @@ class AttributionWriter(BasePredictionWriter):
         method: "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", or an
             `peering.AttributionMethod`.
         output: what is differentiated: "probability", "log_probability" or "logit".
-        chunk_size: samples per forward pass inside `peering.explain`.
+        chunk_size: points per forward pass inside `peering.explain`. Default None: sized from
+            ``memory_budget``.
         unpack: ``batch -> (inputs, labels or None)`` or ``(inputs, labels or None, forward_kwargs)`` for
             batches `peering.lightning.default_unpack` does not understand; forward arguments (an attention
             mask) are passed to the model with their samples, as in `peering.explain`.
@@ -94,14 +96,18 @@ class AttributionWriter(BasePredictionWriter):
             batches only. Smaller shards lose less work to an interruption; larger ones mean fewer files.
         nonfinite: "raise" (default) stops on a NaN/Inf input; "skip" stores such samples with
             ``valid`` False and NaN attributions.
+        memory_budget: the most memory explaining one batch may use at its peak, as in
+            `peering.explain`: bytes, a size string ("2GiB"), a share of free memory or a
+            `peering.memory.MemoryBudget`. Default: half the free CUDA memory, or a quarter of the
+            available RAM, measured at each batch.
         **method_options: options of the method, e.g. ``n_samples=8`` for SmoothGrad.
 
     What "the same arguments" means: ``out_dir/manifest.json`` records the method and its options,
     ``output``, ``top_k`` or ``target``, ``layer``, ``output_fn``'s name, ``nonfinite``, a CRC-32 of the
     model's weights and buffers, and the length of each predict dataset. A rerun whose record differs is
-    refused with the differences named; ``chunk_size``, ``samples_per_shard``, the batch size and the
-    number of devices may change (they change the numbers only in the last bits). SmoothGrad draws its
-    noise per batch from ``seed``, so its numbers also depend on how samples are batched.
+    refused with the differences named; ``chunk_size``, ``memory_budget``, ``samples_per_shard``, the batch
+    size and the number of devices may change (they change the numbers only in the last bits). SmoothGrad
+    draws its noise per batch from ``seed``, so its numbers also depend on how samples are batched.
 
     The LightningModule needs only ``forward``; what its ``predict_step`` returns is not used (a
     ``predict_step`` that returns None saves a forward pass). Works with ``Trainer(inference_mode=True)``
@@ -133,7 +139,7 @@ class AttributionWriter(BasePredictionWriter):
         top_k: int = 2,
         method: str | AttributionMethod = "gradient",
         output: Literal["probability", "log_probability", "logit"] = "probability",
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         unpack: Callable[[Any], tuple[Any, ...]] | None = None,
         layer: nn.Module | str | None = None,
         target: Literal["label"] | int | None = None,
@@ -141,12 +147,14 @@ class AttributionWriter(BasePredictionWriter):
         output_fn: Callable[[Any], Tensor] | None = None,
         samples_per_shard: int = 1024,
         nonfinite: Literal["raise", "skip"] = "raise",
+        memory_budget: MemoryBudget | int | float | str | None = None,
         **method_options: Any,
     ) -> None:
         super().__init__("batch")
         int_at_least("top_k", top_k, 1)
         one_of("output", output, OUTPUTS)
-        int_at_least("chunk_size", chunk_size, 1)
+        optional(int_at_least, "chunk_size", chunk_size, 1)
+        self.memory_budget = MemoryBudget.parse(memory_budget)
         if layer is not None and not isinstance(layer, (str, nn.Module)):
             raise PeeringTypeError(
                 f"layer must be a submodule of the model or its name, got {type(layer).__name__}"
@@ -371,6 +379,7 @@ class AttributionWriter(BasePredictionWriter):
                 output=self.output,
                 output_fn=self.output_fn,
                 chunk_size=self.chunk_size,
+                memory_budget=self.memory_budget,
                 nonfinite=self.nonfinite,
                 forward_kwargs=forward,
                 **options,
