@@ -308,7 +308,11 @@ def forward_footprint(forward: Callable[[Tensor], Any], one: Tensor) -> Footprin
 
 
 def model_tensors(model: nn.Module) -> Iterator[Tensor]:
-    """The parameters and buffers of a model: memory that exists whether or not it is run."""
+    """The parameters and buffers of a model: memory that exists whether or not it is run.
+
+    >>> len(list(model_tensors(torch.nn.BatchNorm1d(3))))  # weight, bias, running mean, var, count
+    5
+    """
     yield from model.parameters()
     yield from model.buffers()
 
