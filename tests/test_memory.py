@@ -132,6 +132,20 @@ def test_first_chunk_is_measured_then_even_chunks_fit():
     assert exp.attributions.shape == (20, 2, 1, 128, 128)
 
 
+def test_a_model_is_measured_once_for_points_of_one_shape():
+    model = Wide(layers=4)
+    sizes, handle = _batch_sizes(model.widen)
+    peering.explain(model, torch.rand(7, 1, 64, 64), memory_budget="8MiB")
+    first = list(sizes)
+    peering.explain(model, torch.rand(7, 1, 64, 64), memory_budget="8MiB")
+    again = sizes[len(first):]
+    peering.explain(model, torch.rand(7, 1, 32, 32), memory_budget="8MiB")
+    other = sizes[len(first) + len(again):]
+    handle.remove()
+    assert first[0] == 1 and 1 not in again and sum(again) == 7  # the footprint remembered
+    assert other[0] == 1  # another shape, another footprint
+
+
 def test_chunk_size_wins_over_the_budget():
     model = Wide(layers=2)
     sizes, handle = _batch_sizes(model.widen)
@@ -298,9 +312,10 @@ def test_the_writer_explains_each_batch_within_its_budget(tmp_path):
     with pytest.raises(peering.PeeringError, match="memory_budget"):
         AttributionWriter(tmp_path / "refused", memory_budget=-1)
     sizes, handle = _batch_sizes(model.widen)
-    predict(Explained(model), loader(x, y, batch_size=6), AttributionWriter(tmp_path, memory_budget="3MiB"))
+    predict(Explained(model), loader(x, y, batch_size=6), AttributionWriter(tmp_path, memory_budget="8MiB"))
     handle.remove()
-    assert sizes.count(1) >= 2 and max(sizes) < 6  # each batch: one measured point, then budget chunks
+    # the first batch: one measured point, then chunks of the budget; the second: the same footprint
+    assert sizes[0] == 1 and sizes.count(1) == 1 and max(sizes) < 6 and sum(sizes) == 12
     run = peering.load_attributions(tmp_path)
     assert_close(run.attributions[:], peering.explain(model, x, chunk_size=12).attributions)
 

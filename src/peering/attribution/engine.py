@@ -15,6 +15,7 @@ fit the budget (see `peering.memory`).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,7 +45,7 @@ class ClassGradients:
     `peering.memory.Footprint` (the bytes autograd saves for backward, the largest of them) is measured
     while it runs, and the rest go in the fewest even chunks that keep the peak under ``budget`` (on CPU
     also keeping each tensor under glibc's mmap ceiling, which is faster per point). The footprint is kept
-    for the engine's later calls.
+    for the engine's later calls, and for later engines on the same model and points of the same shape.
 
     The points are the model's inputs, or, with ``layer``, values of that submodule's output: the model is
     then run on ``model_inputs`` and a forward hook swaps the layer's output for the points (a leaf that
@@ -117,6 +118,8 @@ class ClassGradients:
                 yield start, min(start + self.chunk_size, n)
             return
         start = 0
+        if self.footprint is None:
+            self.footprint = _MEASURED.get(self.model, {}).get(self._measure_key(points))
         if self.footprint is None and n:
             yield 0, 1
             start = 1
@@ -227,7 +230,18 @@ class ClassGradients:
         n = max(x.shape[0], 1)
         point = x[0].numel() * x.element_size() if x.shape[0] else 0
         self.footprint = Footprint(saved=saved.total // n, largest=saved.largest // n, point=point)
+        if x.shape[0]:
+            _MEASURED.setdefault(self.model, {})[self._measure_key(x)] = self.footprint
         return scores
+
+    def _measure_key(self, points: Tensor) -> tuple[Any, ...]:
+        """What a footprint depends on besides the model: the layer, one point's shape and dtype, the
+        per-sample arguments' layout, and the autocast in force."""
+        device = points.device.type
+        autocast = torch.is_autocast_enabled(device) if hasattr(torch, "get_autocast_dtype") else None
+        layout = self.forward_kwargs.layout if self.forward_kwargs else ()
+        return (id(self.layer), tuple(points.shape[1:]), points.dtype, device, layout, autocast,
+                torch.get_autocast_dtype(device) if autocast else None)
 
     def _use_vmap(self, k: int) -> bool:
         if self.strategy == "auto":
@@ -282,6 +296,13 @@ def _the_output(layer: nn.Module, seen: list[Tensor], batch: int) -> Tensor:
             f"size {batch}; pass a layer whose output is [B, ...]"
         )
     return seen[0]
+
+
+# footprints measured per model (and `ClassGradients._measure_key`), so that repeated calls on one model
+# (the callback's checks, the writer's batches) measure once: a measured chunk of one point is a call more
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Footprint]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def top_classes(scores: Tensor, k: int) -> Tensor:
