@@ -285,8 +285,11 @@ class ReturnsTuple(nn.Module):
 
 
 def test_model_returning_a_vector_gets_a_clear_error():
-    with pytest.raises(ValueError, match=r"expected class scores of shape \[B, C\] = \[3, C\].*got \[3\]"):
+    # the shapes are the chunk's: the first chunk holds one point (its memory is measured), or chunk_size
+    with pytest.raises(ValueError, match=r"expected class scores of shape \[B, C\] = \[1, C\].*got \[1\]"):
         peering.explain(ReturnsVector(), torch.rand(3, 64))
+    with pytest.raises(ValueError, match=r"expected class scores of shape \[B, C\] = \[3, C\].*got \[3\]"):
+        peering.explain(ReturnsVector(), torch.rand(3, 64), chunk_size=8)
 
 
 def test_model_returning_a_tuple_needs_output_fn():

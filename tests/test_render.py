@@ -73,6 +73,15 @@ def morph_result(n_frames=20, batch=2, shape=(1, 28, 28)):
 # ------------------------------------------------------------------------------------------------- colours
 
 
+def test_the_written_out_colour_table_is_matplotlibs_cividis():
+    import matplotlib
+    import numpy as np
+
+    rgba = matplotlib.colormaps["cividis"](np.linspace(0.0, 1.0, 256))
+    assert np.array_equal(_draw._lut_np(), np.round(rgba[:, :3] * 255.0).astype(np.uint8))
+    assert _draw._font()[1]  # DejaVu Sans found in matplotlib's data folder, without importing it
+
+
 def test_colour_ordering_and_middle():
     lut = _draw._lut()
     assert lut.shape == (256, 3) and lut.dtype == torch.uint8

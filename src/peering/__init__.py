@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         deletion_insertion,
         randomisation_check,
     )
+    from peering.memory import MemoryBudget
     from peering.morph import MorphResult, morph, portraits
     from peering.store import DatasetAttributions, load_attributions
 
@@ -64,6 +65,7 @@ __all__ = [
     "Gradient",
     "InputXGradient",
     "IntegratedGradients",
+    "MemoryBudget",
     "MorphResult",
     "PeeringError",
     "SanityResult",
@@ -93,6 +95,7 @@ _WHERE = {
     ),
     **dict.fromkeys(("MorphResult", "morph"), "peering.morph.ascent"),
     "portraits": "peering.morph.class_portraits",
+    "MemoryBudget": "peering.memory",
     **dict.fromkeys(("DatasetAttributions", "load_attributions"), "peering.store"),
     "priors": "peering.priors",
     "render": "peering.render",

@@ -7,6 +7,7 @@ and restores the same state.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -63,6 +64,11 @@ def eager(model: nn.Module) -> Iterator[None]:
     submodule or a compiled function called in ``forward``. Older torch: a clear error for a model that
     holds a compiled module.
     """
+    if "torch._dynamo" not in sys.modules:
+        # nothing was ever torch.compile'd in this process (compiling imports dynamo): importing it here
+        # for set_stance would cost the command line's first explain 1-4 s of start-up for nothing
+        yield
+        return
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is not None:
         with set_stance("force_eager"):
@@ -81,9 +87,36 @@ def eager(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def gradient_context(model: nn.Module) -> Iterator[None]:
     """`eval_mode` with gradients enabled, even when the caller is inside `torch.no_grad()` or
-    `torch.inference_mode()` (inputs must then be cloned inside this context)."""
-    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+    `torch.inference_mode()` (inputs must then be cloned inside this context), and the parameters
+    frozen (see `frozen_parameters`)."""
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad(), frozen_parameters(model):
         yield
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Set ``requires_grad=False`` on the parameters that have it, and put it back afterwards.
+
+    Only input (or layer) gradients are taken, never parameter gradients. With the parameters frozen,
+    autograd does not save what only a parameter's gradient needs: a linear layer's input is kept for
+    its weight's gradient alone, so transformers save about 37% fewer bytes per point (ViT-B/16, BERT
+    base), and more points fit in a chunk of the same memory. ``.grad`` is not touched.
+
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> with frozen_parameters(lin):
+    ...     lin.weight.requires_grad
+    False
+    >>> lin.weight.requires_grad
+    True
+    """
+    thawed = [p for p in model.parameters() if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 def detached_leaf(x: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from peering._validate import int_at_least
 from peering.errors import PeeringValueError
+from peering.memory import MemoryBudget
 
 __all__ = ["ConfusedSamples", "confusion_margins", "pair_directions", "select_confused", "top_confused_pairs"]
 
@@ -184,7 +185,8 @@ def pair_directions(
     pair_index: Tensor,
     *,
     output_fn: Callable[[Any], Tensor] | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    memory_budget: MemoryBudget | int | float | str | None = None,
 ) -> Tensor:
     """For each confused pair (a, b), the mean over its examples of the input gradient of
     log p(b) - log p(a): the direction in input space that, for this model, turns an a into a b.
@@ -195,7 +197,7 @@ def pair_directions(
         pairs: int64 [P, 2]: (true class a, predicted class b) per pair, e.g. from `top_confused_pairs`.
         pair_index: int64 [N]: which pair each example belongs to (0 <= pair_index < P).
         output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
-        chunk_size: samples per forward pass.
+        chunk_size, memory_budget: as in `peering.explain` (chunks sized from the budget by default).
 
     Returns:
         [P, ...] (the inputs' sample shape and dtype): the mean gradient per pair; NaN for a pair with no
@@ -239,6 +241,7 @@ def pair_directions(
         output="log_probability",
         output_fn=output_fn,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
         nonfinite="skip",
     )
     toward = exp.attributions[:, 0] - exp.attributions[:, 1]  # [N, ...]

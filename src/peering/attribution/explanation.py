@@ -22,10 +22,11 @@ from peering._model import (
     probabilities,
     refuse_unbatched,
 )
-from peering._validate import int_at_least
+from peering._validate import int_at_least, optional
 from peering.attribution.engine import ClassGradients, GradStrategy, top_classes
 from peering.attribution.methods import AttributionMethod, make_method
 from peering.errors import PeeringError, PeeringTypeError, PeeringValueError
+from peering.memory import MemoryBudget
 
 __all__ = ["Explanation", "explain"]
 
@@ -45,6 +46,9 @@ class Explanation:
         method: the attribution method's name; output: the quantity differentiated.
         valid: bool [B]: False for samples skipped because their inputs or logits were not finite
             (only with ``nonfinite="skip"``; their attributions are NaN and their targets -1).
+        computed_in: the dtype the model's forward and backward passes ran in: that of the inputs, or
+            the lower precision of an enclosing ``torch.autocast`` (e.g. ``torch.bfloat16``), whatever the
+            dtype of ``attributions``.
     """
 
     attributions: Tensor
@@ -54,6 +58,7 @@ class Explanation:
     method: str
     output: str
     valid: Tensor
+    computed_in: torch.dtype | None = None
 
     def __len__(self) -> int:
         return self.attributions.shape[0]
@@ -68,7 +73,8 @@ def explain(
     method: str | AttributionMethod = "gradient",
     output: Output = "probability",
     output_fn: Callable[[Any], Tensor] | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    memory_budget: MemoryBudget | int | float | str | None = None,
     grad_strategy: GradStrategy = "auto",
     nonfinite: Literal["raise", "skip"] = "raise",
     forward_kwargs: Mapping[str, Any] | ForwardKwargs | None = None,
@@ -99,8 +105,13 @@ def explain(
             is constant, its gradient zero).
         output_fn: picks the class scores out of a model output that is not a plain tensor, e.g.
             ``lambda out: out.logits`` for Hugging Face style models.
-        chunk_size: samples (or noisy/path points) per forward pass; CPU memory behaviour makes
-            chunks of about 64 images faster than one huge batch.
+        chunk_size: samples (or noisy/path points) per forward pass. Default None: sized from
+            ``memory_budget``; a given ``chunk_size`` wins over the budget.
+        memory_budget: the most memory the call may use at its peak beyond the inputs and the model:
+            bytes, a size string ("2GiB"), a share of free memory (a float in (0, 1]) or a
+            `peering.memory.MemoryBudget`. Default: half the free CUDA memory, or a quarter of the
+            available RAM. The first chunk holds one point, whose activation bytes are measured while
+            it runs; the others are as large as fit (see `peering.memory`).
         grad_strategy: "per_class" (one batched backward per class through a retained graph), "vmap"
             (one vmapped backward for all classes) or "auto" (per_class for K <= 4, which measured faster).
         nonfinite: "raise" (default) rejects inputs with NaN/Inf; "skip" explains the other samples and
@@ -128,6 +139,9 @@ def explain(
         An `Explanation`.
 
     Works under ``torch.no_grad()`` and ``torch.inference_mode()``, and leaves the global RNG untouched.
+    Under ``torch.autocast`` the passes run in its lower precision (bf16 maps differ from float32 ones by
+    10-30%): the attributions keep the inputs' dtype, a warning says so once, and
+    `Explanation.computed_in` records the precision.
     ``torch.compile``d models (or submodules) are run eagerly, so the numbers are the eager model's.
 
     >>> import torch, peering
@@ -158,7 +172,8 @@ def explain(
     output = check_output(output)  # type: ignore[assignment]
     if nonfinite not in ("raise", "skip"):
         raise PeeringValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-    int_at_least("chunk_size", chunk_size, 1)
+    optional(int_at_least, "chunk_size", chunk_size, 1)
+    budget = MemoryBudget.parse(memory_budget)
     if grad_strategy not in ("auto", "per_class", "vmap"):
         raise PeeringValueError(f"grad_strategy must be 'auto', 'per_class' or 'vmap', got {grad_strategy!r}")
     if target is None:
@@ -170,7 +185,8 @@ def explain(
     if layer is not None and not any(m is layer for m in model.modules()):
         raise PeeringValueError(f"layer {type(layer).__name__} is not a submodule of the model")
     check_inputs(inputs, allow_nonfinite=nonfinite == "skip", allow_integer=layer is not None)
-    run = _Run(make_method(method, method_options), output, output_fn, chunk_size, grad_strategy, layer)
+    run = _Run(make_method(method, method_options), output, output_fn, chunk_size, grad_strategy, layer,
+               budget, _computed_in(inputs))
 
     with gradient_context(model):
         x = inputs.detach().clone()
@@ -212,9 +228,11 @@ class _Run:
     method: AttributionMethod
     output: str
     output_fn: Callable[[Any], Tensor] | None
-    chunk_size: int
+    chunk_size: int | None
     strategy: GradStrategy
     layer: nn.Module | None
+    budget: MemoryBudget
+    computed_in: torch.dtype
 
     def __call__(
         self,
@@ -233,7 +251,7 @@ class _Run:
                 target = target[rows.to(target.device)]
         gradients = ClassGradients(
             model, self.output, self.output_fn, self.chunk_size, self.strategy, kwargs, self.layer,
-            x if self.layer is not None else None,
+            x if self.layer is not None else None, self.budget,
         )
         points = gradients.layer_values(x) if self.layer is not None else x
         targets: Tensor | int = top_k
@@ -272,7 +290,36 @@ class _Run:
             method=self.method.name,
             output=self.output,
             valid=valid,
+            computed_in=self.computed_in,
         )
+
+
+def _computed_in(inputs: Tensor) -> torch.dtype:
+    """The dtype the passes run in: the inputs', or an enclosing autocast's lower precision (one warning
+    per call; Python's default filter shows it once per process)."""
+    dtype = inputs.dtype if inputs.is_floating_point() else torch.get_default_dtype()
+    low = _autocast_dtype(inputs.device.type)
+    if low is None:
+        return dtype
+    if low.itemsize >= dtype.itemsize:
+        return dtype
+    warnings.warn(
+        f"peering: explain ran under torch.autocast, so the model's passes and the attributions were "
+        f"computed in {low} (returned as {dtype}; maps in bfloat16 differ from float32 ones by 10-30%). "
+        "Explanation.computed_in records it; call explain outside autocast for full-precision maps",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return low
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype of the autocast enclosing this call on ``device``'s type, or None."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if device == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if device == "cuda" and torch.is_autocast_enabled() else None
 
 
 def _warn_skipped(count: int, what: str) -> None:

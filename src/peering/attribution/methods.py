@@ -120,17 +120,35 @@ def _mean_gradient(
 ) -> Tensor:
     """The mean of the K class gradients over ``count`` sets of points, one set of B points each.
 
-    ``points(group)`` returns the sets numbered in ``group``, stacked: [len(group), B, ...]. Sets are
-    grouped so that one call to ``gradients`` holds about ``chunk_size`` points; each set's gradients are
-    those of the matching input's targets.
+    ``points(sets)`` returns the sets numbered in ``sets`` (consecutive, each asked for once, in order),
+    stacked: [len(sets), B, ...]. The count * B points are laid out set after set and cut into the
+    engine's chunks, which may start or end inside a set; only the sets a chunk touches are made, so
+    memory does not grow with ``count``. Each point's gradients are those of its sample's targets, added
+    into the sample's sum in order (deterministic, no atomics).
     """
-    b = inputs.shape[0]
-    total = inputs.new_zeros((b, targets.shape[1], *inputs.shape[1:]))
-    per_group = max(1, gradients.chunk_size // max(b, 1))
-    for start in range(0, count, per_group):
-        group = range(start, min(start + per_group, count))
-        g = gradients(points(group).flatten(0, 1), targets.repeat(len(group), 1))[0]
-        total += g.view(len(group), *total.shape).sum(dim=0)
+    b, k = inputs.shape[0], targets.shape[1]
+    total = inputs.new_zeros((b, k, *inputs.shape[1:]))
+    if b == 0:
+        return total
+    n = count * b
+    made_from, made = 0, inputs.new_empty((0, *inputs.shape))  # the sets [made_from, made_from + len)
+    for start, stop in gradients.spans(inputs, k, kept=2 * total.nbytes, count=n):
+        first, last = start // b, -(-stop // b)
+        made_to = made_from + made.shape[0]
+        if last > made_to:
+            new = points(range(made_to, last))
+            made = torch.cat([made[first - made_from :], new]) if first < made_to else new
+            made_from = first
+        flat = made.flatten(0, 1)[start - made_from * b : stop - made_from * b]
+        g = flat.new_empty((stop - start, k, *inputs.shape[1:]))
+        samples = torch.arange(start, stop, device=targets.device) % b
+        gradients.chunk(flat, gradients.rows(start, stop, n), targets[samples], g)
+        i = start
+        while i < stop:  # add each run of consecutive samples into its rows of the sum
+            r = i % b
+            j = min(stop, i + b - r)
+            total[r : r + j - i] += g[i - start : j - start]
+            i = j
     return total / count
 
 

@@ -8,6 +8,7 @@ target) and random noise of the same L2 size added to the originals (how often n
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from peering._model import class_scores, eval_mode
+from peering._validate import int_at_least, optional
 from peering.errors import PeeringTypeError, PeeringValueError
+from peering.memory import MemoryBudget, forward_footprint
 from peering.morph.ascent import MorphResult
 
 __all__ = ["Agreement", "agreement", "noise_like"]
@@ -67,7 +70,8 @@ def agreement(
     bounds: tuple[float, float] | None = (0.0, 1.0),
     seed: int = 0,
     output_fn: Callable[[Any], Tensor] | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
+    memory_budget: MemoryBudget | int | float | str | None = None,
 ) -> Agreement:
     """How often judge models call the morphs their target, beside random noise of the same size.
 
@@ -83,7 +87,10 @@ def agreement(
             L2 distance still equals the morph's), or None.
         seed: seed of the noise's own generator (the global RNG is never used).
         output_fn: picks the class scores from a judge's output that is not a plain tensor.
-        chunk_size: samples per judge forward pass.
+        chunk_size: samples per judge forward pass. Default None: as many as fit ``memory_budget``, from
+            a forward pass of one sample through each judge (`peering.memory.forward_footprint`).
+        memory_budget: as in `peering.explain`: bytes, a size string, a share of free memory or a
+            `peering.memory.MemoryBudget`.
 
     >>> import torch, peering
     >>> from peering.data import load_digits
@@ -102,8 +109,8 @@ def agreement(
         raise PeeringTypeError(
             f"result must be a MorphResult (what peering.morph returns), got {type(result).__name__}"
         )
-    if chunk_size < 1:
-        raise PeeringValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    optional(int_at_least, "chunk_size", chunk_size, 1)
+    budget = MemoryBudget.parse(memory_budget)
     counted = result.success
     if len(result) and not bool(counted.any()):
         raise PeeringValueError(
@@ -116,9 +123,13 @@ def agreement(
     calls, noise_calls, before = [], [], []
     for judge in models:
         with eval_mode(judge), torch.no_grad():
-            calls.append(_calls(judge, result.inputs, targets, output_fn, chunk_size))
-            noise_calls.append(_calls(judge, noisy, targets, output_fn, chunk_size))
-            before.append(_calls(judge, originals, targets, output_fn, chunk_size))
+            size = chunk_size or 1
+            if chunk_size is None and len(originals):
+                one = forward_footprint(functools.partial(_scores, judge, output_fn), originals[:1])
+                size = budget.most(one, originals.device)
+            calls.append(_calls(judge, result.inputs, targets, output_fn, size))
+            noise_calls.append(_calls(judge, noisy, targets, output_fn, size))
+            before.append(_calls(judge, originals, targets, output_fn, size))
     stack = [torch.stack(c) if c else torch.zeros(0, len(result), dtype=torch.bool) for c in
              (calls, noise_calls, before)]
     n = counted.sum().clamp_min(1)
@@ -174,6 +185,10 @@ def noise_like(
         scale = torch.where(reached > 0, scale * want / reached.clamp_min(1e-12), scale)
     out = noisy(scale)
     return out, (out - inputs).flatten(1).norm(dim=1)
+
+
+def _scores(judge: nn.Module, output_fn: Any, x: Tensor) -> Tensor:
+    return class_scores(judge, x, output_fn)
 
 
 def _calls(judge: nn.Module, x: Tensor, targets: Tensor, output_fn: Any, chunk_size: int) -> Tensor:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peering._model import check_inputs, check_output, check_targets, class_scores, eval_mode, transform
-from peering._validate import int_at_least
+from peering._validate import int_at_least, optional
 from peering.attribution.explanation import Explanation
 from peering.errors import PeeringTypeError, PeeringValueError
+from peering.memory import MemoryBudget, forward_footprint
 
 __all__ = ["DeletionInsertion", "deletion_insertion", "importance_ranks"]
 
@@ -118,7 +119,8 @@ def deletion_insertion(
     output_fn: Callable[[Any], Tensor] | None = None,
     random_control: bool = True,
     seed: int = 0,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    memory_budget: MemoryBudget | int | float | str | None = None,
 ) -> DeletionInsertion:
     """Deletion and insertion curves of any attribution, batched, with a random-ranking control.
 
@@ -138,7 +140,11 @@ def deletion_insertion(
         output_fn: picks the class scores out of a model output that is not a plain tensor.
         random_control: also score a random ranking of the same elements (seeded by ``seed``).
         seed: seeds the random control and the random order among tied attributions.
-        chunk_size: perturbed inputs per forward pass (CPU memory behaviour favours ~64).
+        chunk_size: perturbed inputs per forward pass. Default None: as many as fit ``memory_budget``,
+            from a forward pass of one sample (`peering.memory.forward_footprint`).
+        memory_budget: as in `peering.explain`: bytes, a size string, a share of free memory or a
+            `peering.memory.MemoryBudget`; default a quarter of the available RAM (half the free CUDA
+            memory).
 
     Returns:
         A `DeletionInsertion`.
@@ -164,8 +170,9 @@ def deletion_insertion(
         raise PeeringTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_inputs(inputs)
     check_output(output)
-    for name, value in (("steps", steps), ("chunk_size", chunk_size)):
-        int_at_least(name, value, 1)
+    int_at_least("steps", steps, 1)
+    optional(int_at_least, "chunk_size", chunk_size, 1)
+    budget = MemoryBudget.parse(memory_budget)
     maps, target = _maps_and_target(attributions, target, inputs)
     x = inputs.detach()
     b = x.shape[0]
@@ -185,6 +192,9 @@ def deletion_insertion(
 
     with torch.no_grad(), eval_mode(model, tuple({x.device} - {torch.device("cpu")})):
         base = _baseline(baseline, x, blur_sigma)
+        if chunk_size is None:  # a perturbed input is built with its mask: 2 more points each
+            one = forward_footprint(lambda p: class_scores(model, p, output_fn), x[:1])
+            chunk_size = budget.most(replace(one, point=2 * one.point), x.device)
         targets = _resolve_target(model, x, target, output_fn, chunk_size)
         score = _Scorer(model, output, output_fn, targets, chunk_size)
         ends = score(torch.cat([x, base]), torch.cat([torch.arange(b), torch.arange(b)]).to(x.device))

@@ -53,6 +53,7 @@ from peering._validate import int_at_least, number
 from peering.attribution.explanation import explain
 from peering.attribution.methods import AttributionMethod, make_method
 from peering.errors import PeeringTypeError, PeeringValueError
+from peering.memory import MemoryBudget
 
 __all__ = ["SanityResult", "randomisation_check", "spearman"]
 
@@ -254,7 +255,8 @@ def randomisation_check(
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = 0,
     examples: int = 4,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    memory_budget: MemoryBudget | int | float | str | None = None,
 ) -> SanityResult:
     """The cascading model-parameter randomisation test for each method, on a deep copy of the model.
 
@@ -265,7 +267,8 @@ def randomisation_check(
         target: the classes to explain (an int, or int64 [B]); None for the trained model's top-1.
         methods: method names of `peering.explain`, or `AttributionMethod` instances (e.g.
             ``SmoothGrad(n_samples=8)``).
-        output, output_fn, chunk_size: as in `peering.explain`.
+        output, output_fn, chunk_size, memory_budget: as in `peering.explain` (chunks sized from the
+            memory budget by default).
         layers: the submodules to re-initialise, by name, output side first. None: every submodule that
             owns parameters, in the reverse of the order their forward passes finish (found with hooks on
             one forward pass of the copy), so the output layer comes first.
@@ -306,10 +309,11 @@ def randomisation_check(
     if len(set(names)) != len(names):
         raise PeeringValueError(f"methods must have different names, got {names}")
     targets = _targets(model, inputs, target, output_fn)
+    budget = MemoryBudget.parse(memory_budget)
 
     def maps(net: nn.Module, method: AttributionMethod) -> Tensor:
         exp = explain(net, inputs, targets, method=method, output=output, output_fn=output_fn,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, memory_budget=budget)
         return exp.attributions[:, 0]
 
     trained = {m.name: maps(model, m) for m in resolved}

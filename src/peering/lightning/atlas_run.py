@@ -159,7 +159,8 @@ class AtlasRun:
             device = pl_module.device
             inputs = as_model_dtype(pl_module, examples.inputs.to(device))
             directions = pair_directions(
-                pl_module, inputs, pairs.to(device), index.to(device), output_fn=watch.config.output_fn
+                pl_module, inputs, pairs.to(device), index.to(device), output_fn=watch.config.output_fn,
+                memory_budget=watch.config.memory_budget,
             )
             probabilities = torch.zeros(0)
             if len(examples):

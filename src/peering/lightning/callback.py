@@ -48,6 +48,7 @@ from peering.lightning.selection import Candidates
 from peering.lightning.state import CallbackState, Health
 from peering.lightning.tracking import Tracking
 from peering.lightning.watch import Watch, explain_chosen
+from peering.memory import MemoryBudget
 from peering.render import Display
 from peering.runs.names import STAGES
 
@@ -145,6 +146,11 @@ class ConfusedLogitCallback(Callback):
             prototypes, a table), passed unchanged instead of being split with the samples. Any other
             tensor needs one row per sample; one taken per sample from its first dimension alone is checked
             on the first batch (see `peering.explain`).
+        memory_budget: the most memory explaining the chosen samples (and the atlas's directions) may use
+            at its peak, as in `peering.explain`: bytes, a size string ("1GiB"), a share of free memory,
+            or a `peering.memory.MemoryBudget`. Default: half the free CUDA memory (a quarter of the
+            available RAM on CPU), measured when each explanation starts, so training's own memory is
+            left alone.
 
     Needs nothing from the LightningModule but ``forward``: it computes the logits itself, in eval mode
     (restoring every submodule's own mode after), except for validation and test batches whose step
@@ -202,6 +208,7 @@ class ConfusedLogitCallback(Callback):
         feature_names: Sequence[str] | None = None,
         background: bool = True,
         shared_kwargs: Sequence[str] | None = None,
+        memory_budget: MemoryBudget | int | float | str | None = None,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}

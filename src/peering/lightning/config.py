@@ -18,6 +18,7 @@ from peering._validate import callable_or_none, int_at_least, number, one_of, op
 from peering.attribution.methods import AttributionMethod, make_method
 from peering.errors import PeeringTypeError, PeeringValueError
 from peering.lightning.selection import Thresholds
+from peering.memory import MemoryBudget
 from peering.render import Display
 from peering.runs.names import STAGES
 
@@ -65,6 +66,7 @@ class CallbackConfig:
     feature_names: Sequence[str] | None = field(default=None)
     background: bool = True
     shared_kwargs: Sequence[str] | None = None
+    memory_budget: MemoryBudget | int | float | str | None = None
 
     def __post_init__(self) -> None:
         self._set("top_k", int_at_least("top_k", self.top_k, 1))
@@ -100,6 +102,7 @@ class CallbackConfig:
                 f"layer must be a submodule of the model or its name (e.g. 'model.embed'), got {self.layer!r}"
             )
         _check_drawing(self)
+        self._set("memory_budget", MemoryBudget.parse(self.memory_budget))
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

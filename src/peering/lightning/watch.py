@@ -174,6 +174,7 @@ def explain_chosen(
         nonfinite="skip",
         forward_kwargs=chosen.forward,
         layer=layer_of(pl_module, config.layer),
+        memory_budget=config.memory_budget,
         **dict(config.method_options or {}),
     )
     probs = exp.probabilities.gather(1, chosen.classes.to(exp.probabilities.device))

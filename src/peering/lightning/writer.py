@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from peering._files import FolderLock
 from peering._model import OUTPUTS, ForwardKwargs, Output
-from peering._validate import callable_or_none, int_at_least, one_of
+from peering._validate import callable_or_none, int_at_least, one_of, optional
 from peering.attribution.explanation import Explanation, explain
 from peering.attribution.methods import AttributionMethod, make_method
 from peering.errors import (
@@ -49,6 +49,7 @@ from peering.lightning.writer_config import (
     _resolve_layer,
 )
 from peering.lightning.writer_folder import finished_samples, prepare_folder
+from peering.memory import MemoryBudget
 from peering.store import (
     SHARDS,
     ShardError,
@@ -97,7 +98,8 @@ class AttributionWriter(BasePredictionWriter):
         output: what is differentiated: "probability", "log_probability" or "logit" (a softmax
             classifier), "sigmoid" (multi-label: each class's own probability) or "raw" (a regression's
             output itself); see `peering.explain`.
-        chunk_size: samples per forward pass inside `peering.explain`.
+        chunk_size: points per forward pass inside `peering.explain`. Default None: sized from
+            ``memory_budget``.
         unpack: ``batch -> (inputs, labels or None)`` or ``(inputs, labels or None, forward_kwargs)`` for
             batches `peering.lightning.default_unpack` does not understand; forward arguments (an attention
             mask) are passed to the model with their samples, as in `peering.explain`.
@@ -108,8 +110,6 @@ class AttributionWriter(BasePredictionWriter):
         output_fn: picks the class scores out of a model output that is not a [B, C] tensor.
         samples_per_shard: a rank closes a shard after this many samples (or about 128 MiB), whole
             batches only. Smaller shards lose less work to an interruption; larger ones mean fewer files.
-        nonfinite: "raise" (default) stops on a NaN/Inf input; "skip" stores such samples with
-            ``valid`` False and NaN attributions.
         shared_kwargs: names of forward arguments the model takes whole for every sample (not split with
             the samples; see `peering.explain`).
         nonfinite: "raise" (default) stops on a NaN/Inf input or logit, naming the samples by dataset
@@ -121,14 +121,18 @@ class AttributionWriter(BasePredictionWriter):
             (about 2 GB/s); False checks only the headers and the indices.
         handle_signals: SIGTERM and SIGINT stop the run at the next batch, after writing what was
             explained, with `peering.errors.RunInterrupted` (a second SIGINT stops at once).
+        memory_budget: the most memory explaining one batch may use at its peak, as in
+            `peering.explain`: bytes, a size string ("2GiB"), a share of free memory or a
+            `peering.memory.MemoryBudget`. Default: half the free CUDA memory, or a quarter of the
+            available RAM, measured at each batch.
         **method_options: options of the method, e.g. ``n_samples=8`` for SmoothGrad.
 
     What "the same arguments" means: ``out_dir/manifest.json`` records the method and its options,
     ``output``, ``top_k`` or ``target``, ``layer``, ``output_fn``'s name, ``nonfinite``, a CRC-32 of the
     model's weights and buffers, and the length of each predict dataset. A rerun whose record differs is
-    refused with the differences named; ``chunk_size``, ``samples_per_shard``, the batch size and the
-    number of devices may change (they change the numbers only in the last bits). SmoothGrad draws its
-    noise per batch from ``seed``, so its numbers also depend on how samples are batched.
+    refused with the differences named; ``chunk_size``, ``memory_budget``, ``samples_per_shard``, the batch
+    size and the number of devices may change (they change the numbers only in the last bits). SmoothGrad
+    draws its noise per batch from ``seed``, so its numbers also depend on how samples are batched.
 
     The LightningModule needs only ``forward``; what its ``predict_step`` returns is not used (a
     ``predict_step`` that returns None saves a forward pass). Works with ``Trainer(inference_mode=True)``
@@ -161,7 +165,7 @@ class AttributionWriter(BasePredictionWriter):
         top_k: int = 2,
         method: str | AttributionMethod = "gradient",
         output: Output = "probability",
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         unpack: Callable[[Any], tuple[Any, ...]] | None = None,
         layer: nn.Module | str | None = None,
         target: Literal["label"] | int | None = None,
@@ -173,12 +177,14 @@ class AttributionWriter(BasePredictionWriter):
         lock: bool = True,
         verify_done: bool = True,
         handle_signals: bool = True,
+        memory_budget: MemoryBudget | int | float | str | None = None,
         **method_options: Any,
     ) -> None:
         super().__init__("batch")
         int_at_least("top_k", top_k, 1)
         one_of("output", output, OUTPUTS)
-        int_at_least("chunk_size", chunk_size, 1)
+        optional(int_at_least, "chunk_size", chunk_size, 1)
+        self.memory_budget = MemoryBudget.parse(memory_budget)
         if layer is not None and not isinstance(layer, (str, nn.Module)):
             raise PeeringTypeError(
                 f"layer must be a submodule of the model or its name, got {type(layer).__name__}"
@@ -443,6 +449,7 @@ class AttributionWriter(BasePredictionWriter):
                     output=self.output,
                     output_fn=self.output_fn,
                     chunk_size=self.chunk_size,
+                    memory_budget=self.memory_budget,
                     nonfinite="skip",  # "raise" is checked by the caller, which knows the dataset indices
                     forward_kwargs=forward,
                     **options,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from peering._model import (
 )
 from peering._validate import int_at_least, number, one_of, optional
 from peering.errors import PeeringTypeError, PeeringValueError
+from peering.memory import Footprint, MemoryBudget, SavedBytes, model_tensors
 from peering.morph.priors import Noise, Prior, PriorState, smooth
 from peering.morph.result import (
     MorphResult,
@@ -55,7 +56,8 @@ def morph(
     early_stop: bool = True,
     keep_every: int = 1,
     output_fn: Callable[[Any], Tensor] | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    memory_budget: MemoryBudget | int | float | str | None = None,
     seed: int = 0,
     progress: bool = False,
     forward_kwargs: Mapping[str, Any] | ForwardKwargs | None = None,
@@ -107,7 +109,10 @@ def morph(
         early_stop: stop moving each sample once it meets the stopping rule.
         keep_every: keep a frame every this many steps (the first and the final frame are always kept).
         output_fn: picks the class scores from a model output that is not a plain tensor.
-        chunk_size: samples morphed together; the chunks run one after another.
+        chunk_size: samples morphed together; the chunks run one after another. Default None: as many
+            as fit ``memory_budget``, measured on a forward pass of one sample (a dry run).
+        memory_budget: as in `peering.explain`: bytes, a size string, a share of free memory or a
+            `peering.memory.MemoryBudget`; default half the free CUDA memory or a quarter of the RAM.
         seed: seed of the priors' random draws (`peering.priors.Jitter`); the global RNG is never used.
         progress: show a tqdm progress bar over the chunks' steps.
         forward_kwargs: extra keyword arguments of the model, as in `peering.explain`: tensors whose
@@ -139,7 +144,8 @@ def morph(
         return _morph_text(
             model, inputs, target, layer=layer, steps=steps, confidence=confidence, output=output,
             budget=budget, early_stop=early_stop, keep_every=keep_every, output_fn=output_fn,
-            chunk_size=chunk_size, progress=progress, forward_kwargs=forward_kwargs,
+            chunk_size=64 if chunk_size is None else chunk_size,  # text morphs keep a count of sequences
+            progress=progress, forward_kwargs=forward_kwargs,
             shared_kwargs=shared_kwargs, ignored={k: v for k, (v, d) in image_only.items() if v != d},
             **text_options,
         )
@@ -150,6 +156,7 @@ def morph(
         )
     members = _check_models(model)
     _check_numbers(output, inputs, norm, steps, keep_every, chunk_size, budget, confidence)
+    memory = MemoryBudget.parse(memory_budget)
     sigma = _check_smoothing(smoothing, inputs)
     priors = _check_priors(prior)
     clamp = _check_bounds(bounds, inputs)
@@ -169,10 +176,10 @@ def morph(
         frames = x0.new_empty((len(frame_steps), *x0.shape))
         logits = x0.new_empty((b, n_classes))
         reached = torch.full((b,), -1, dtype=torch.int64, device=x0.device)
-        bar = _progress_bar(progress, total=math.ceil(b / chunk_size) * steps)
+        spans = list(_chunks(b, chunk_size, memory, members, x0, output_fn, kwargs, frames.nbytes))
+        bar = _progress_bar(progress, total=len(spans) * steps)
         try:
-            for start in range(0, b, chunk_size):
-                stop = min(start + chunk_size, b)
+            for start, stop in spans:
                 walker.run(
                     kwargs.select(slice(start, stop)),
                     x0[start:stop],
@@ -208,7 +215,7 @@ def morph(
 
 
 def _check_numbers(
-    output: str, inputs: Tensor, norm: str, steps: int, keep_every: int, chunk_size: int,
+    output: str, inputs: Tensor, norm: str, steps: int, keep_every: int, chunk_size: int | None,
     budget: float | None, confidence: float | None,
 ) -> None:
     check_output(output, CLASS_OUTPUTS)
@@ -216,7 +223,7 @@ def _check_numbers(
     one_of("norm", norm, ("l2", "linf"))
     int_at_least("steps", steps, 0)
     int_at_least("keep_every", keep_every, 1)
-    int_at_least("chunk_size", chunk_size, 1)
+    optional(int_at_least, "chunk_size", chunk_size, 1)
     optional(number, "budget", budget, least=0)
     _check_confidence(confidence)
 
@@ -226,6 +233,36 @@ def _morph_text(model: Any, inputs: Tensor, target: int | Tensor, **options: Any
     from peering.morph.text import morph_tokens
 
     return morph_tokens(model, inputs, target, **options)
+def _chunks(
+    b: int,
+    chunk_size: int | None,
+    memory: MemoryBudget,
+    members: list[nn.Module],
+    x0: Tensor,
+    output_fn: Callable[[Any], Tensor] | None,
+    kwargs: ForwardKwargs,
+    kept: int,
+) -> Iterator[tuple[int, int]]:
+    """The chunks [start, stop) of the batch: ``chunk_size`` samples each when given; otherwise even
+    chunks that fit the budget, from the footprint of one sample measured by a forward pass of it (a
+    dry run: a chunk of one would morph that sample alone through every step, a call per step)."""
+    if chunk_size is not None:
+        sizes = [min(chunk_size, b - start) for start in range(0, b, chunk_size)]
+    elif b:
+        leaf = x0[:1].detach().clone().requires_grad_(True)
+        tensors = [t for m in members for t in model_tensors(m)]
+        with SavedBytes.excluding([*tensors, leaf]) as saved:
+            _scores(members, leaf, output_fn, kwargs.rows(slice(0, 1)))
+        # a step also keeps the sample, its copy and its gradient: 3 points
+        point = leaf.numel() * leaf.element_size()
+        one = Footprint(saved=saved.total, largest=saved.largest, point=3 * point)
+        sizes = memory.resolve(x0.device).chunks(b, one, x0.device, kept=kept)
+    else:
+        sizes = []
+    start = 0
+    for size in sizes:
+        yield start, start + size
+        start += size
 
 
 def _default_step_size(inputs: Tensor, clamp: tuple[Tensor, Tensor] | None, norm: str) -> float:
