@@ -10,10 +10,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from peering._guesses import check_guesses
 from peering._model import (
     ForwardKwargs,
     Output,
-    check_guesses,
     check_inputs,
     check_output,
     check_targets,

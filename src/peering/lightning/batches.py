@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peering._model import ForwardKwargs, check_guesses, class_scores, eval_mode
+from peering._guesses import check_guesses
+from peering._model import ForwardKwargs, class_scores, eval_mode
 from peering.errors import PeeringTypeError
 
 __all__ = ["Batch", "as_model_dtype", "default_unpack", "model_scores", "returned_logits", "unpack_batch"]
@@ -226,7 +227,7 @@ def model_scores(
     """The class scores [B, C] of a batch, from the model run in eval mode and eagerly (compiled code
     too), without gradients; every submodule's mode and the RNG (of the CPU and of the inputs' CUDA
     device) are put back. Forward arguments taken per sample only from their first dimension are checked
-    first (`peering._model.check_guesses`: a small forward pass, once per batch until they pass).
+    first (`peering._guesses.check_guesses`: a small forward pass, once per batch until they pass).
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).train()

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peering._guesses import check_guesses
 from peering._model import (
     CLASS_OUTPUTS,
     ForwardKwargs,
-    check_guesses,
     check_output,
     class_scores,
     gradient_context,
