@@ -17,10 +17,6 @@ SHOWN_SUSPECTS = 16
 """The most suspect labels the report lists (those of the last epoch's picture have one each)."""
 
 
-def _or(value: int | None, default: int) -> int:
-    return default if value is None else value
-
-
 def _last_write(pictures: list[Picture]) -> list[Picture]:
     """The pictures of the last step (the last epoch's write)."""
     if not pictures:
@@ -46,15 +42,15 @@ def label_issues(run: RunData, options: Options) -> dict[str, Any] | None:
                      "picture": by_sample.get(int(r["index"])) if r.get("index") is not None else None})
     negative = [r for r in ranking if r["score"] < 0]
     pairs = Counter((r["given"], r["predicted"]) for r in negative if r["given"] != r["predicted"])
-    epoch_of = _callback_epochs(run.records, run.scalars.get("epoch", []))
     misfit = dict(run.scalars.get(names.LABEL_MISFIT, []))
-    epochs = [
-        {"epoch": _or(epoch_of(step), i + 1), "suspects": int(value),
-         "misfit": fmt(misfit.get(step), "{:.1%}")}
+    epochs = [  # one value per training epoch, counted from 1 as the suspects' "from epoch 2 on"
+        {"epoch": i + 1, "suspects": int(value), "misfit": fmt(misfit.get(step), "{:.1%}")}
         for i, (step, value) in enumerate(run.scalars.get(names.LABEL_SUSPECTS, []))
     ]
     return {
-        "total": len(ranking), "negative": len(negative), "rows": rows,
+        "total": len(ranking), "negative": len(negative),
+        "rows": [r for r in rows if r["picture"] is not None],
+        "more": [r for r in rows if r["picture"] is None],
         "pairs": [{"given": g, "predicted": p, "count": n} for (g, p), n in pairs.most_common(6)],
         "epochs": epochs, "file": names.LABEL_ISSUES_FILE if ranking else None,
     }
