@@ -42,7 +42,11 @@ class Walk:
         """The walk of ``rows`` (all of them for None: the same tensors)."""
         if rows is None:
             return self
-        return Walk(*(None if v is None else v[rows] for v in self._values()))
+        def pick(v: Tensor | None) -> Tensor | None:
+            return None if v is None else v[rows]
+
+        return Walk(self.factor[rows], self.last[rows], pick(self.code), pick(self.offset), pick(self.best),
+                    pick(self.since))
 
     def put(self, rows: Tensor | None, part: Walk) -> None:
         """Write the walk of ``rows`` back (all of them for None)."""

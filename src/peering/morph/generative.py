@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,9 @@ class Autoencoder(nn.Module):
     >>> ae.decode(z).shape
     torch.Size([2, 1, 28, 28])
     """
+
+    z_mean: Tensor
+    z_std: Tensor
 
     def __init__(self, channels: int, height: int, width: int, *, latent: int = 16,
                  bounds: tuple[float, float] = (0.0, 1.0), width_mult: int = 1) -> None:
@@ -230,7 +234,7 @@ class LatentShift(Generative):
             raise PeeringValueError(f"step must be a finite number > 0, got {step}")
         if not (pixel >= 0 and math.isfinite(pixel)):
             raise PeeringValueError(f"pixel must be a finite number >= 0, got {pixel}")
-        self.autoencoder = autoencoder
+        self.autoencoder: Any = autoencoder  # encode() and decode(), checked above
         self.residual = residual
         self.step = float(step)
         self.pixel = float(pixel)
@@ -239,8 +243,9 @@ class LatentShift(Generative):
             modes = [(m, m.training) for m in autoencoder.modules()]
             autoencoder.eval()
             try:
+                encode = cast(Any, autoencoder).encode
                 with torch.no_grad():
-                    codes = torch.cat([autoencoder.encode(images[i : i + 512])
+                    codes = torch.cat([encode(images[i : i + 512])
                                        for i in range(0, len(images), 512)])
             finally:
                 for m, training in modes:
