@@ -161,6 +161,7 @@ def train_autoencoder(
     finally:
         if bar is not None:
             bar.close()
+    optimizer.zero_grad(set_to_none=True)  # no gradients left on the returned model
     model.eval()
     with torch.no_grad():
         codes = torch.cat([model.encoder(_prep(model, images[i : i + 512]))
