@@ -19,7 +19,7 @@ def references(digits_split):
 def test_prototypes_are_the_mean_of_the_k_nearest_references_of_each_class(references):
     train_x, train_y, x, y = references
     prior = Prototypes(train_x, train_y, k=3)
-    protos, tau, targets, scale = prior.prepare(x, (y + 1) % 10)
+    protos, tau, targets, scale, squares = prior.prepare(x, (y + 1) % 10)
     assert protos.shape == (12, 10, 64)
     for b in (0, 7):  # a reference computation, one sample and one class at a time
         for c in range(10):
@@ -27,9 +27,9 @@ def test_prototypes_are_the_mean_of_the_k_nearest_references_of_each_class(refer
             near = (members - x[b].flatten()).norm(dim=1).topk(3, largest=False).indices
             assert_close(protos[b, c], members[near].mean(0))
     assert (tau > 0).all() and torch.equal(targets, (y + 1) % 10)
-    # scaled so that the pull's length at the start is about `weight`
-    length = prior.pull(x, (protos, tau, targets, scale)).flatten(1).norm(dim=1)
-    assert ((length > 0.5) & (length < 1.5)).all()
+    # scaled so that the pull's length at the start is about `weight` (4 by default)
+    length = prior.pull(x, (protos, tau, targets, scale, squares)).flatten(1).norm(dim=1)
+    assert ((length > 0.5 * prior.weight) & (length < 1.5 * prior.weight)).all()
 
 
 def test_prototype_pull_fades_once_the_morph_is_nearest_to_the_target(references):

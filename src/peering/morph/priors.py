@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from peering._lazy import exports
 from peering._validate import int_at_least
 from peering.errors import PeeringTypeError, PeeringValueError
 
-__all__ = ["Jitter", "Noise", "Prior", "PriorState", "Prototypes", "TotalVariation", "smooth"]
+__all__ = ["Generative", "Jitter", "Noise", "Prior", "PriorState", "Prototypes", "TotalVariation", "smooth"]
 
 PriorState: TypeAlias = tuple[Tensor, ...]
 """Per-sample state of a prior: tensors whose first dimension is the batch (sliced with the samples)."""
@@ -136,6 +137,40 @@ class Prior:
         return f"{type(self).__name__}({fields})"
 
 
+class Generative(Prior):
+    """A prior that moves the morph into a latent space: `morph` then walks codes, not pixels.
+
+    ``prepare(inputs, targets)`` must return a state whose first tensor is each original's code [b, ...];
+    ``decode(code, state)`` draws the frame for codes (differentiable). Each step, the model's gradient
+    (with the other priors' pulls) is carried back through ``decode`` to the code, ``latent_pull`` may add
+    a direction in the latent space, and the code takes a step of length ``step`` (times the sample's
+    trust factor). Once the sample's latent walk stalls (3 steps without a new best) or half the steps are
+    gone, a pixel offset walks along the blurred gradient too, with ``pixel`` times morph's
+    ``step_size``: what the decoder cannot draw. At most one per morph. See `peering.priors.LatentShift`.
+
+    >>> import torch, peering
+    >>> class Itself(Generative):   # a toy: the code is the image itself
+    ...     def prepare(self, inputs, targets):
+    ...         return (inputs.clone(),)
+    ...     def decode(self, code, state):
+    ...         return code
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    >>> peering.morph(model, torch.rand(2, 1, 8, 8), 3, prior=Itself(), confidence=None, steps=3).inputs.shape
+    torch.Size([2, 1, 8, 8])
+    """
+
+    step: float = 0.25
+    pixel: float = 0.5
+
+    def decode(self, code: Tensor, state: PriorState) -> Tensor:
+        """The frame [b, ...] for codes [b, ...] (differentiable in ``code``)."""
+        raise NotImplementedError
+
+    def latent_pull(self, code: Tensor, state: PriorState) -> Tensor | None:
+        """A direction in the latent space added to the unit-length carried gradient, or None."""
+        return None
+
+
 def smooth(x: Tensor, sigma: float) -> Tensor:
     """Blur images [B, C, H, W] with a Gaussian of ``sigma`` pixels (separable, edges replicated).
 
@@ -181,7 +216,8 @@ class Prototypes(Prior):
             model's training images). At least one of each target class.
         labels: int [N] class of each reference image.
         k: reference images averaged into each prototype.
-        weight: strength of the pull, relative to the model's gradient.
+        weight: strength of the pull, relative to the model's unit gradient (4: four times as hard; chosen on
+            half of benchmarks/zoo.py, where 1 left most morphs of well-trained models unconvincing).
         temperature: softness of "which prototype is the morph nearest to", relative to each original's
             squared distance to its nearest prototype (so it does not depend on the data's scale).
 
@@ -198,7 +234,7 @@ class Prototypes(Prior):
     True
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, *, k: int = 5, weight: float = 1.0,
+    def __init__(self, images: Tensor, labels: Tensor, *, k: int = 5, weight: float = 4.0,
                  temperature: float = 0.1) -> None:
         if not isinstance(images, Tensor) or not images.is_floating_point() or images.ndim < 2:
             raise PeeringTypeError("images must be a floating-point tensor of reference images [N, ...]")
@@ -269,21 +305,29 @@ class Prototypes(Prior):
         tau = (self.temperature * sq.amin(dim=1)).clamp_min(1e-12)                      # [b]
         rows = torch.arange(len(flat), device=device)
         scale = self.weight / (protos[rows, targets] - flat).norm(dim=1).clamp_min(1e-12)
-        return protos, tau, targets, scale
+        return protos, tau, targets, scale, protos.pow(2).sum(2)
 
     def pull(self, x: Tensor, state: PriorState) -> Tensor:
-        protos, tau, targets, scale = state
+        protos, tau, targets, scale, squares = state
         flat = x.flatten(1)
         present = self._counts.to(x.device) > 0
-        q = torch.softmax(-_squared_distances(flat, protos, present) / tau[:, None], dim=1)
+        q = torch.softmax(-_squared_distances(flat, protos, present, squares) / tau[:, None], dim=1)
         rows = torch.arange(len(flat), device=x.device)
-        direction = protos[rows, targets] - (q[..., None] * protos).sum(1)
+        direction = protos[rows, targets] - torch.bmm(q[:, None, :], protos)[:, 0]
         return (direction * scale[:, None]).view_as(x)
 
 
-def _squared_distances(flat: Tensor, protos: Tensor, present: Tensor) -> Tensor:
-    """[b, C]: squared L2 from each sample [b, D] to its prototypes [b, C, D]; +inf for absent classes."""
-    sq = (flat[:, None, :] - protos).pow(2).sum(2)
+def _squared_distances(
+    flat: Tensor, protos: Tensor, present: Tensor, squares: Tensor | None = None
+) -> Tensor:
+    """[b, C]: squared L2 from each sample [b, D] to its prototypes [b, C, D]; +inf for absent classes.
+
+    As |x|^2 - 2 x.p + |p|^2 (a batched matrix product, no [b, C, D] temporary); ``squares``: the
+    prototypes' |p|^2 [b, C] if known."""
+    cross = torch.bmm(protos, flat[:, :, None])[:, :, 0]
+    if squares is None:
+        squares = protos.pow(2).sum(2)
+    sq = (squares - 2 * cross + flat.pow(2).sum(1, keepdim=True)).clamp_min(0)
     return sq.masked_fill(~present[None, :], math.inf)
 
 
@@ -379,3 +423,9 @@ def _shift(x: Tensor, u: Tensor, most: int) -> Tensor:
     cols = (torch.arange(w, device=x.device)[None, :] + most - pixels[:, 1:2].long())  # [B, W]
     out = padded.gather(2, rows[:, None, :, None].expand(b, x.shape[1], h, padded.shape[3]))
     return out.gather(3, cols[:, None, None, :].expand(b, x.shape[1], h, w))
+
+
+# peering.morph.generative imports this module, so its names are re-exported here on first use
+__getattr__ = exports(
+    dict.fromkeys(("Autoencoder", "LatentShift", "train_autoencoder"), "peering.morph.generative"), __name__
+)
