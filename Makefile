@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_morph_judges.py
 	$(PY) benchmarks/bench_callback.py
 	$(PY) benchmarks/bench_faithfulness.py
+	$(PY) benchmarks/bench_text_morph.py
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -235,9 +235,8 @@ window.addEventListener("load", function () {
                                     captions: Array.prototype.map.call(
                                       document.querySelectorAll("figcaption"),
                                       function (c) { return parseFloat(getComputedStyle(c).fontSize); }),
-                                    strips: Array.prototype.map.call(
-                                      document.querySelectorAll("figure.strip img"),
-                                      function (im) {
+                                    drawn: images.filter(function (im) { return im.naturalWidth > 0; })
+                                      .map(function (im) {
                                         return im.getBoundingClientRect().width / im.naturalWidth;
                                       })});
   document.body.appendChild(out);
@@ -300,9 +299,9 @@ def test_report_in_headless_chromium(demo_run, tmp_path):
         # the full width of the window (less the page's 24 px padding), and captions of at least 11 px
         assert result["section"] >= result["window"] - 2 * 24 - 1 and result["width"] <= result["window"]
         assert result["captions"] and min(result["captions"]) >= 11
-        # the captions drawn inside the film strips (16 px) stay >= 11 px as displayed: a strip wider than
-        # the page scrolls instead of being scaled down
-        assert result["strips"] and min(result["strips"]) * _FONT_SIZE >= 11
+        # the captions drawn inside every picture (16 px) stay >= 11 px as displayed: a picture wider than
+        # the page scrolls in its row instead of being scaled down
+        assert result["drawn"] and min(result["drawn"]) * _FONT_SIZE >= 11
 
     # a screenshot of the report itself, as a person opening it sees it
     ARTIFACTS.mkdir(exist_ok=True)

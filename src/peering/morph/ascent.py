@@ -128,10 +128,10 @@ def morph(
             first dimension is B follow their samples through chunks and early stops.
         shared_kwargs: names of ``forward_kwargs`` passed whole to every forward pass (as in
             `peering.explain`).
-        layer: for text: the token embedding module. Integer token ids (or ``layer=``) are morphed by
-            token swaps instead of steps (`peering.morph.text.morph_tokens`, whose options ``frozen``,
-            ``exclude_ids`` and ``candidates`` are passed through; ``steps`` is then the most swaps tried
-            and ``budget`` the most tokens changed).
+        layer: for text: the token embedding module. Token ids (int64 or int32; or any ``layer=``) are
+            morphed by token swaps instead of steps (`peering.morph.text.morph_tokens`, whose options
+            ``frozen``, ``exclude_ids`` and ``candidates`` are passed through; ``steps`` is then the most
+            swaps tried and ``budget`` the most tokens changed).
 
     >>> import torch, peering
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -147,7 +147,7 @@ def morph(
     >>> res.frames.shape  # 100 steps and the original; the early-stopped samples stand still
     torch.Size([101, 4, 64])
     """
-    if layer is not None or (isinstance(inputs, Tensor) and not inputs.is_floating_point()):
+    if layer is not None or (isinstance(inputs, Tensor) and inputs.dtype in (torch.int64, torch.int32)):
         image_only = {"smoothing": (smoothing, "auto"), "prior": (prior, None), "seed": (seed, 0),
                       "step_size": (step_size, None), "norm": (norm, "l2"), "bounds": (bounds, (0.0, 1.0))}
         return _morph_text(

@@ -348,7 +348,7 @@ def _embedding_weight(model: nn.Module, layer: Any) -> Tensor:
         hint = " (here: layer=model.get_input_embeddings())" if hasattr(model, "get_input_embeddings") else ""
         raise PeeringValueError(
             "token ids are morphed by swapping tokens, chosen through the token embeddings: pass "
-            f"layer=<the embedding module>{hint}"
+            f"layer=<the embedding module>{hint}. (Images must be floating-point: e.g. x.float() / 255.)"
         )
     if not isinstance(layer, nn.Module) or not any(m is layer for m in model.modules()):
         raise PeeringValueError(f"layer must be a submodule of the model, got {type(layer).__name__}")
