@@ -223,8 +223,8 @@ def hf_folders(tmp_path_factory):
     vit.save_pretrained(folder / "vit")
     transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder / "vit")
     bert.save_pretrained(folder / "bert")
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder / "bert")
+    vocab = {word: i for i, word in enumerate(VOCAB)}
+    transformers.BertTokenizerFast(vocab=vocab).save_pretrained(folder / "bert")
     Image.fromarray((np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8)).save(
         folder / "pet.png"
     )
@@ -254,6 +254,11 @@ def test_hugging_face_text_folder_with_text_and_a_text_file(hf_folders, monkeypa
     assert result.exit_code == 0, result.output
     assert "review.txt" in result.stdout and "a fine film" in result.stdout
     assert "input_x_gradient" in result.stdout and out.stat().st_size > 0
+    assert "negative" in result.stdout and "positive" in result.stdout  # the config's class names
+    from peering.checkpoints import load_model
+
+    tokenizer = load_model(hf_folders / "bert").tokenizer  # the folder's own: the words are known
+    assert tokenizer.unk_token_id not in tokenizer("the film was dull")["input_ids"]
     images = invoke("explain", hf_folders / "bert", "--text", "a", "--model", "m:f", "-o", tmp_path / "x.png")
     assert images.exit_code == 2
     on_images = invoke(
