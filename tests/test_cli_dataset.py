@@ -175,6 +175,27 @@ def test_another_run_in_the_same_folder_is_refused(checkpoint, digits, tmp_path)
     )
 
 
+def test_a_corrupt_manifest_is_rebuilt_by_the_rerun(checkpoint, digits, tmp_path):
+    """The manifest's error says to rerun; the rerun rebuilds it from the shards (which it verifies)."""
+    from peering.store import ShardError
+
+    x, _ = digits
+    folder = tmp_path / "images"
+    for i in range(3):
+        _save_png(folder / f"d{i}.png", (x[i, 0].numpy() * 255).astype(np.uint8))
+    out = tmp_path / "run"
+    args = ("explain-dataset", checkpoint, "--data", folder, "--out", out, "--no-progress")
+    assert invoke(*args).exit_code == 0
+    (out / "manifest.json").write_text('{"format": "peering-attr')  # cut short
+    with pytest.raises(ShardError, match="rerun the same command"):
+        peering.load_attributions(out)
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "Traceback" not in again.output
+    assert "explained 0 of 3 samples" in again.stdout and "3 were already done" in again.stdout
+    assert len(peering.load_attributions(out)) == 3
+
+
 def test_report_of_a_dataset_run(checkpoint, digits, tmp_path):
     from tests.test_report import parse
 

@@ -142,8 +142,14 @@ def test_nonfinite_samples_are_skipped_when_asked(digits_cnn, digits_data, tmp_p
     x, y = digits_data
     x = x.clone()
     x[3, 0, 2, 2] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    x[N - 3, 0, 1, 1] = float("inf")  # in a later batch: named by its dataset index, not its place in it
+    with pytest.raises(ValueError, match=r"dataset index\(es\) \[3\] are NaN or Inf"):
         predict(Explained(copy.deepcopy(digits_cnn)), loader(x, y), AttributionWriter(tmp_path / "raise"))
+    late = x.clone()
+    late[3] = x[4]
+    with pytest.raises(ValueError, match=rf"dataset index\(es\) \[{N - 3}\] are NaN or Inf"):
+        predict(Explained(copy.deepcopy(digits_cnn)), loader(late, y), AttributionWriter(tmp_path / "late"))
+    x[N - 3] = x[N - 4]
     predict(
         Explained(copy.deepcopy(digits_cnn)),
         loader(x, y),

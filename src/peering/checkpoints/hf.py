@@ -87,10 +87,15 @@ def load_hugging_face(folder: Path) -> LoadedModel:
         if task == "image"
         else transformers.AutoModelForSequenceClassification
     )
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, for a model of 1 file
     try:
         model = auto.from_pretrained(str(folder), local_files_only=True).eval()
     except Exception as err:  # transformers raises many kinds; one line naming the folder
         raise CheckpointError(f"cannot load the {task} classifier in {folder}: {one_line(err)}") from err
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     labels = _labels(config)
     name = type(model).__name__
     if task == "text":

@@ -235,12 +235,21 @@ def _record_source(out: Path, source: dict[str, Any]) -> None:
 
 
 def _samples_done(out: Path) -> int:
-    from peering.store import ShardError, load_attributions
+    """The samples already written in ``out`` (counted from the shards' headers when the manifest is
+    corrupt: the run rebuilds it)."""
+    from peering.store import SHARDS, ShardError, load_attributions, open_shard
 
     try:
         return len(load_attributions(out, verify=False, allow_incomplete=True))
     except ShardError:
-        return 0
+        pass
+    count = 0
+    for file in sorted((out / SHARDS).glob("*.safetensors")) if (out / SHARDS).is_dir() else []:
+        try:
+            count += len(open_shard(file).indices)
+        except ShardError:
+            continue  # the run names it
+    return count
 
 
 def _run_predict(loaded: LoadedModel, dataset: Dataset, out: Path, **options: Any) -> int:
