@@ -272,3 +272,32 @@ def test_a_rerun_reverifies_the_shards_it_skips_and_never_downgrades_a_finished_
     assert unchecked.returncode == 0, unchecked.stderr
     assert "were not verified (--no-verify); pass --verify to check them" in unchecked.stdout
     assert (out / "manifest.json").read_bytes() == manifest
+
+
+SLOW_LOADING = """
+import pathlib
+import time
+
+from torch import nn
+
+
+def make():
+    \"\"\"A model whose factory takes its time (a large model being built), saying when it began.\"\"\"
+    pathlib.Path("loading").write_text("")
+    time.sleep(60)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+"""
+
+
+def test_sigterm_while_the_model_loads_is_one_line_and_exit_143(job, tmp_path):
+    (job / "slow_loading.py").write_text(SLOW_LOADING)
+    (job / "loading").unlink(missing_ok=True)
+    out = tmp_path / "run"
+    args = command(job, out)
+    args[args.index("slow_model.py:make")] = "slow_loading.py:make"
+    process = start(job, args)
+    wait_for(lambda: (job / "loading").exists(), process, what="the model factory to start")
+    _, err = stop(process, signal.SIGTERM, timeout=30)
+    assert process.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [f"interrupted by SIGTERM before the run started; no sample was written to {out}"], err

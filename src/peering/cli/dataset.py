@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -149,7 +153,7 @@ def explain_dataset(
 
     check_output_folder(out, "--out")
     try:
-        with bad_input(), FolderLock(out, "peering explain-dataset"):
+        with _terminated_as_interrupt(), bad_input(), FolderLock(out, "peering explain-dataset"):
             loaded = load(checkpoint, model, channels, image_size)
             images_only(loaded, "explain-dataset")
             dataset, source, n_classes = _dataset(data, data_dir, loaded, invert)
@@ -167,9 +171,11 @@ def explain_dataset(
                                  target=parsed_target, method=method.value, output=output.value,
                                  verify_done=verify, nonfinite=nonfinite.value)
             seconds = time.perf_counter() - start
-    except KeyboardInterrupt:  # before the run's own handlers were in place: nothing was being written
-        typer.echo(f"\ninterrupted before the run started; nothing was written to {out}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (KeyboardInterrupt, _Terminated) as err:  # before the run's own handlers were in place
+        signum = err.signum if isinstance(err, _Terminated) else None
+        typer.echo(f"\ninterrupted by {'SIGTERM' if signum else 'SIGINT'} before the run started; no sample "
+                   f"was written to {out}", err=True)
+        raise typer.Exit(128 + signum if signum else EXIT_INTERRUPTED) from None
     explained = total - done_before
     what = (f"class {parsed_target}" if isinstance(parsed_target, int)
             else "the label" if parsed_target == "label" else f"top {top_k} classes")
@@ -232,6 +238,32 @@ def _record_source(out: Path, source: dict[str, Any]) -> None:
         write_dataset_json(out, source)
     except OSError as err:
         fail(f"cannot write to {out}: {err.strerror or err}")
+
+
+class _Terminated(BaseException):  # like KeyboardInterrupt: not caught by "except Exception"
+    """SIGTERM while the model and the data load (the run's own handlers take over once it starts)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `_Terminated` until the run starts (a scheduler's stop during loading gets one line
+    and exit 143, not a silent death); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _samples_done(out: Path) -> int:
