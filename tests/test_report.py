@@ -235,7 +235,10 @@ window.addEventListener("load", function () {
                                     captions: Array.prototype.map.call(
                                       document.querySelectorAll("figcaption"),
                                       function (c) { return parseFloat(getComputedStyle(c).fontSize); }),
-                                    drawn: images.filter(function (im) { return im.naturalWidth > 0; })
+                                    drawn: images.filter(function (im) {  // shown (a stepper's hidden
+                                        // frames have no box until chosen; they are drawn the same way)
+                                        return im.naturalWidth > 0 && im.getBoundingClientRect().width > 0;
+                                      })
                                       .map(function (im) {
                                         return im.getBoundingClientRect().width / im.naturalWidth;
                                       })});
