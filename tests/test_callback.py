@@ -115,9 +115,9 @@ def trainer(tmp_path, callbacks, logger, **kwargs) -> pl.Trainer:
     return pl.Trainer(logger=logger, callbacks=callbacks, **options)
 
 
-def panel_height(data) -> int:
-    """The height of a confusion panel for these inputs, as render draws it (its width depends on the
-    captions: the scale printed under each class)."""
+def panel_height(data, drawing: dict) -> int:
+    """The height of a confusion panel for these inputs, as render draws it with the callback's options
+    (``drawing``: its legend names what was differentiated; its width depends on the captions)."""
     x = data[0][:1]
     one = torch.tensor([0])
     panel = confusion_panels(
@@ -129,7 +129,7 @@ def panel_height(data) -> int:
         prob_a=one.float(),
         prob_b=one.float(),
         labels=one,
-        projection_factor=1.0,
+        **{**drawing, "projection_factor": 1.0},
     )
     return panel.shape[1]
 
@@ -200,7 +200,7 @@ def test_tensorboard_event_files(tb_run, data):
     assert all(len(e.tensor_proto.string_val) - 2 == 1 for e in events)
     for e, n in zip(events, [3, 3, 3, 1] * EPOCHS, strict=True):
         records = records_at(logdir, "peering/confused", e.step)
-        assert len(records) == n and records[0]["height"] == panel_height(data)
+        assert len(records) == n and records[0]["height"] == panel_height(data, callback.config.drawing)
         width, height = stacked_size(records)
         assert e.tensor_proto.string_val[:2] == [str(width).encode(), str(height).encode()]
         assert png_size(e.tensor_proto.string_val[2]) == (width, height)

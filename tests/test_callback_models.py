@@ -342,6 +342,7 @@ def test_text_pictures_are_coloured_tokens_and_the_report_shows_them_as_html(tmp
             tokenizer=tokenizer,
             mask=mask,
             output="logit",
+            method=callback.method,
         )
         for i in range(len(ids)):
             record, kept = records[k], mask[i].bool()

@@ -432,6 +432,8 @@ def refuse_unbatched(
     model takes. Otherwise return, and the caller raises what it had."""
     if x.ndim < 1 or x.shape[0] == 0:
         return
+    if _scores_shape(model, x, output_fn, kwargs or {}) == (x.shape[0],):
+        return  # x itself gives [B, C] scores: what failed was not the batch dimension
     one = {k: v[None] if isinstance(v, Tensor) and v.ndim >= 1 else v for k, v in (kwargs or {}).items()}
     try:
         with torch.no_grad():
@@ -445,6 +447,20 @@ def refuse_unbatched(
             f"takes a batch [B, {', '.join(str(d) for d in x.shape)}] (it gives [1, {out.shape[1]}] scores "
             "for inputs[None]); pass inputs.unsqueeze(0) for one sample"
         )
+
+
+def _scores_shape(
+    model: nn.Module, x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: Mapping[str, Any]
+) -> tuple[int, ...] | None:
+    """(B,) when a no-grad forward pass of ``x`` gives class scores [B, C]; None when it fails or gives
+    anything else."""
+    try:
+        with torch.no_grad():
+            out = model(x, **kwargs)
+            out = output_fn(out) if output_fn is not None else out
+    except Exception:
+        return None
+    return (out.shape[0],) if isinstance(out, Tensor) and out.ndim == 2 else None
 
 
 def transform(scores: Tensor, output: str) -> Tensor:

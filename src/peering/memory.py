@@ -2,11 +2,11 @@
 
 Every chunked computation in peering (the class-gradient engine behind `explain`, `morph`'s steps, the
 callback, the dataset writer and the checks) asks one `MemoryBudget` how many points to put in a chunk.
-The answer comes from measurement, never from the kind of model: the first chunk holds one point, and
-while it runs, the bytes autograd saves for the backward pass are counted (`torch.autograd.graph.
-saved_tensors_hooks`; parameters and buffers, which already exist, are left out). That gives the
-`Footprint` of one point; the rest is split into even chunks that fit the budget. The measured chunk is
-real work, not a dry run, so it costs only its share of the per-call overhead.
+The answer comes from measurement, never from the kind of model: a forward pass of one point (a dry run
+in `explain`, once per model and input shape; a first chunk of one at a layer) during which the bytes
+autograd saves for the backward pass are counted (`torch.autograd.graph.saved_tensors_hooks`; parameters
+and buffers, which already exist, are left out). That gives the `Footprint` of one point; the points are
+split into even chunks that fit the budget, the same way on every call.
 
 What is avoided: a constant count (64 points of a ResNet-50 at 224 px are 7 GB), and retrying on
 out-of-memory errors as the only mechanism (accelerate's ``find_executable_batch_size``): on CPU, Linux

@@ -7,9 +7,9 @@ samples. Measured on CPU (benchmarks/bench_explain.py), per-class backward is fa
 ``"auto"`` uses it for K <= 4 and vmap above that. With ``layer`` the gradients are taken at a submodule's
 output (a forward hook swaps it for a leaf tensor).
 
-Chunks are sized by a `peering.memory.MemoryBudget`, not a constant: the first chunk holds one point and
-is measured while it runs (the bytes autograd saves for backward), the rest is split into even chunks that
-fit the budget (see `peering.memory`).
+Chunks are sized by a `peering.memory.MemoryBudget`, not a constant: a dry forward pass of one point
+measures the bytes autograd saves for backward (at a layer: the first chunk holds one point and is measured
+while it runs), and the points are split into even chunks that fit the budget (see `peering.memory`).
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ class ClassGradients:
     and the targets [N, K]. The model must already be in eval mode with gradients enabled (`explain` sees
     to that).
 
-    Chunks: ``chunk_size`` points each when given; otherwise the first chunk holds one point, whose
-    `peering.memory.Footprint` (the bytes autograd saves for backward, the largest of them) is measured
-    while it runs, and the rest go in the fewest even chunks that keep the peak under ``budget`` (on CPU
-    also keeping each tensor under glibc's mmap ceiling, which is faster per point). The footprint is kept
-    for the engine's later calls, and for later engines on the same model and points of the same shape.
+    Chunks: ``chunk_size`` points each when given; otherwise a dry forward pass of one point (at a
+    layer: a first chunk of one) measures its `peering.memory.Footprint` (the bytes autograd saves for
+    backward, the largest of them), and the points go in the fewest even chunks that keep the peak under
+    ``budget`` (on CPU also keeping each tensor under glibc's mmap ceiling, which is faster per point). The
+    footprint is kept for the engine's later calls, and for later engines on the same model and points of
+    the same shape.
 
     The points are the model's inputs, or, with ``layer``, values of that submodule's output: the model is
     then run on ``model_inputs`` and a forward hook swaps the layer's output for the points (a leaf that
@@ -108,8 +109,9 @@ class ClassGradients:
     ) -> Iterator[tuple[int, int]]:
         """The chunks [start, stop) of ``count`` points like ``points`` (default: all of them).
 
-        ``chunk_size`` points each when given. Otherwise, until the engine has a footprint, the first chunk
-        is one point, which `chunk` measures while it runs; the rest is split by `plan`. ``kept`` is the
+        ``chunk_size`` points each when given. Otherwise, until the engine has a footprint, a dry forward pass
+        of one point measures it (at a layer the first chunk is one point, which `chunk` measures while it
+        runs); the points are split by `plan`, the same way on every call. ``kept`` is the
         bytes of results that live through the whole loop (they come out of the budget).
         """
         n = points.shape[0] if count is None else count
@@ -120,6 +122,11 @@ class ClassGradients:
         start = 0
         if self.footprint is None:
             self.footprint = _MEASURED.get(self.model, {}).get(self._measure_key(points))
+        if self.footprint is None and n and self.layer is None:
+            # a dry forward pass of one point measures the footprint, so that every call on this model and
+            # shape chunks the same way (the same numbers, to the last bit, call after call)
+            with torch.enable_grad():
+                self._measured_forward(points[:1], self.rows(0, 1, n))
         if self.footprint is None and n:
             yield 0, 1
             start = 1

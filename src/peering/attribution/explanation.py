@@ -110,8 +110,8 @@ def explain(
         memory_budget: the most memory the call may use at its peak beyond the inputs and the model:
             bytes, a size string ("2GiB"), a share of free memory (a float in (0, 1]) or a
             `peering.memory.MemoryBudget`. Default: half the free CUDA memory, or a quarter of the
-            available RAM. The first chunk holds one point, whose activation bytes are measured while
-            it runs; the others are as large as fit (see `peering.memory`).
+            available RAM. A dry forward pass of one point measures its activation bytes (once per
+            model and input shape); the chunks are then as large as fit (see `peering.memory`).
         grad_strategy: "per_class" (one batched backward per class through a retained graph), "vmap"
             (one vmapped backward for all classes) or "auto" (per_class for K <= 4, which measured faster).
         nonfinite: "raise" (default) rejects inputs with NaN/Inf; "skip" explains the other samples and
