@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -116,3 +117,7 @@ def test_the_writer_refuses_a_softmax_over_one_output(tmp_path):
     writer = AttributionWriter(Path(tmp_path), top_k=1, output="probability")
     with pytest.raises(ValueError, match="one output.*'sigmoid'.*'raw'"):
         predict(Explained(model), loader(x[:8], y[:8]), writer)
+    # the run ended in an exception: the writer's signal handlers are gone with it (Lightning's teardown puts
+    # back the handlers it found, so they must not have been the writer's)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -45,6 +45,7 @@ from peering.lightning.config import CallbackConfig
 from peering.lightning.confused import ConfusedChecks
 from peering.lightning.pictures import PictureOutput
 from peering.lightning.selection import Candidates
+from peering.lightning.sinks import run_folder
 from peering.lightning.state import CallbackState, Health
 from peering.lightning.tracking import Tracking
 from peering.lightning.watch import Watch, explain_chosen
@@ -247,14 +248,11 @@ class ConfusedLogitCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._watch.health, self._watch.collectives = Health(), []
-        try:
-            run_dir = trainer.log_dir  # a broadcast: every rank must ask
-        except Exception:  # a logger without a usable directory
-            run_dir = None
+        run_dir = run_folder(trainer)  # every rank asks
         if trainer.is_global_zero:
             self._close_output()
             self._watch.output = PictureOutput(
-                trainer.loggers, str(run_dir if run_dir is not None else trainer.default_root_dir),
+                trainer.loggers, run_dir,
                 drawing=self.config.drawing, tokenizer=self.config.tokenizer,
                 background=self.config.background, written=self._written,
             )

@@ -66,6 +66,7 @@ from peering.lightning.shortcut_stats import (
     signal_region,
     spearman,
 )
+from peering.lightning.sinks import run_folder
 from peering.runs import names
 
 __all__ = ["ShortcutAlarm"]
@@ -156,12 +157,8 @@ class ShortcutAlarm(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            run_dir = trainer.log_dir  # a broadcast: every rank asks
-        except Exception:  # a logger without a usable directory
-            run_dir = None
+        root = run_folder(trainer)  # every rank asks
         if trainer.is_global_zero:
-            root = str(run_dir if run_dir is not None else trainer.default_root_dir)
             self._output = FoundOutput(trainer.loggers, root, "ShortcutAlarm")
 
     @override

@@ -132,8 +132,24 @@ __all__ = [
     "read_index",
     "read_scalars",
     "read_summary",
+    "run_folder",
     "write_summary",
 ]
+
+
+def run_folder(trainer: Any) -> str:
+    """The run's folder: ``trainer.log_dir`` (a broadcast: every rank must ask), or the Trainer's
+    ``default_root_dir`` when its logger has no usable directory.
+
+    >>> import lightning.pytorch as pl
+    >>> run_folder(pl.Trainer(logger=False, default_root_dir="runs/x", enable_progress_bar=False))
+    'runs/x'
+    """
+    try:
+        run_dir = trainer.log_dir
+    except Exception:  # a logger without a usable directory
+        run_dir = None
+    return str(run_dir if run_dir is not None else trainer.default_root_dir)
 
 
 

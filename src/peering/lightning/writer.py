@@ -232,8 +232,7 @@ class AttributionWriter(BasePredictionWriter):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         die_with_parent()  # a ddp_spawn rank: no orphan when the parent dies
-        if self.handle_signals:
-            self._stop = StopSignals().install()
+        self._stop = StopSignals()  # installed in on_predict_start, after Lightning's own handlers
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,9 +256,8 @@ class AttributionWriter(BasePredictionWriter):
         self._loaders = {d: _Loader(length) for d, length in lengths.items()}
         for d, state in self._loaders.items():
             state.done = finished_samples(self.out_dir, d, state.length, self._config_hash)
-        if self.handle_signals:  # again: Lightning put its own SIGTERM handler in since setup
-            self._stop.restore()
-            self._stop.install()
+        if self.handle_signals:  # after Lightning registered its handlers: its teardown puts back what it
+            self._stop.install()  # found, which must not be ours (it would outlive the run on an exception)
         self._batches = 0
         self._writer = BackgroundWriter(max_pending=2)
 
@@ -349,6 +347,11 @@ class AttributionWriter(BasePredictionWriter):
         manifest = {k: v for k, v in manifest.items() if k not in ("format", "version")}
         manifest["complete"] = complete
         write_manifest(self.out_dir, manifest)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the signals back before Lightning's teardown puts back the handlers it found."""
+        self._stop.restore()
 
     @override
     def on_exception(

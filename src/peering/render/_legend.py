@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from peering.render._draw import _ASCII, _BACKGROUND, _PAD, _band_height, _font, _lut_np, format_scale
+from peering.render._draw import _ASCII, _BACKGROUND, _PAD, _band_height, _font, _lut_np, _wrap, format_scale
 
 METHOD_NAMES = {
     "gradient": "gradient",
@@ -126,7 +125,7 @@ def legend_band(
     beside = width >= _PAD + _BAR + 14 + 220  # the words beside the bar, or under it in a narrow picture
     width = max(width, 2 * _PAD + _BAR)
     text_x = _PAD + _BAR + 14 if beside else _PAD
-    words = _wrap_words(meaning, font, width - text_x - _PAD)
+    words = _wrap(meaning, font, width - text_x - _PAD)
     text_y = 0 if beside else bar_h + line
     height = _PAD + max(bar_h + line, text_y + line * len(words)) + _PAD
     out = np.full((len(scales), height, width, 3), _BACKGROUND, dtype=np.uint8)
@@ -146,18 +145,6 @@ def legend_band(
             draw.text((text_x, r * height + _PAD + text_y + k * line), text, fill=255, font=font)
     out[:] = np.minimum(out, _BACKGROUND - np.asarray(sheet).reshape(len(scales), height, width, 1))
     return out
-
-
-def _wrap_words(text: str, font: Any, width: float) -> list[str]:
-    lines, line = [], ""
-    for word in text.split(" "):
-        candidate = f"{line} {word}" if line else word
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return [*lines, line]
 
 
 def above(rows: np.ndarray, band: np.ndarray) -> np.ndarray:
