@@ -15,15 +15,25 @@ from peering.models import DigitCNN, accuracy, train_classifier
 
 
 def parse_args(
-    description: str, repeats: int = 7, morphed: tuple[str, ...] | None = None
+    description: str,
+    repeats: int | None = 7,
+    morphed: tuple[str, ...] | None = None,
+    *,
+    threads: int = 2,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
+    """The arguments every benchmark takes (``--data-dir``, ``--threads``, and ``--repeats`` unless
+    ``repeats`` is None), plus those ``options`` adds; sets torch's threads."""
     parser = argparse.ArgumentParser(description=description)
     if morphed:
         parser.add_argument("--morphed", choices=morphed, default=morphed[0], help="the model to morph")
     parser.add_argument("--data-dir", default=os.environ.get("PEERING_DATA_DIR"),
                         help="folder with the MNIST IDX files (default: $PEERING_DATA_DIR)")
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats of each contender")
-    parser.add_argument("--threads", type=int, default=2)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats of each contender")
+    parser.add_argument("--threads", type=int, default=threads)
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     if not args.data_dir:
         parser.error("pass --data-dir or set PEERING_DATA_DIR to the MNIST folder")

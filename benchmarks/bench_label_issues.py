@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from _common import parse_args  # the script's own folder is on sys.path
 from peering.data import load_mnist
 from peering.lightning import LabelIssues
 from peering.models import DigitClassifier
@@ -208,21 +208,18 @@ def run_noise(kind: str, x, y_true, noisy, flipped, args) -> dict[str, dict]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("PEERING_DATA_DIR"))
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=8000, help="the first N digits (8000: the benchmark)")
     parser.add_argument("--noise", nargs="+", default=["uniform", "structured"])
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--cv", action=argparse.BooleanOptionalAction, default=True,
                         help="also run cleanlab on 5-fold cross-validated probabilities (5 more trainings)")
-    args = parser.parse_args()
-    if not args.data_dir:
-        parser.error("pass --data-dir or set PEERING_DATA_DIR to the MNIST folder")
-    torch.set_num_threads(args.threads)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], repeats=None, threads=1, options=_options)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     images, labels = load_mnist(args.data_dir, "test")

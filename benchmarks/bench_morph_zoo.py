@@ -30,7 +30,6 @@ that checkout does not have are left out. Options: ``--models tune`` / ``report`
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 import warnings
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import peering
+from _common import parse_args  # the script's own folder is on sys.path
 from peering.checks.agreement import noise_like
 from peering.morph.priors import Prototypes
 from zoo import (  # benchmarks/ on sys.path
@@ -62,22 +62,17 @@ except ImportError:  # pragma: no cover
 CHUNKS = (32, 64, 128, 256)
 
 
-def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("PEERING_DATA_DIR"))
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="all",
                         help="'all', 'tune', 'report' or a comma list of zoo names")
     parser.add_argument("--digits", type=int, default=256, help="held-out digits morphed (t10k 8000 on)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of the cost measurement")
     parser.add_argument("--no-cost", action="store_true", help="skip the cost per step")
     parser.add_argument("--no-quality", action="store_true", help="skip the tables (cost only)")
     parser.add_argument("--no-latent", action="store_true", help="leave LatentShift out (it is the slowest)")
-    args = parser.parse_args()
-    if not args.data_dir:
-        parser.error("pass --data-dir or set PEERING_DATA_DIR to the MNIST folder")
-    torch.set_num_threads(args.threads)
-    return args
+
+
+def parse() -> argparse.Namespace:
+    return parse_args(__doc__.splitlines()[0], repeats=5, options=_options)  # --repeats: rounds of the cost
 
 
 def pick_models(spec: str) -> tuple[str, ...]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -35,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from _common import parse_args  # the script's own folder is on sys.path
 from peering.data import load_mnist
 from peering.lightning import ShortcutAlarm
 from peering.models import DigitClassifier
@@ -116,17 +116,14 @@ def run(name, config, data, probe, epochs, threads) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("PEERING_DATA_DIR"))
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    if not args.data_dir:
-        parser.error("pass --data-dir or set PEERING_DATA_DIR to the MNIST folder")
-    torch.set_num_threads(args.threads)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], repeats=None, threads=1, options=_options)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     images, labels = load_mnist(args.data_dir, "test")
