@@ -9,7 +9,8 @@ bench_morph_judges.py). 256 held-out digits (t10k 8000-8255; ``--digits`` fewer)
 10.
 
 One table per zoo model, one row per setting: morph's defaults with `Prototypes` of the model's training
-digits; with `LatentShift` (an autoencoder of the same digits, trained once and cached, with their latent
+digits; the same without its say in stopping (``settle=None``, the rule before issue 20's last change);
+with `LatentShift` (an autoencoder of the same digits, trained once and cached, with their latent
 prototypes); without reference data; plain ascent to the flip (``confidence=None, smoothing=0``); and the
 class portraits (the mean training digit morphed to each of the 10 classes) with either data prior.
 Columns: reach (the stopping rule met within the default step budget), each judge's calls of the
@@ -155,6 +156,10 @@ def main() -> None:
           f"report half (measured only): {', '.join(REPORT)}")
 
     prototypes = Prototypes(train_x, train_y)
+    try:  # Prototypes that have no say in stopping (before `settle`): the row to compare with
+        unsettled: Prototypes | None = Prototypes(train_x, train_y, settle=None)
+    except TypeError:  # pragma: no cover - a checkout before `settle`
+        unsettled = None
     latent = None
     if LatentShift is not None and not args.no_latent:
         start = time.perf_counter()
@@ -168,6 +173,8 @@ def main() -> None:
     start_image = train_x.mean(0, keepdim=True)
 
     settings: list[tuple[str, dict[str, Any]]] = [("defaults + Prototypes", dict(prior=prototypes))]
+    if unsettled is not None:
+        settings.append(("defaults + Prototypes(settle=None)", dict(prior=unsettled)))
     if latent is not None:
         settings.append(("defaults + LatentShift", dict(prior=latent)))
     settings += [("defaults, no reference data", {}),

@@ -183,44 +183,33 @@ def morph(
         targets = _one_target(target, b, n_classes, output, x0.device)
         walker = _Walker(members, output, output_fn, step_size, norm, budget, clamp, early_stop, confidence,
                          sigma, priors, seed)
-        frames = x0.new_empty((len(frame_steps), *x0.shape))
-        logits = x0.new_empty((b, n_classes))
-        reached = torch.full((b,), -1, dtype=torch.int64, device=x0.device)
-        spans = list(_chunks(b, chunk_size, memory, members, x0, output_fn, kwargs, frames.nbytes))
-        start_top = x0.new_zeros(b)  # the model's top probability on each original
+        out = _Record.empty(x0, len(frame_steps), n_classes)
+        spans = list(_chunks(b, chunk_size, memory, members, x0, output_fn, kwargs, out.frames.nbytes))
         bar = _progress_bar(progress, total=len(spans) * steps)
         try:
             for start, stop in spans:
-                walker.run(
-                    kwargs.select(slice(start, stop)),
-                    x0[start:stop],
-                    targets[start:stop],
-                    start,
-                    steps,
-                    frame_steps,
-                    frames[:, start:stop],
-                    logits[start:stop],
-                    reached[start:stop],
-                    start_top[start:stop],
-                    bar,
-                )
+                part = slice(start, stop)
+                walker.run(kwargs.select(part), x0[part], targets[part], start, steps, frame_steps,
+                           out.part(part), bar)
         finally:
             if bar is not None:
                 bar.close()
-    final = frames[-1]
-    success = _arrived(logits, targets, confidence, output)
+    final = out.frames[-1]
+    sure = _arrived(out.logits, targets, confidence, output)
+    success = sure & out.agreed
     if steps and not bool(success.all()):
-        _warn_unreached(success, logits, targets, confidence, steps, sigma, start_top, output)
+        _warn_unreached(success, out.logits, targets, confidence, steps, sigma, out.start_top, output,
+                        unsettled=int((sure & ~out.agreed).sum()))
     return MorphResult(
         inputs=final.clone(),
-        frames=frames,
+        frames=out.frames,
         frame_steps=torch.tensor(frame_steps, dtype=torch.int64),
         targets=targets,
         success=success,
-        steps=reached,
+        steps=out.reached,
         distance=(final - x0).flatten(1).norm(dim=1),
-        logits=logits,
-        probabilities=probabilities(logits, output),
+        logits=out.logits,
+        probabilities=probabilities(out.logits, output),
         confidence=confidence,
         output=output,
     )
@@ -291,6 +280,7 @@ def _warn_unreached(
     success: Tensor, logits: Tensor, targets: Tensor, confidence: float | None, steps: int, smoothing: float,
     start_top: Tensor,
     output: str = "log_probability",
+    unsettled: int = 0,
 ) -> None:
     missed = ~success
     reached = probabilities(logits, output).gather(1, targets[:, None])[:, 0][missed]
@@ -304,12 +294,24 @@ def _warn_unreached(
     if confidence is not None and len(start_top) and float(start_top.median()) < confidence:
         note = (f"; the model is seldom that sure of anything: on the originals its top class has a median "
                 f"probability of {float(start_top.median()):.3g}")
+    if unsettled:
+        note += (f"; the model is sure of {unsettled} of them, but a prior did not let them stop "
+                 "(Prototypes: still nearer another class's reference images than the target's)")
     warnings.warn(
         f"{int(missed.sum())} of {len(success)} morphs did not reach their target {rule} within {steps} "
         f"steps (their target probability: median {float(reached.median()):.3g}){note}; pass "
         + ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1],
         stacklevel=3,
     )
+
+
+def _all(says: list[Tensor | None]) -> Tensor | None:
+    """bool [b]: every prior that has a say lets the sample stop; None if none has a say."""
+    out = None
+    for say in says:
+        if say is not None:
+            out = say if out is None else out & say
+    return out
 
 
 def _scores(
@@ -379,6 +381,50 @@ def _check_priors(prior: Any) -> list[Prior]:
 
 
 @dataclass
+class _Record:
+    """What `morph` fills in per sample: the kept frames [F, B, ...], the final scores, the step each sample
+    met the stopping rule (-1: never), whether the priors let it stop, the top probability on the original."""
+
+    frames: Tensor
+    logits: Tensor
+    reached: Tensor
+    agreed: Tensor
+    start_top: Tensor
+
+    @classmethod
+    def empty(cls, x0: Tensor, n_frames: int, n_classes: int) -> _Record:
+        b = x0.shape[0]
+        return cls(x0.new_empty((n_frames, *x0.shape)), x0.new_empty((b, n_classes)),
+                   torch.full((b,), -1, dtype=torch.int64, device=x0.device),
+                   torch.ones(b, dtype=torch.bool, device=x0.device), x0.new_zeros(b))
+
+    def part(self, rows: slice) -> _Record:
+        """The record of a chunk of the batch (views: writing to it writes to the whole)."""
+        return _Record(self.frames[:, rows], self.logits[rows], self.reached[rows], self.agreed[rows],
+                       self.start_top[rows])
+
+    def note(self, picked: Tensor | None, t: int, scores: Tensor, sure: Tensor, agree: Tensor | None,
+             output: str) -> Tensor:
+        """Record step ``t`` of the samples at hand (``picked``: their rows, None for all): their scores,
+        whether the priors let them stop, and the step each first met the stopping rule (the model is sure
+        and the priors agree), which is returned (bool [rows])."""
+        hit = sure if agree is None else sure & agree
+        if t == 0:
+            self.start_top.copy_(probabilities(scores, output).amax(dim=1))
+        if picked is None:
+            self.logits.copy_(scores)
+            self.reached.masked_fill_(hit & (self.reached < 0), t)
+            if agree is not None:
+                self.agreed.copy_(agree)
+        else:
+            self.logits[picked] = scores
+            self.reached[picked[hit & (self.reached[picked] < 0)]] = t
+            if agree is not None:
+                self.agreed[picked] = agree
+        return hit
+
+
+@dataclass
 class _Walker:
     """Morphs one chunk at a time; see `morph` for the step (`peering.morph._steps`). Everything is batched
     over the chunk's samples; one forward and one backward pass of the model per step (and of a generative
@@ -409,13 +455,10 @@ class _Walker:
         offset: int,
         steps: int,
         frame_steps: list[int],
-        frames: Tensor,
-        logits: Tensor,
-        reached: Tensor,
-        start_top: Tensor,
+        out: _Record,
         bar: Any,
     ) -> None:
-        """Morph one chunk in place: fills its slice of ``frames``, ``logits`` and ``reached``."""
+        """Morph one chunk in place: fills ``out``, the chunk's slice of what `morph` returns."""
         rule = self.rule
         states = [p.prepare(x0, targets) for p in self.priors]
         transforms = any(type(p).model_input is not Prior.model_input for p in self.priors)
@@ -441,7 +484,7 @@ class _Walker:
             else:
                 xa = (x if everyone else x[rows]).clone().requires_grad_(True)
             if frame < len(frame_steps) and frame_steps[frame] == t:
-                frames[frame] = x
+                out.frames[frame] = x
                 frame += 1
             ta = targets if everyone else targets[rows]
             xa_kwargs = kwargs.rows(slice(None) if everyone else rows)
@@ -450,16 +493,10 @@ class _Walker:
                     scores = _scores(self.models, xa, self.output_fn, xa_kwargs, self.output)
             else:
                 scores = _scores(self.models, xa, self.output_fn, xa_kwargs, self.output)
-            hit = _arrived(scores.detach(), ta, self.confidence, self.output)
-            if t == 0:
-                start_top.copy_(probabilities(scores.detach(), self.output).amax(dim=1))
-            if everyone:
-                logits.copy_(scores.detach())
-                reached.masked_fill_(hit & (reached < 0), t)
-            else:
-                logits[rows] = scores.detach()
-                first = hit & (reached[rows] < 0)
-                reached[rows[first]] = t
+            says = [p.settled(xa.detach(), state, t / max(steps, 1))
+                    for p, state in zip(self.priors, sub, strict=True)]
+            sure = _arrived(scores.detach(), ta, self.confidence, self.output)
+            hit = out.note(picked, t, scores.detach(), sure, _all(says), self.output)
             if t == steps:
                 break
             go: Tensor | None = None
@@ -473,15 +510,19 @@ class _Walker:
                     if bar is not None:
                         bar.update(steps - t)
                     break
+            # the trust factor follows the objective of the input itself (the stopping rule's scores), not
+            # of a random draw of what the model is shown (`Prior.model_input`): that one is noise
+            objective = transform(scores, self.output).gather(1, ta[:, None])[:, 0]
+            clean = objective.detach()
             if transforms:
                 seen = xa
                 noise = Noise(self.seed, t, rows + offset)
                 for p in self.priors:
                     seen = p.model_input(seen, noise)
                 scores = _scores(self.models, seen, self.output_fn, xa_kwargs, self.output)
-            objective = transform(scores, self.output).gather(1, ta[:, None])[:, 0]
+                objective = transform(scores, self.output).gather(1, ta[:, None])[:, 0]
             (grad,) = torch.autograd.grad(objective.sum(), xa, retain_graph=code is not None)
-            new = rule.step(here, xa, code, grad, objective.detach(), x0a, sub, late=t >= steps // 2)
+            new = rule.step(here, xa, code, grad, clean, x0a, sub, says, late=t >= steps // 2)
             walk.put(picked, here)
             if new is not None:
                 if go is None and everyone:
@@ -492,7 +533,7 @@ class _Walker:
                     x[rows] = new
             if bar is not None:
                 bar.update(1)
-        frames[frame:] = x  # the chunk stopped early: nothing moves any more
+        out.frames[frame:] = x  # the chunk stopped early: nothing moves any more
 
 
 def _check_bounds(bounds: Any, inputs: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -107,7 +107,8 @@ def train_autoencoder(
 
     Deterministic: shuffling and initialisation come from ``seed``; the global RNG is left as it was.
     With ``cache_dir``, the weights are saved there under a name made from a hash of the images and the
-    settings, and loaded instead of trained the next time.
+    settings, and loaded instead of trained the next time. A progress bar shows the training on a terminal
+    (not in a log file; ``progress=False``: never).
 
     >>> import torch
     >>> ae = train_autoencoder(torch.rand(64, 1, 8, 8), latent=4, epochs=1, progress=False)
@@ -142,7 +143,8 @@ def train_autoencoder(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="autoencoder", unit="batch", leave=False)
+        # disable=None: only on a terminal (a log file would get a line per refresh)
+        bar = tqdm(total=steps, desc="autoencoder", unit="batch", leave=False, disable=None)
     model.train()
     try:
         with torch.enable_grad():
@@ -251,7 +253,8 @@ class LatentShift(Generative):
             finally:
                 for m, training in modes:
                     m.training = training
-            self._prototypes = Prototypes(codes, labels, k=k, weight=weight, temperature=temperature)
+            self._prototypes = Prototypes(codes, labels, k=k, weight=weight, temperature=temperature,
+                                          settle=None)
 
     def prepare(self, inputs: Tensor, targets: Tensor) -> PriorState:
         ae = self.autoencoder
