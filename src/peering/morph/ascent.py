@@ -77,7 +77,8 @@ def morph(
     first-order estimate of what takes its target to ``confidence`` (so the last step does not overshoot).
     With a generative prior (`peering.priors.LatentShift`), the walk is in the prior's latent space
     instead and every frame is drawn by its decoder. With ``early_stop``, a sample stops moving once it
-    meets the stopping rule (the model's top class is the target, with probability >= ``confidence``)
+    meets the stopping rule (the model's top class is the target, with probability >= ``confidence``, and
+    every prior with a say lets it stop: `peering.priors.Prior.settled`)
     while the others go on, and a chunk of samples that all arrived stops early. One forward and one
     backward pass of the model per step for the whole (chunk of the) batch (and of the decoder, with a
     generative prior); no loop over samples.

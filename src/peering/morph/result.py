@@ -25,7 +25,9 @@ class MorphResult:
         frame_steps: int64 [F]: the step number of each frame.
         targets: int64 [B]: the class each sample was pushed toward.
         success: bool [B]: the final input meets the stopping rule: the model predicts the target, with
-            probability >= ``confidence`` when one was asked for.
+            probability >= ``confidence`` when one was asked for, and every prior with a say lets it stop
+            (`peering.priors.Prior.settled`; `Prototypes`: it is well nearer the target's reference images
+            than any other class's).
         steps: int64 [B]: the step at which each sample first met the stopping rule (0 if it already
             did, -1 if never).
         distance: float [B]: L2 distance between the final and the original input.
