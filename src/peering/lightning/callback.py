@@ -44,6 +44,7 @@ from peering.lightning.batches import default_unpack
 from peering.lightning.config import CallbackConfig
 from peering.lightning.confused import ConfusedChecks
 from peering.lightning.pictures import PictureOutput
+from peering.lightning.process_group import destroy_at_exit
 from peering.lightning.selection import Candidates
 from peering.lightning.sinks import run_folder
 from peering.lightning.state import CallbackState, Health
@@ -247,6 +248,7 @@ class ConfusedLogitCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_at_exit()  # a Gloo rank that exits with its process group alive may abort
         self._watch.health, self._watch.collectives = Health(), []
         run_dir = run_folder(trainer)  # every rank asks
         if trainer.is_global_zero:

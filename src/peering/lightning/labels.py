@@ -44,6 +44,7 @@ from peering.lightning.batches import Batch, as_model_dtype, model_scores, retur
 from peering.lightning.found import FoundOutput
 from peering.lightning.label_table import LabelTable, Thresholds, calibrated_margins, gather_records
 from peering.lightning.label_table import write_ranking as _write_ranking
+from peering.lightning.process_group import destroy_at_exit
 from peering.lightning.sinks import run_folder
 from peering.lightning.suspects import suspect_panels
 from peering.runs import names
@@ -201,6 +202,7 @@ class LabelIssues(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_at_exit()  # a Gloo rank that exits with its process group alive may abort
         self._run_dir = run_folder(trainer)  # every rank asks
         self._output = FoundOutput(trainer.loggers, self._run_dir, "LabelIssues") if trainer.is_global_zero \
             else None

@@ -56,6 +56,7 @@ from peering._validate import callable_or_none, int_at_least, number, one_of
 from peering.attribution.explanation import explain
 from peering.errors import PeeringValueError
 from peering.lightning.found import FoundOutput
+from peering.lightning.process_group import destroy_at_exit
 from peering.lightning.shortcut_stats import (
     alarm_sentence,
     check_probe,
@@ -157,6 +158,7 @@ class ShortcutAlarm(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_at_exit()  # a Gloo rank that exits with its process group alive may abort
         root = run_folder(trainer)  # every rank asks
         if trainer.is_global_zero:
             self._output = FoundOutput(trainer.loggers, root, "ShortcutAlarm")

@@ -37,6 +37,7 @@ from peering.errors import (
     RunInterrupted,
 )
 from peering.lightning.batches import Batch, as_model_dtype, unpack_batch
+from peering.lightning.process_group import destroy_at_exit
 from peering.lightning.sinks import BackgroundWriter
 from peering.lightning.stopping import StopSignals, die_with_parent, signal_name
 from peering.lightning.writer_config import (
@@ -232,6 +233,7 @@ class AttributionWriter(BasePredictionWriter):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         die_with_parent()  # a ddp_spawn rank: no orphan when the parent dies
+        destroy_at_exit()  # a Gloo rank that exits with its process group alive may abort
         self._stop = StopSignals()  # installed in on_predict_start, after Lightning's own handlers
 
     @override
