@@ -37,7 +37,7 @@ $(DOCS_STAMP): $(STAMP)
 	@$(PIP) -e '.[docs]'
 	@touch $(DOCS_STAMP)
 
-# The whole suite takes about 11 minutes on 2 cores; tests that need MNIST are skipped without
+# The whole suite takes about 8 minutes on 2 idle cores; tests that need MNIST are skipped without
 # PEERING_DATA_DIR (the summary at the end says how many, and how to get it).
 test: $(DEV_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
