@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from peering.morph.priors import Generative, Prior, PriorState, smooth
+from peering.morph.priors import Generative, Prior, PriorState, _unit, smooth
 
 __all__: list[str] = []
 
@@ -112,7 +112,8 @@ class StepRule:
         `Prior.settled` (None: no say), ``late``: half the steps are gone."""
         # a step that lowered the objective shrinks the factor, except while a prior pulls the sample toward
         # where it may stop: the model's objective may well fall on the way there
-        open_ = _open(says)
+        agree = all_settled(says)
+        open_ = None if agree is None else ~agree
         shrunk = walk.factor * SHRINK
         if open_ is not None:
             shrunk = torch.where(open_, walk.factor, shrunk)
@@ -164,7 +165,7 @@ class StepRule:
         if self.smoothing > 0:
             blurred = smooth(grad, self.smoothing)
             share = (factor / SHARPEN).clamp(max=1.0).view(_shape(grad))
-            direction = share * _unit_l2(blurred) + (1 - share) * _unit_l2(grad)
+            direction = share * _unit(blurred) + (1 - share) * _unit(grad)
         if pulls:
             direction = direction / _norms(direction).view(_shape(direction)) + _pulls(x, pulls)
         if self.bounds is not None:
@@ -222,17 +223,13 @@ def _pulls(x: Tensor, pulls: list[tuple[Prior, PriorState, Tensor | None]]) -> T
     return total
 
 
-def _open(says: list[Tensor | None]) -> Tensor | None:
-    """bool [b]: some prior does not let the sample stop yet; None if none has a say."""
+def all_settled(says: list[Tensor | None]) -> Tensor | None:
+    """bool [b]: every prior that has a say (`Prior.settled`) lets the sample stop; None if none has a say."""
     out = None
     for say in says:
         if say is not None:
-            out = ~say if out is None else out | ~say
+            out = say if out is None else out & say
     return out
-
-
-def _unit_l2(x: Tensor) -> Tensor:
-    return x / _norms(x).view(_shape(x))
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:

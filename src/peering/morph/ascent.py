@@ -26,7 +26,7 @@ from peering._model import (
 from peering._validate import int_at_least, number, one_of, optional
 from peering.errors import PeeringTypeError, PeeringValueError
 from peering.memory import Footprint, MemoryBudget, SavedBytes, model_tensors
-from peering.morph._steps import StepRule
+from peering.morph._steps import StepRule, all_settled
 from peering.morph.priors import Generative, Noise, Prior
 from peering.morph.result import (
     MorphResult,
@@ -306,15 +306,6 @@ def _warn_unreached(
     )
 
 
-def _all(says: list[Tensor | None]) -> Tensor | None:
-    """bool [b]: every prior that has a say lets the sample stop; None if none has a say."""
-    out = None
-    for say in says:
-        if say is not None:
-            out = say if out is None else out & say
-    return out
-
-
 def _scores(
     members: list[nn.Module], x: Tensor, output_fn: Callable[[Any], Tensor] | None, kwargs: dict[str, Any],
     output: str = "log_probability",
@@ -497,7 +488,7 @@ class _Walker:
             says = [p.settled(xa.detach(), state, t / max(steps, 1))
                     for p, state in zip(self.priors, sub, strict=True)]
             sure = _arrived(scores.detach(), ta, self.confidence, self.output)
-            hit = out.note(picked, t, scores.detach(), sure, _all(says), self.output)
+            hit = out.note(picked, t, scores.detach(), sure, all_settled(says), self.output)
             if t == steps:
                 break
             go: Tensor | None = None

@@ -368,8 +368,7 @@ class Prototypes(Prior):
         return sq[rows, targets] * margin <= others
 
     def toward(self, x: Tensor, state: PriorState) -> Tensor:
-        straight = state[5] - x.flatten(1)
-        return (self.weight * straight / straight.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(x)
+        return (self.weight * _unit(state[5] - x.flatten(1))).view_as(x)
 
 
 def _squared_distances(
